@@ -1,0 +1,3 @@
+from ryzanstein.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""Settings and on-disk locations.
+
+Everything the service stores lives under two directories: `data_dir` (models, benchmark results) and
+`config_dir` (bearer token, the running service's address). Both come from platformdirs unless
+RYZANSTEIN_HOME is set, in which case they are `$RYZANSTEIN_HOME/data` and `$RYZANSTEIN_HOME/config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+APP_NAME = "ryzanstein"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def home_override() -> Path | None:
+    value = os.environ.get("RYZANSTEIN_HOME")
+    return Path(value).expanduser() if value else None
+
+
+def data_dir() -> Path:
+    home = home_override()
+    return home / "data" if home else Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def config_dir() -> Path:
+    home = home_override()
+    return home / "config" if home else Path(platformdirs.user_config_dir(APP_NAME))
+
+
+class Settings(BaseSettings):
+    """Service settings; each can be set as an environment variable RYZANSTEIN_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="RYZANSTEIN_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to bind. Anything but loopback exposes the API.")
+    port: int = Field(8765, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    default_model: str = Field(DEFAULT_MODEL, description="Model loaded at start and offered first.")
+    preload_default_model: bool = Field(True, description="Load the default model when the service starts.")
+    threads: int = Field(0, ge=0, description="torch compute threads; 0 = one per physical core.")
+    max_context_tokens: int = Field(8192, ge=16, description="Largest prompt + completion accepted.")
+    metrics_interval_s: float = Field(1.0, gt=0, description="Period of the metrics samples on /api/events.")
+
+    @property
+    def data_dir(self) -> Path:
+        return data_dir()
+
+    @property
+    def config_dir(self) -> Path:
+        return config_dir()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write `text` readable by the owner only (0600), atomically, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def token_path() -> Path:
+    return config_dir() / "token"
+
+
+def service_info_path() -> Path:
+    return config_dir() / "service.json"
+
+
+def load_or_create_token() -> str:
+    """The bearer token every route but health requires; created on first start, stored 0600."""
+    path = token_path()
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    write_private_file(path, token + "\n")
+    return token
+
+
+def read_service_info() -> dict | None:
+    """Address of a running service as it wrote it (url, port, pid), or None."""
+    try:
+        return json.loads(service_info_path().read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,1 @@
+"""Generation: sampling parameters, sampler, incremental detokenizer, the decode loop."""

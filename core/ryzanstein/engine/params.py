@@ -1,0 +1,43 @@
+"""Sampling parameters with the bounds OpenAI documents; errors quote the bad value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ryzanstein.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 4
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        def bad(param: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"{param}={getattr(self, param)!r} is invalid: {why}", param=param)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", "it must be an integer of at least 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", "it must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "it must be greater than 0 and at most 1")
+        if self.top_k < 0:
+            raise bad("top_k", "it must be 0 (off) or a positive integer")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", "it must be greater than 0 and at most 10")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,66 @@
+"""Typed errors of the core. The service maps each to an HTTP status and OpenAI's error JSON shape."""
+
+from __future__ import annotations
+
+
+class RyzansteinError(Exception):
+    """Base of every error the core raises on purpose. `message` is written for the user."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(RyzansteinError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelNotFound(RyzansteinError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class UnsafeCheckpoint(RyzansteinError):
+    """A pickle checkpoint (.bin/.pt/.pth): loading it could run arbitrary code, so we refuse."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "unsafe_checkpoint"
+
+
+class InvalidModel(RyzansteinError):
+    """A file or folder that cannot be read as a model (missing config, corrupt weights, …)."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "invalid_model"
+
+
+class ModelLoadFailed(RyzansteinError):
+    status_code = 500
+    error_type = "server_error"
+    code = "model_load_failed"
+
+
+class ContextTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Cancelled(RyzansteinError):
+    status_code = 499
+    error_type = "cancelled"
+    code = "cancelled"
+
+
+class DefaultModelUnavailable(RyzansteinError):
+    status_code = 503
+    error_type = "server_error"
+    code = "default_model_unavailable"

@@ -1,0 +1,1 @@
+"""Model store (on-disk catalog), loaders (HF folders, GGUF import) and the default model."""

@@ -1,0 +1,190 @@
+"""The on-disk model store: one folder per model (safetensors, config, tokenizer, ryzanstein.json).
+
+Every import writes into a temporary folder inside the store and renames it into place at the end, so a
+failed or cancelled import leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound
+from ryzanstein.models.loader import check_model_folder
+
+METADATA_FILE = "ryzanstein.json"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    architecture: str
+    model_type: str
+    source: str
+    size_bytes: int
+    imported_at: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _no_progress(stage: str, fraction: float) -> None:
+    pass
+
+
+class ModelStore:
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading -------------------------------------------------------------------------------------
+    def list(self) -> list[ModelInfo]:
+        models = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():
+                try:
+                    models.append(self._read_info(folder))
+                except (OSError, ValueError, KeyError):
+                    continue  # a damaged entry is skipped, not fatal to the whole listing
+        return models
+
+    def get(self, name: str) -> ModelInfo:
+        folder = self.root / name
+        if not NAME_PATTERN.match(name) or not (folder / METADATA_FILE).is_file():
+            known = ", ".join(m.name for m in self.list()) or "none"
+            raise ModelNotFound(f"Model {name!r} is not in the store (known: {known}).", param="model")
+        return self._read_info(folder)
+
+    def has(self, name: str) -> bool:
+        return NAME_PATTERN.match(name) is not None and (self.root / name / METADATA_FILE).is_file()
+
+    def _read_info(self, folder: Path) -> ModelInfo:
+        data = json.loads((folder / METADATA_FILE).read_text())
+        return ModelInfo(**{k: data[k] for k in ModelInfo.__dataclass_fields__})
+
+    # -- importing -----------------------------------------------------------------------------------
+    def import_gguf(
+        self,
+        gguf_path: Path,
+        name: str,
+        *,
+        progress: ProgressFn = _no_progress,
+        cancel: threading.Event | None = None,
+    ) -> ModelInfo:
+        """Dequantize a GGUF through transformers and store it as fp32 safetensors + tokenizer."""
+        self._check_new_name(name)
+        if not gguf_path.is_file():
+            raise InvalidModel(f"GGUF file {gguf_path} does not exist.")
+        with gguf_path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise InvalidModel(f"{gguf_path} is not a GGUF file (bad magic bytes).")
+
+        def write(tmp: Path) -> None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            progress("reading tokenizer", 0.05)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            _check_cancel(cancel)
+            progress("dequantizing weights", 0.15)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            _check_cancel(cancel)
+            # A GGUF-loaded model refuses save_pretrained while it carries the GGUF quantization config.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            progress("writing safetensors", 0.7)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        return self._import(name, f"gguf:{gguf_path.name}", write, progress, cancel)
+
+    def import_hf_folder(
+        self,
+        source: Path,
+        name: str,
+        *,
+        progress: ProgressFn = _no_progress,
+        cancel: threading.Event | None = None,
+    ) -> ModelInfo:
+        """Copy a local HF folder (safetensors only) into the store."""
+        self._check_new_name(name)
+        check_model_folder(source)
+
+        def write(tmp: Path) -> None:
+            files = [p for p in source.iterdir() if p.is_file() and p.suffix not in {".bin", ".pt", ".pth"}]
+            for i, file in enumerate(files):
+                _check_cancel(cancel)
+                progress(f"copying {file.name}", 0.05 + 0.85 * i / max(1, len(files)))
+                shutil.copy2(file, tmp / file.name)
+
+        return self._import(name, f"folder:{source}", write, progress, cancel)
+
+    def delete(self, name: str) -> None:
+        info = self.get(name)
+        trash = self.root / f".trash-{name}-{time.time_ns()}"
+        Path(info.path).rename(trash)  # atomic: the model vanishes at once, the bytes go after
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _check_new_name(self, name: str) -> None:
+        if not NAME_PATTERN.match(name):
+            raise InvalidRequest(
+                f"Model name {name!r} is not allowed: use lowercase letters, digits, '.', '_' or '-' "
+                "(at most 64 characters, starting with a letter or digit).",
+                param="name",
+            )
+        if (self.root / name).exists():
+            raise InvalidRequest(f"A model named {name!r} is already in the store.", param="name")
+
+    def _import(
+        self,
+        name: str,
+        source: str,
+        write: Callable[[Path], None],
+        progress: ProgressFn,
+        cancel: threading.Event | None,
+    ) -> ModelInfo:
+        tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=self.root))
+        try:
+            write(tmp)
+            _check_cancel(cancel)
+            progress("checking", 0.92)
+            config = check_model_folder(tmp)
+            architectures = config.get("architectures") or [config["model_type"]]
+            info = ModelInfo(
+                name=name,
+                path=str(self.root / name),
+                architecture=architectures[0],
+                model_type=config["model_type"],
+                source=source,
+                size_bytes=folder_size(tmp),
+                imported_at=time.time(),
+            )
+            (tmp / METADATA_FILE).write_text(json.dumps(info.to_dict(), indent=2))
+            tmp.rename(self.root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        progress("done", 1.0)
+        return info
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("Import cancelled; the store is unchanged.")
