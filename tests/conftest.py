@@ -44,3 +44,21 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
     from tests.helpers import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", default_model_dir)
+
+
+TINY_MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def service(store, default_model_dir: Path, tiny_llama_dir: Path, session_home: Path):
+    """A real `ryzanstein serve` subprocess on loopback, with the default model and a tiny random Llama."""
+    from tests.helpers import ServiceProcess
+
+    if not store.has(TINY_MODEL):
+        store.import_hf_folder(tiny_llama_dir, TINY_MODEL)
+    proc = ServiceProcess(session_home)
+    try:
+        proc.wait_model_loaded("smollm2-135m-instruct")
+        yield proc
+    finally:
+        proc.stop()

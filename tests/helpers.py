@@ -24,7 +24,7 @@ def save_tiny_model(folder: Path, kind: str, tokenizer_source: Path, seed: int =
     configs = {
         "llama": lambda: LlamaConfig(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
             bos_token_id=1, eos_token_id=2, pad_token_id=2,
         ),
     }

@@ -1,0 +1,1 @@
+"""The HTTP service: OpenAI-compatible routes, management routes, the event stream."""

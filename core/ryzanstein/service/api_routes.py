@@ -1,0 +1,49 @@
+"""Management routes under /api: health, hardware, metrics, the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import APIRouter, Request
+from sse_starlette.sse import EventSourceResponse
+
+from ryzanstein import __version__
+from ryzanstein.hardware import probe
+
+public_router = APIRouter()
+router = APIRouter(prefix="/api")
+
+
+@public_router.get("/api/health")
+async def health(request: Request) -> dict:
+    host = request.app.state.host
+    return {"status": "ok", "version": __version__, "loaded_models": host.loaded_names(),
+            "default_model": request.app.state.settings.default_model,
+            "default_model_state": host.default_state, "default_model_error": host.default_error}
+
+
+@router.get("/hardware")
+async def hardware() -> dict:
+    return (await asyncio.to_thread(probe)).to_dict()
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> dict:
+    return await asyncio.to_thread(request.app.state.sampler.sample)
+
+
+@router.get("/events")
+async def events(request: Request) -> EventSourceResponse:
+    hub = request.app.state.hub
+    queue = hub.subscribe()
+
+    async def stream():
+        try:
+            while True:
+                kind, data = await queue.get()
+                yield {"event": kind, "data": json.dumps(data)}
+        finally:
+            hub.unsubscribe(queue)
+
+    return EventSourceResponse(stream(), ping=15)

@@ -1,0 +1,65 @@
+"""The FastAPI application: auth, routes, the metrics publisher and the default-model preload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+
+from ryzanstein import __version__
+from ryzanstein.config import Settings
+from ryzanstein.models.host import ModelHost
+from ryzanstein.models.store import ModelStore
+from ryzanstein.service import api_routes, openai_routes
+from ryzanstein.service.errors import install_error_handlers
+from ryzanstein.telemetry import EventHub, MetricsSampler, ThroughputMeter
+
+
+def require_token(request: Request) -> None:
+    expected = request.app.state.token
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
+        raise HTTPException(401, "Missing or wrong bearer token. Send 'Authorization: Bearer <token>'; the token "
+                                 "is in the service's config dir (file 'token').",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+async def publish_metrics(app: FastAPI) -> None:
+    while True:
+        sample = await asyncio.to_thread(app.state.sampler.sample)
+        app.state.hub.publish("metrics", sample)
+        await asyncio.sleep(app.state.settings.metrics_interval_s)
+
+
+def create_app(settings: Settings, token: str) -> FastAPI:
+    hub = EventHub()
+    store = ModelStore(settings.models_dir)
+    host = ModelHost(store, publish=hub.publish_threadsafe)
+    meter = ThroughputMeter()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub.bind_loop(asyncio.get_running_loop())
+        publisher = asyncio.create_task(publish_metrics(app))
+        if settings.preload_default_model:
+            threading.Thread(target=host.preload_default, name="preload", daemon=True).start()
+        yield
+        publisher.cancel()
+
+    app = FastAPI(title="Ryzanstein", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.token = token
+    app.state.hub = hub
+    app.state.host = host
+    app.state.meter = meter
+    app.state.sampler = MetricsSampler(meter, lambda: host.active_generations)
+    install_error_handlers(app)
+    app.include_router(api_routes.public_router)
+    app.include_router(api_routes.router, dependencies=[Depends(require_token)])
+    app.include_router(openai_routes.router, dependencies=[Depends(require_token)])
+    return app

@@ -1,0 +1,147 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ryzanstein.engine.chat import chat_prompt_ids, completion_prompt_ids
+from ryzanstein.engine.generate import GenerationStats, StreamChunk
+from ryzanstein.errors import ContextTooLong, InvalidRequest
+from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from ryzanstein.service.streaming import generate_async
+
+router = APIRouter()
+DEFAULT_MAX_TOKENS = 512
+
+
+def usage(stats: GenerationStats) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+
+
+def openai_finish(reason: str | None) -> str | None:
+    return "stop" if reason == "cancelled" else reason
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def budget(request_max: int | None, prompt_tokens: int, context_limit: int) -> int:
+    """max_tokens to use: the request's, or what fits in the context; refuse prompts that do not fit."""
+    room = context_limit - prompt_tokens
+    if room < 1:
+        raise ContextTooLong(f"The prompt has {prompt_tokens} tokens; this model accepts at most "
+                             f"{context_limit} tokens of prompt and completion together.", param="messages")
+    if request_max is None:
+        return min(DEFAULT_MAX_TOKENS, room)
+    if request_max > room:
+        raise ContextTooLong(f"max_tokens={request_max} plus the prompt's {prompt_tokens} tokens exceeds the "
+                             f"context limit of {context_limit} tokens; ask for at most {room}.",
+                             param="max_tokens")
+    return request_max
+
+
+def context_limit(request: Request, lm: Any) -> int:
+    model_limit = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
+    return min(int(model_limit), request.app.state.settings.max_context_tokens)
+
+
+async def prepare(request: Request, body: SamplingFields, prompt_of: Any, max_tokens: int | None):
+    host = request.app.state.host
+    lm = await asyncio.to_thread(host.get, body.model)
+    prompt_ids = prompt_of(lm.tokenizer)
+    params = body.generation_params(budget(max_tokens, len(prompt_ids), context_limit(request, lm)))
+    return lm, prompt_ids, params
+
+
+async def collect(chunks: AsyncIterator[StreamChunk]) -> tuple[str, str | None]:
+    parts, finish = [], None
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        finish = chunk.finish_reason or finish
+    return "".join(parts), finish
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    models = await asyncio.to_thread(request.app.state.host.store.list)
+    return {"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": int(m.imported_at), "owned_by": "ryzanstein"}
+        for m in models]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    lm, prompt_ids, params = await prepare(request, body, lambda tok: chat_prompt_ids(tok, body.messages),
+                                           max_tokens)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    stats = GenerationStats()
+    chunks = generate_async(request.app.state.host, lm, prompt_ids, params, request.app.state.meter, stats)
+
+    def envelope(choices: list, **extra: Any) -> dict:
+        return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": body.model, "choices": choices, **extra}
+
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            yield sse(envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None}]))
+            async for chunk in chunks:
+                if chunk.text:
+                    yield sse(envelope([{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}]))
+                if chunk.finish_reason:
+                    yield sse(envelope([{"index": 0, "delta": {},
+                                         "finish_reason": openai_finish(chunk.finish_reason)}]))
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(envelope([], usage=usage(stats)))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    text, finish = await collect(chunks)
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": openai_finish(finish), "logprobs": None}],
+            "usage": usage(stats)}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise InvalidRequest("prompt: exactly one prompt per request is supported.", param="prompt")
+    lm, prompt_ids, params = await prepare(request, body, lambda tok: completion_prompt_ids(tok, prompts[0]),
+                                           body.max_tokens)
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    stats = GenerationStats()
+    chunks = generate_async(request.app.state.host, lm, prompt_ids, params, request.app.state.meter, stats)
+
+    def envelope(choices: list, **extra: Any) -> dict:
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": choices, **extra}
+
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            async for chunk in chunks:
+                if chunk.text or chunk.finish_reason:
+                    yield sse(envelope([{"index": 0, "text": chunk.text, "logprobs": None,
+                                         "finish_reason": openai_finish(chunk.finish_reason)}]))
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(envelope([], usage=usage(stats)))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    text, finish = await collect(chunks)
+    return envelope([{"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish(finish)}],
+                    usage=usage(stats))

@@ -1,0 +1,57 @@
+"""Run the service: bind, publish the address for the desktop app, serve until stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+from ryzanstein.config import Settings, load_or_create_token, service_info_path, write_private_file
+
+
+def configure_threads(settings: Settings) -> int:
+    import psutil
+    import torch
+
+    threads = settings.threads or psutil.cpu_count(logical=False) or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings | None = None) -> None:
+    import uvicorn
+
+    from ryzanstein.service.app import create_app
+
+    settings = settings or Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configure_threads(settings)
+    token = load_or_create_token()
+    sock = bind_socket(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    url_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    info = {"url": f"http://{url_host}:{port}", "host": settings.host, "port": port, "pid": os.getpid()}
+    write_private_file(service_info_path(), json.dumps(info))
+    app = create_app(settings, token)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        current = service_info_path()
+        try:
+            if json.loads(current.read_text()).get("pid") == os.getpid():
+                current.unlink()
+        except (OSError, ValueError):
+            pass
