@@ -1,0 +1,41 @@
+"""`ryzanstein-desktop`: open the window at once, then find or start the service in the background."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import QApplication
+
+from ryzanstein_desktop.bridge import Bridge, Call
+from ryzanstein_desktop.launcher import ServiceLauncher
+from ryzanstein_desktop.main_window import MainWindow
+from ryzanstein_desktop.widgets.error_dialog import show_error
+
+ICON = Path(__file__).parent / "icons" / "ryzanstein.svg"
+
+
+def main() -> int:
+    app = QApplication(sys.argv)
+    app.setApplicationName("Ryzanstein")
+    app.setOrganizationName("Ryzanstein")
+    if ICON.exists():
+        app.setWindowIcon(QIcon(str(ICON)))
+    bridge = Bridge()
+    window = MainWindow(bridge)
+    window.show()
+
+    launcher = ServiceLauncher()
+    connect = Call(launcher.connect)
+    connect.sig_result.connect(bridge.attach)
+    connect.sig_error.connect(bridge.sig_connection_failed.emit)
+    connect.sig_error.connect(lambda msg: show_error(window, "Service failed to start", msg))
+    connect.start()
+    code = app.exec()
+    launcher.stop()  # only stops a service this app started
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

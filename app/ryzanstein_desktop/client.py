@@ -1,0 +1,111 @@
+"""Typed client of the service API (httpx). Blocking calls: run them off the GUI thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+
+class ServiceError(Exception):
+    """An error answer from the service (its OpenAI-shaped message) or a failure to reach it."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Connection:
+    url: str
+    token: str
+
+
+@dataclass
+class StreamResult:
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text or response.reason_phrase
+    raise ServiceError(f"{message} (HTTP {response.status_code})", response.status_code)
+
+
+class ServiceClient:
+    def __init__(self, connection: Connection, timeout: float = 30.0):
+        self.connection = connection
+        self.headers = {"Authorization": f"Bearer {connection.token}"}
+        self.timeout = timeout
+
+    def _get(self, path: str) -> Any:
+        try:
+            response = httpx.get(self.connection.url + path, headers=self.headers, timeout=self.timeout)
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"Cannot reach the service at {self.connection.url}: {exc}") from exc
+        _raise_for_error(response)
+        return response.json()
+
+    def health(self) -> dict:
+        return self._get("/api/health")
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in self._get("/v1/models")["data"]]
+
+    def hardware(self) -> dict:
+        return self._get("/api/hardware")
+
+    def stream_chat(self, body: dict, cancel: threading.Event, result: StreamResult) -> Iterator[str]:
+        """Yield content deltas of a streamed chat completion; closing early tells the service to stop."""
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        timeout = httpx.Timeout(self.timeout, read=600.0)
+        try:
+            with httpx.stream("POST", self.connection.url + "/v1/chat/completions", json=body,
+                              headers=self.headers, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response)
+                for line in response.iter_lines():
+                    if cancel.is_set():
+                        result.finish_reason = "stopped"
+                        return  # leaving the `with` closes the connection: the service cancels
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        result.usage = chunk["usage"]
+                    for choice in chunk.get("choices", []):
+                        result.finish_reason = choice.get("finish_reason") or result.finish_reason
+                        if choice.get("delta", {}).get("content"):
+                            yield choice["delta"]["content"]
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"The connection to the service broke: {exc}") from exc
+
+    def events(self, stop: threading.Event) -> Iterator[tuple[str, dict]]:
+        """(event, data) pairs from /api/events until `stop` is set or the connection ends."""
+        timeout = httpx.Timeout(10.0, read=30.0)  # the service pings every 15 s
+        try:
+            with httpx.stream("GET", self.connection.url + "/api/events", headers=self.headers,
+                              timeout=timeout) as response:
+                _raise_for_error(response)
+                kind = "message"
+                for line in response.iter_lines():
+                    if stop.is_set():
+                        return
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("data:"):
+                        yield kind, json.loads(line[5:].strip())
+                        kind = "message"
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"The event stream broke: {exc}") from exc

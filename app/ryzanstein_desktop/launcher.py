@@ -1,0 +1,76 @@
+"""Find a running service (address + token in the config dir) or start one as a child process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from ryzanstein.config import config_dir, load_or_create_token, read_service_info, service_info_path
+from ryzanstein_desktop.client import Connection
+
+
+def _alive(connection: Connection) -> bool:
+    try:
+        response = httpx.get(connection.url + "/v1/models", timeout=2,
+                             headers={"Authorization": f"Bearer {connection.token}"})
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def find_running() -> Connection | None:
+    info = read_service_info()
+    if not info or "url" not in info:
+        return None
+    connection = Connection(info["url"], load_or_create_token())
+    return connection if _alive(connection) else None
+
+
+class ServiceLauncher:
+    """Owns the child service if it started one; `stop()` ends only a service it started."""
+
+    def __init__(self, log_path: Path | None = None):
+        self.process: subprocess.Popen | None = None
+        self.log_path = log_path or config_dir() / "service.log"
+
+    def connect(self, timeout: float = 180.0) -> Connection:
+        running = find_running()
+        if running:
+            return running
+        return self.start(timeout)
+
+    def start(self, timeout: float) -> Connection:
+        service_info_path().unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
+        self.process = subprocess.Popen([sys.executable, "-m", "ryzanstein", "serve"],
+                                        stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"The service exited at start (code {self.process.returncode}); "
+                                   f"see {self.log_path}")
+            connection = find_running()
+            if connection:
+                return connection
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"The service did not answer within {timeout:.0f} s.")
+
+    @property
+    def started_service(self) -> bool:
+        return self.process is not None
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

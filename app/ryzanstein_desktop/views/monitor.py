@@ -1,0 +1,36 @@
+"""Monitor: live plots of the last 5 minutes: memory, memory per NUMA node, tokens/s, CPU %."""
+
+from __future__ import annotations
+
+from PySide6.QtWidgets import QGridLayout, QWidget
+
+from ryzanstein_desktop.bridge import Bridge
+from ryzanstein_desktop.widgets.live_plot import LivePlot
+
+GB = 1024**3
+
+
+class MonitorView(QWidget):
+    def __init__(self, bridge: Bridge):
+        super().__init__()
+        self.memory = LivePlot("Memory", "GiB")
+        self.numa = LivePlot("Memory used per NUMA node", "GiB")
+        self.tokens = LivePlot("Generation speed", "tokens/s")
+        self.cpu = LivePlot("CPU", "%")
+        self.cpu.setYRange(0, 100)
+        grid = QGridLayout(self)
+        grid.addWidget(self.memory, 0, 0)
+        grid.addWidget(self.numa, 0, 1)
+        grid.addWidget(self.tokens, 1, 0)
+        grid.addWidget(self.cpu, 1, 1)
+        bridge.sig_metrics.connect(self.add_sample)
+
+    def add_sample(self, sample: dict) -> None:
+        t = sample["time"]
+        self.memory.add_point("service process (RSS)", t, sample["process_rss_bytes"] / GB)
+        self.memory.add_point("system used", t, sample["system_used_bytes"] / GB)
+        for node in sample.get("numa", []):
+            self.numa.add_point(f"node {node['node']}", t, node["used_bytes"] / GB)
+        self.tokens.add_point("tokens/s", t, sample["tokens_per_s"])
+        self.cpu.add_point("system", t, sample["cpu_percent"])
+        self.cpu.add_point("service process", t, sample.get("process_cpu_percent", 0.0))
