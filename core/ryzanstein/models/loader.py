@@ -21,6 +21,24 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
+def check_safetensors_file(path: Path) -> None:
+    """Read the header and check the file is as long as it says: catches truncated or non-safetensors files
+    in milliseconds, before transformers allocates anything."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length exceeds the file")
+            header = json.loads(f.read(header_len))
+        ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise InvalidModel(f"{path.name} is truncated or not a safetensors file ({exc}).") from exc
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise InvalidModel(f"{path.name} is truncated: {size} bytes, its header describes {expected}.")
+
+
 def check_model_folder(path: Path) -> dict:
     """Validate a folder before anything heavy runs; return its parsed config.json."""
     if not path.exists():
@@ -40,6 +58,8 @@ def check_model_folder(path: Path) -> dict:
         )
     if not has_safetensors:
         raise InvalidModel(f"{path} holds no *.safetensors weights.")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(weights)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InvalidModel(f"{path} has no config.json.")
@@ -67,7 +87,7 @@ def load_model_folder(name: str, path: Path, *, trust_remote_code: bool = False)
             local_files_only=True,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # transformers and safetensors raise many types; the user needs the message
         raise ModelLoadFailed(f"Could not load model {name!r} from {path}: {exc}") from exc
     model.eval()
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path)
