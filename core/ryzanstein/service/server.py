@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
+import sys
 
 from ryzanstein.config import Settings, load_or_create_token, service_info_path, write_private_file
 
@@ -46,6 +48,9 @@ def serve(settings: Settings | None = None) -> None:
     write_private_file(service_info_path(), json.dumps(info))
     app = create_app(settings, token)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with this handler in place that becomes
+    # SystemExit, so the `finally` below still removes the address file.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
