@@ -20,12 +20,13 @@ run: $(STAMP)
 	$(BIN)/ryzanstein-desktop
 
 test: $(STAMP)
+	$(BIN)/ruff check core app tests scripts
 	$(BIN)/lint-imports
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check core app tests
+	$(BIN)/ruff check core app tests scripts
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

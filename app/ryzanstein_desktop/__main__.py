@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
+from PySide6.QtCore import QTimer
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
@@ -32,6 +34,13 @@ def main() -> int:
     connect.sig_error.connect(bridge.sig_connection_failed.emit)
     connect.sig_error.connect(lambda msg: show_error(window, "Service failed to start", msg))
     connect.start()
+    # SIGTERM / Ctrl+C quit through Qt, so the service this app started is stopped too. Python runs signal
+    # handlers only between bytecodes: a timer wakes the interpreter while Qt's loop waits.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: window.close())
+    wake = QTimer()
+    wake.timeout.connect(lambda: None)
+    wake.start(250)
     code = app.exec()
     launcher.stop()  # only stops a service this app started
     return code

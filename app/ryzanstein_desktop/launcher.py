@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-
 from ryzanstein.config import config_dir, load_or_create_token, read_service_info, service_info_path
+
 from ryzanstein_desktop.client import Connection
 
 
@@ -47,7 +48,9 @@ class ServiceLauncher:
         service_info_path().unlink(missing_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
-        self.process = subprocess.Popen([sys.executable, "-m", "ryzanstein", "serve"],
+        # The service watches this pid and exits if the app dies without stopping it (e.g. kill -9).
+        env = dict(os.environ, RYZANSTEIN_PARENT_PID=str(os.getpid()))
+        self.process = subprocess.Popen([sys.executable, "-m", "ryzanstein", "serve"], env=env,
                                         stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

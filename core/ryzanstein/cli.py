@@ -56,8 +56,11 @@ def serve(
     """Run the core service (OpenAI-compatible API + management API)."""
     from ryzanstein.service.server import serve as run_server
 
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = Settings()
+    if host is not None:
+        settings.host = host
+    if port is not None:
+        settings.port = port
     console.print(f"Ryzanstein service on {settings.host}:{settings.port} (token in {settings.config_dir})")
     run_server(settings)
 
@@ -126,7 +129,8 @@ def bench_decode(
     """Prefill and decode tokens/s of a model, with transformers' generate as the same-run baseline."""
     import psutil
 
-    from ryzanstein.bench import bench_decode as run, write_result
+    from ryzanstein.bench import bench_decode as run
+    from ryzanstein.bench import write_result
 
     lm = open_model(model)
     result = run(lm, tokens=tokens, runs=runs, threads=threads or psutil.cpu_count(logical=False) or 1)

@@ -38,7 +38,7 @@ def config_dir() -> Path:
 class Settings(BaseSettings):
     """Service settings; each can be set as an environment variable RYZANSTEIN_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="RYZANSTEIN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RYZANSTEIN_", extra="ignore", validate_assignment=True)
 
     host: str = Field("127.0.0.1", description="Address to bind. Anything but loopback exposes the API.")
     port: int = Field(8765, ge=0, le=65535, description="TCP port; 0 picks a free one.")
@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     preload_default_model: bool = Field(True, description="Load the default model when the service starts.")
     threads: int = Field(0, ge=0, description="torch compute threads; 0 = one per physical core.")
     max_context_tokens: int = Field(8192, ge=16, description="Largest prompt + completion accepted.")
+    parent_pid: int = Field(0, ge=0, description="Exit when this process ends (set by the desktop app).")
     metrics_interval_s: float = Field(1.0, gt=0, description="Period of the metrics samples on /api/events.")
 
     @property

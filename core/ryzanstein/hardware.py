@@ -103,7 +103,7 @@ def cache_sizes(root: Path = CPU_ROOT) -> dict[str, int]:
 
 
 def cpu_identity() -> tuple[str, list[str]]:
-    model, flags = "unknown", []
+    model, flags = "unknown", list[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
-
 from ryzanstein_desktop.client import ServiceClient
 from ryzanstein_desktop.launcher import ServiceLauncher, find_running
 
@@ -36,3 +41,52 @@ def test_starts_a_service_when_none_runs_and_stops_it(tmp_path, monkeypatch):
         launcher.stop()
     assert launcher.process.returncode is not None
     assert not (tmp_path / "config" / "service.json").exists(), "a stopped service must remove its address file"
+
+
+def wait_gone(pid: int, timeout: float = 20.0) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def wait_for_file(path: Path, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_service_exits_when_its_parent_app_is_killed(tmp_path):
+    parent = subprocess.Popen(["sleep", "60"])
+    env = dict(os.environ, RYZANSTEIN_HOME=str(tmp_path), RYZANSTEIN_PORT="0",
+               RYZANSTEIN_PRELOAD_DEFAULT_MODEL="0", RYZANSTEIN_PARENT_PID=str(parent.pid))
+    service = subprocess.Popen([sys.executable, "-m", "ryzanstein", "serve"], env=env)
+    try:
+        wait_for_file(tmp_path / "config" / "service.json")
+        assert service.poll() is None
+        parent.kill()
+        parent.wait()
+        assert service.wait(timeout=30) == 0
+    finally:
+        service.kill()
+
+
+def test_terminating_the_desktop_app_stops_the_service_it_started(tmp_path):
+    env = dict(os.environ, RYZANSTEIN_HOME=str(tmp_path), RYZANSTEIN_PORT="0",
+               RYZANSTEIN_PRELOAD_DEFAULT_MODEL="0", QT_QPA_PLATFORM="offscreen")
+    app = subprocess.Popen([str(Path(sys.executable).parent / "ryzanstein-desktop")], env=env)
+    try:
+        info = wait_for_file(tmp_path / "config" / "service.json")
+        assert httpx.get(info["url"] + "/api/health", timeout=10).status_code == 200
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=30) == 0
+        assert wait_gone(info["pid"]), "the app's service outlived it"
+    finally:
+        app.kill()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
-
 from ryzanstein.engine.detokenizer import IncrementalDetokenizer
+from transformers import AutoTokenizer
 
 TEXT = "Héllo wörld! 東京は大きい 🚀 rockets, then stop here END and more after."
 

@@ -77,7 +77,9 @@ def load_model_folder(name: str, path: Path, *, trust_remote_code: bool = False)
     check_model_folder(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our callers show their own progress
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

@@ -108,7 +108,7 @@ class ModelStore:
             # A GGUF-loaded model refuses save_pretrained while it carries the GGUF quantization config.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             progress("writing safetensors", 0.7)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import signal
 import threading
 from collections.abc import AsyncIterator
 
@@ -36,6 +38,15 @@ async def publish_metrics(app: FastAPI) -> None:
         await asyncio.sleep(app.state.settings.metrics_interval_s)
 
 
+async def exit_with_parent(parent_pid: int) -> None:
+    """A service started by the desktop app ends with it, even if the app was killed."""
+    import psutil
+
+    while psutil.pid_exists(parent_pid):
+        await asyncio.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app(settings: Settings, token: str) -> FastAPI:
     hub = EventHub()
     store = ModelStore(settings.models_dir)
@@ -45,11 +56,14 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.bind_loop(asyncio.get_running_loop())
-        publisher = asyncio.create_task(publish_metrics(app))
+        tasks = [asyncio.create_task(publish_metrics(app))]
+        if settings.parent_pid:
+            tasks.append(asyncio.create_task(exit_with_parent(settings.parent_pid)))
         if settings.preload_default_model:
             threading.Thread(target=host.preload_default, name="preload", daemon=True).start()
         yield
-        publisher.cancel()
+        for task in tasks:
+            task.cancel()
 
     app = FastAPI(title="Ryzanstein", version=__version__, lifespan=lifespan)
     app.state.settings = settings
