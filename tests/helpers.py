@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,29 +10,13 @@ from pathlib import Path
 
 import httpx
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
+def save_tiny_model(folder: Path, model_type: str, tokenizer_source: Path, seed: int = 0) -> Path:
+    """A tiny random model of the support matrix's `model_type` with the default model's tokenizer."""
+    from ryzanstein.models.architectures import by_model_type
+    from ryzanstein.models.compat import save_tiny_model as save
 
-def save_tiny_model(folder: Path, kind: str, tokenizer_source: Path, seed: int = 0) -> Path:
-    """A 2-layer random model of `kind` with the vocabulary of the tokenizer in `tokenizer_source`."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    vocab = json.loads((tokenizer_source / "config.json").read_text())["vocab_size"]
-    configs = {
-        "llama": lambda: LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-            bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        ),
-    }
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(configs[kind]()).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_source / name).exists():
-            shutil.copy2(tokenizer_source / name, folder / name)
-    return folder
+    return save(by_model_type(model_type), folder, tokenizer_source, seed)
 
 
 class ServiceProcess:
