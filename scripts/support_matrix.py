@@ -47,14 +47,15 @@ def render_markdown(matrix: dict) -> str:
 def main() -> None:
     import torch
     import transformers
+
     from ryzanstein.config import DEFAULT_MODEL, Settings
     from ryzanstein.models.architectures import ARCHITECTURES
     from ryzanstein.models.compat import check_architecture
-    from ryzanstein.models.host import ModelHost
+    from ryzanstein.models.manager import ModelManager
     from ryzanstein.models.store import ModelStore
 
     store = ModelStore(Settings().models_dir)
-    ModelHost(store).ensure_default_imported()
+    ModelManager(store).ensure_default_imported()
     tokenizer_dir = Path(store.get(DEFAULT_MODEL).path)
     rows = []
     with tempfile.TemporaryDirectory() as work:

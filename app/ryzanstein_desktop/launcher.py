@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
-from ryzanstein.config import config_dir, load_or_create_token, read_service_info, service_info_path
 
+from ryzanstein.config import config_dir, load_or_create_token, read_service_info, service_info_path
 from ryzanstein_desktop.client import Connection
 
 

@@ -29,7 +29,7 @@ def fail(exc: RyzansteinError) -> None:
 
 def open_model(name: str):
     """Import (first time, with a progress bar) and load a model from the store."""
-    from ryzanstein.models.host import ModelHost
+    from ryzanstein.models.manager import ModelManager
     from ryzanstein.models.store import ModelStore
 
     settings = Settings()
@@ -43,7 +43,7 @@ def open_model(name: str):
                 progress.update(task, completed=data["progress"], description=f"{name}: {data['stage']}")
 
         try:
-            return ModelHost(store, publish=publish).get(name)
+            return ModelManager(store, budget_bytes=settings.budget_bytes(), publish=publish).get(name)
         except RyzansteinError as exc:
             fail(exc)
 

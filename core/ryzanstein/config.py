@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field
@@ -47,6 +48,13 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch compute threads; 0 = one per physical core.")
     max_context_tokens: int = Field(8192, ge=16, description="Largest prompt + completion accepted.")
     parent_pid: int = Field(0, ge=0, description="Exit when this process ends (set by the desktop app).")
+    memory_budget_gb: float = Field(0.0, ge=0, description="Memory for loaded models; 0 = a fraction of the "
+                                    "RAM available at start (memory_budget_fraction).")
+    memory_budget_fraction: float = Field(0.75, gt=0, le=1, description="Share of available RAM when no "
+                                          "explicit budget is set.")
+    evict: Literal["lru", "never"] = Field("lru", description="Over budget: unload the least recently used idle "
+                                           "model, or refuse the load.")
+    idle_ttl_s: float = Field(0.0, ge=0, description="Unload models idle this long; 0 = never.")
     metrics_interval_s: float = Field(1.0, gt=0, description="Period of the metrics samples on /api/events.")
 
     @property
@@ -56,6 +64,13 @@ class Settings(BaseSettings):
     @property
     def config_dir(self) -> Path:
         return config_dir()
+
+    def budget_bytes(self) -> int:
+        import psutil
+
+        if self.memory_budget_gb:
+            return int(self.memory_budget_gb * 2**30)
+        return int(self.memory_budget_fraction * psutil.virtual_memory().available)
 
     @property
     def models_dir(self) -> Path:

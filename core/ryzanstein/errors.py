@@ -64,3 +64,17 @@ class DefaultModelUnavailable(RyzansteinError):
     status_code = 503
     error_type = "server_error"
     code = "default_model_unavailable"
+
+
+class ModelBusy(RyzansteinError):
+    """The model is generating, loaded, or held by a job: the operation would break it."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "model_busy"
+
+
+class OutOfMemoryBudget(RyzansteinError):
+    status_code = 507
+    error_type = "insufficient_memory"
+    code = "out_of_memory_budget"

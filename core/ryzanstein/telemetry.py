@@ -49,9 +49,11 @@ def numa_memory() -> list[dict[str, int]]:
 
 
 class MetricsSampler:
-    def __init__(self, meter: ThroughputMeter, active_generations: Any = lambda: 0):
+    def __init__(self, meter: ThroughputMeter, active_generations: Any = lambda: 0,
+                 extra: Any = lambda: {}):
         self.meter = meter
         self.active_generations = active_generations
+        self.extra = extra
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # first call primes the counters
         psutil.cpu_percent(None)
@@ -70,6 +72,7 @@ class MetricsSampler:
             "tokens_per_s": self.meter.rate(1.0),
             "tokens_total": self.meter.total,
             "active_generations": self.active_generations(),
+            **self.extra(),
         }
 
 

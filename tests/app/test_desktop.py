@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 from PySide6.QtCore import QSettings, Qt
+
 from ryzanstein_desktop.bridge import Bridge
 from ryzanstein_desktop.client import Connection
 from ryzanstein_desktop.main_window import MainWindow
-
 from tests.conftest import TINY_MODEL
 
 DEFAULT = "smollm2-135m-instruct"

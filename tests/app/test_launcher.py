@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from ryzanstein_desktop.client import ServiceClient
 from ryzanstein_desktop.launcher import ServiceLauncher, find_running
 

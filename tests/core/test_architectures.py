@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from ryzanstein.models.architectures import ARCHITECTURES
 from ryzanstein.models.compat import check_architecture
-
 from scripts.support_matrix import MATRIX_JSON, render_markdown
 
 ROWS: dict[str, dict] = {}

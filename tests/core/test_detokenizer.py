@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from ryzanstein.engine.detokenizer import IncrementalDetokenizer
 from transformers import AutoTokenizer
+
+from ryzanstein.engine.detokenizer import IncrementalDetokenizer
 
 TEXT = "Héllo wörld! 東京は大きい 🚀 rockets, then stop here END and more after."
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.generate import generate_text, stream_tokens
 from ryzanstein.engine.params import GenerationParams

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ryzanstein.engine.params import GenerationParams
-from ryzanstein.engine.sampler import Sampler, apply_repetition_penalty, apply_top_k, apply_top_p
-from ryzanstein.errors import InvalidRequest
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.sampler import Sampler, apply_repetition_penalty, apply_top_k, apply_top_p
+from ryzanstein.errors import InvalidRequest
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound, UnsafeCheckpoint
 from ryzanstein.models.loader import load_model_folder
 from ryzanstein.models.store import ModelStore
@@ -32,8 +33,9 @@ def test_default_model_import_gives_safetensors_config_tokenizer(default_model_d
 
 
 def test_imported_default_model_equals_the_gguf_loaded_by_transformers(default_model_dir):
-    from ryzanstein.models.default import default_gguf_path
     from transformers import AutoModelForCausalLM
+
+    from ryzanstein.models.default import default_gguf_path
 
     gguf = default_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.generate import generate_text
 from ryzanstein.engine.params import GenerationParams

@@ -72,9 +72,24 @@ def check_model_folder(path: Path) -> dict:
     return config
 
 
+def check_architecture_known(config: dict, trust_remote_code: bool) -> None:
+    """Refuse before loading: an architecture transformers does not know, or one that needs the model's own
+    Python code while trust_remote_code is off."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config["model_type"]
+    if "auto_map" in config and not trust_remote_code:
+        raise InvalidModel(f"Model type {model_type!r} ships its own Python code (auto_map in config.json). "
+                           "Running it is off by default; enable trust_remote_code for this model only if you "
+                           "trust its source.")
+    if model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        raise InvalidModel(f"Unknown architecture: model_type {model_type!r} is not one this version of "
+                           "transformers supports.")
+
+
 def load_model_folder(name: str, path: Path, *, trust_remote_code: bool = False) -> LoadedModel:
     """Load weights in fp32 (bf16 decodes ~2x slower on AVX2 CPUs, see FINDINGS.md)."""
-    check_model_folder(path)
+    check_architecture_known(check_model_folder(path), trust_remote_code)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -92,4 +107,28 @@ def load_model_folder(name: str, path: Path, *, trust_remote_code: bool = False)
     except Exception as exc:  # transformers and safetensors raise many types; the user needs the message
         raise ModelLoadFailed(f"Could not load model {name!r} from {path}: {exc}") from exc
     model.eval()
+    materialize(model)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path)
+
+
+def materialize(model: Any) -> None:
+    """Copy weights out of the safetensors file mapping into the process's own memory.
+
+    transformers maps the file lazily: untouched pages (most of the embedding table) are not resident, so the
+    footprint creeps up during use, and pages live wherever the page cache put them. A private copy makes the
+    footprint known at load time and places memory on the NUMA node of the loading thread (first touch).
+    """
+    import torch
+
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for key, tensor in tensors.items():
+                    if tensor is None or id(tensor) in done:
+                        continue  # tied weights are one Parameter object: copy it once
+                    done.add(id(tensor))
+                    if isinstance(tensor, torch.nn.Parameter):
+                        tensor.data = tensor.data.clone()
+                    else:
+                        tensors[key] = tensor.clone()

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound
-from ryzanstein.models.loader import check_model_folder
+from ryzanstein.models.loader import check_architecture_known, check_model_folder
 
 METADATA_FILE = "ryzanstein.json"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -33,6 +33,7 @@ class ModelInfo:
     source: str
     size_bytes: int
     imported_at: float
+    trust_remote_code: bool = False  # per model, off unless the user turns it on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +75,7 @@ class ModelStore:
 
     def _read_info(self, folder: Path) -> ModelInfo:
         data = json.loads((folder / METADATA_FILE).read_text())
-        return ModelInfo(**{k: data[k] for k in ModelInfo.__dataclass_fields__})
+        return ModelInfo(**{k: data[k] for k in ModelInfo.__dataclass_fields__ if k in data})
 
     # -- importing -----------------------------------------------------------------------------------
     def import_gguf(
@@ -86,7 +87,7 @@ class ModelStore:
         cancel: threading.Event | None = None,
     ) -> ModelInfo:
         """Dequantize a GGUF through transformers and store it as fp32 safetensors + tokenizer."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         if not gguf_path.is_file():
             raise InvalidModel(f"GGUF file {gguf_path} does not exist.")
         with gguf_path.open("rb") as f:
@@ -122,10 +123,11 @@ class ModelStore:
         *,
         progress: ProgressFn = _no_progress,
         cancel: threading.Event | None = None,
+        trust_remote_code: bool = False,
     ) -> ModelInfo:
         """Copy a local HF folder (safetensors only) into the store."""
-        self._check_new_name(name)
-        check_model_folder(source)
+        self.check_new_name(name)
+        check_architecture_known(check_model_folder(source), trust_remote_code)
 
         def write(tmp: Path) -> None:
             files = [p for p in source.iterdir() if p.is_file() and p.suffix not in {".bin", ".pt", ".pth"}]
@@ -134,7 +136,7 @@ class ModelStore:
                 progress(f"copying {file.name}", 0.05 + 0.85 * i / max(1, len(files)))
                 shutil.copy2(file, tmp / file.name)
 
-        return self._import(name, f"folder:{source}", write, progress, cancel)
+        return self._import(name, f"folder:{source}", write, progress, cancel, trust_remote_code)
 
     def delete(self, name: str) -> None:
         info = self.get(name)
@@ -142,7 +144,7 @@ class ModelStore:
         Path(info.path).rename(trash)  # atomic: the model vanishes at once, the bytes go after
         shutil.rmtree(trash, ignore_errors=True)
 
-    def _check_new_name(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
         if not NAME_PATTERN.match(name):
             raise InvalidRequest(
                 f"Model name {name!r} is not allowed: use lowercase letters, digits, '.', '_' or '-' "
@@ -159,6 +161,7 @@ class ModelStore:
         write: Callable[[Path], None],
         progress: ProgressFn,
         cancel: threading.Event | None,
+        trust_remote_code: bool = False,
     ) -> ModelInfo:
         tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=self.root))
         try:
@@ -175,6 +178,7 @@ class ModelStore:
                 source=source,
                 size_bytes=folder_size(tmp),
                 imported_at=time.time(),
+                trust_remote_code=trust_remote_code,
             )
             (tmp / METADATA_FILE).write_text(json.dumps(info.to_dict(), indent=2))
             tmp.rename(self.root / name)

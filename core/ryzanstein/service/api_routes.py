@@ -17,10 +17,10 @@ router = APIRouter(prefix="/api")
 
 @public_router.get("/api/health")
 async def health(request: Request) -> dict:
-    host = request.app.state.host
-    return {"status": "ok", "version": __version__, "loaded_models": host.loaded_names(),
+    manager = request.app.state.manager
+    return {"status": "ok", "version": __version__, "loaded_models": manager.loaded_names(),
             "default_model": request.app.state.settings.default_model,
-            "default_model_state": host.default_state, "default_model_error": host.default_error}
+            "default_model_state": manager.default_state, "default_model_error": manager.default_error}
 
 
 @router.get("/hardware")

@@ -1,4 +1,4 @@
-"""The FastAPI application: auth, routes, the metrics publisher and the default-model preload."""
+"""The FastAPI application: auth, routes, background tasks (metrics, idle unload, parent watch, preload)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 
 from ryzanstein import __version__
 from ryzanstein.config import Settings
-from ryzanstein.models.host import ModelHost
+from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
-from ryzanstein.service import api_routes, openai_routes
+from ryzanstein.service import api_routes, model_routes, openai_routes
 from ryzanstein.service.errors import install_error_handlers
+from ryzanstein.service.jobs import JobRunner
 from ryzanstein.telemetry import EventHub, MetricsSampler, ThroughputMeter
 
 
@@ -38,6 +39,12 @@ async def publish_metrics(app: FastAPI) -> None:
         await asyncio.sleep(app.state.settings.metrics_interval_s)
 
 
+async def unload_idle_models(manager: ModelManager) -> None:
+    while True:
+        await asyncio.sleep(max(1.0, min(10.0, manager.idle_ttl_s / 4)))
+        await asyncio.to_thread(manager.unload_idle_expired)
+
+
 async def exit_with_parent(parent_pid: int) -> None:
     """A service started by the desktop app ends with it, even if the app was killed."""
     import psutil
@@ -47,20 +54,28 @@ async def exit_with_parent(parent_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def model_numa_samples(manager: ModelManager) -> list[dict]:
+    return [{"name": name, "numa_bytes": {str(k): v for k, v in manager.numa_bytes(name).items()}}
+            for name in manager.loaded_names()]
+
+
 def create_app(settings: Settings, token: str) -> FastAPI:
     hub = EventHub()
-    store = ModelStore(settings.models_dir)
-    host = ModelHost(store, publish=hub.publish_threadsafe)
+    manager = ModelManager(ModelStore(settings.models_dir), budget_bytes=settings.budget_bytes(),
+                           evict=settings.evict, idle_ttl_s=settings.idle_ttl_s,
+                           context_tokens=settings.max_context_tokens, publish=hub.publish_threadsafe)
     meter = ThroughputMeter()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.bind_loop(asyncio.get_running_loop())
         tasks = [asyncio.create_task(publish_metrics(app))]
+        if settings.idle_ttl_s > 0:
+            tasks.append(asyncio.create_task(unload_idle_models(manager)))
         if settings.parent_pid:
             tasks.append(asyncio.create_task(exit_with_parent(settings.parent_pid)))
         if settings.preload_default_model:
-            threading.Thread(target=host.preload_default, name="preload", daemon=True).start()
+            threading.Thread(target=manager.preload_default, name="preload", daemon=True).start()
         yield
         for task in tasks:
             task.cancel()
@@ -69,11 +84,13 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     app.state.settings = settings
     app.state.token = token
     app.state.hub = hub
-    app.state.host = host
+    app.state.manager = manager
+    app.state.jobs = JobRunner(publish=hub.publish_threadsafe)
     app.state.meter = meter
-    app.state.sampler = MetricsSampler(meter, lambda: host.active_generations)
+    app.state.sampler = MetricsSampler(meter, lambda: manager.active_generations,
+                                       extra=lambda: {"models": model_numa_samples(manager)})
     install_error_handlers(app)
     app.include_router(api_routes.public_router)
-    app.include_router(api_routes.router, dependencies=[Depends(require_token)])
-    app.include_router(openai_routes.router, dependencies=[Depends(require_token)])
+    for router in (api_routes.router, model_routes.router, openai_routes.router):
+        app.include_router(router, dependencies=[Depends(require_token)])
     return app

@@ -56,8 +56,7 @@ def context_limit(request: Request, lm: Any) -> int:
 
 
 async def prepare(request: Request, body: SamplingFields, prompt_of: Any, max_tokens: int | None):
-    host = request.app.state.host
-    lm = await asyncio.to_thread(host.get, body.model)
+    lm = await asyncio.to_thread(request.app.state.manager.get, body.model)
     prompt_ids = prompt_of(lm.tokenizer)
     params = body.generation_params(budget(max_tokens, len(prompt_ids), context_limit(request, lm)))
     return lm, prompt_ids, params
@@ -73,7 +72,7 @@ async def collect(chunks: AsyncIterator[StreamChunk]) -> tuple[str, str | None]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    models = await asyncio.to_thread(request.app.state.host.store.list)
+    models = await asyncio.to_thread(request.app.state.manager.store.list)
     return {"object": "list", "data": [
         {"id": m.name, "object": "model", "created": int(m.imported_at), "owned_by": "ryzanstein"}
         for m in models]}
@@ -86,7 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                            max_tokens)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stats = GenerationStats()
-    chunks = generate_async(request.app.state.host, lm, prompt_ids, params, request.app.state.meter, stats)
+    chunks = generate_async(request.app.state.manager, lm, prompt_ids, params, request.app.state.meter, stats)
 
     def envelope(choices: list, **extra: Any) -> dict:
         return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -124,7 +123,7 @@ async def completions(body: CompletionRequest, request: Request):
                                            body.max_tokens)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     stats = GenerationStats()
-    chunks = generate_async(request.app.state.host, lm, prompt_ids, params, request.app.state.meter, stats)
+    chunks = generate_async(request.app.state.manager, lm, prompt_ids, params, request.app.state.meter, stats)
 
     def envelope(choices: list, **extra: Any) -> dict:
         return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,

@@ -12,15 +12,15 @@ from collections.abc import AsyncIterator
 
 from ryzanstein.engine.generate import GenerationStats, StreamChunk, stream_tokens
 from ryzanstein.engine.params import GenerationParams
-from ryzanstein.models.host import ModelHost
 from ryzanstein.models.loader import LoadedModel
+from ryzanstein.models.manager import ModelManager
 from ryzanstein.telemetry import ThroughputMeter
 
 _DONE = object()
 
 
 async def generate_async(
-    host: ModelHost,
+    manager: ModelManager,
     lm: LoadedModel,
     prompt_ids: list[int],
     params: GenerationParams,
@@ -38,16 +38,14 @@ async def generate_async(
             cancel.set()  # the event loop is gone: nobody is listening any more
 
     def worker() -> None:
-        host.generation_started()
         try:
-            with host.generation_lock(lm.name):
-                for chunk in stream_tokens(lm.model, lm.tokenizer, prompt_ids, params,
+            with manager.generating(lm.name) as held:
+                for chunk in stream_tokens(held.model, held.tokenizer, prompt_ids, params,
                                            cancel=cancel, stats=stats, on_token=meter.add):
                     put(chunk)
         except BaseException as exc:  # handed to the consumer, which raises it
             put(exc)
         finally:
-            host.generation_finished()
             put(_DONE)
 
     threading.Thread(target=worker, name=f"generate-{lm.name}", daemon=True).start()

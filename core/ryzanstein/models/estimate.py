@@ -1,0 +1,95 @@
+"""Memory a model will take once loaded: weights (from the safetensors headers, no loading), runtime
+overhead, and the KV cache at the configured context length."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+LOAD_BYTES_PER_ELEMENT = 4  # models load in fp32 (bf16 decodes ~2x slower on AVX2 CPUs, see FINDINGS.md)
+# Calibrated on SmolLM2-135M (RSS after load + one forward pass vs its fp32 weights): the allocator,
+# activations of a short forward and torch's per-model structures.
+OVERHEAD_FRACTION = 0.08
+OVERHEAD_FIXED_BYTES = 40 * 2**20
+
+
+@dataclass
+class MemoryEstimate:
+    parameters: int
+    stored_dtype: str
+    weights_bytes: int
+    overhead_bytes: int
+    kv_cache_bytes: int
+    context_tokens: int
+
+    @property
+    def load_bytes(self) -> int:
+        """What a load itself adds to the process: comparable with the measured figure."""
+        return self.weights_bytes + self.overhead_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """What the budget reserves: the load plus a full-context KV cache."""
+        return self.load_bytes + self.kv_cache_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "load_bytes": self.load_bytes, "total_bytes": self.total_bytes}
+
+
+def safetensors_header(path: Path) -> dict:
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(length))
+
+
+def count_parameters(folder: Path) -> tuple[int, str]:
+    """Element count of every tensor in the folder's safetensors files, and the most common stored dtype."""
+    elements, dtype_elements = 0, dict[str, int]()
+    for file in sorted(folder.glob("*.safetensors")):
+        for name, tensor in safetensors_header(file).items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for dim in tensor["shape"]:
+                n *= dim
+            elements += n
+            dtype_elements[tensor["dtype"]] = dtype_elements.get(tensor["dtype"], 0) + n
+    dtype = max(dtype_elements, key=lambda k: dtype_elements[k]) if dtype_elements else "unknown"
+    return elements, dtype
+
+
+def kv_cache_bytes(config: dict, context_tokens: int, bytes_per_element: int = 4) -> int:
+    """2 (K and V) x layers x KV heads x head dim x tokens, from config.json's usual names."""
+    config = config.get("text_config", config)
+
+    def first(*keys: str, default: int = 0) -> int:
+        for key in keys:
+            if isinstance(config.get(key), int):
+                return int(config[key])
+        return default
+
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    kv_heads = first("num_key_value_heads", "num_kv_heads", "multi_query_group_num", default=heads)
+    if config.get("multi_query") is True:
+        kv_heads = 1
+    hidden = first("hidden_size", "n_embd", "d_model")
+    head_dim = first("head_dim", default=hidden // heads if heads else 0)
+    return 2 * layers * kv_heads * head_dim * context_tokens * bytes_per_element
+
+
+def estimate_memory(folder: Path, context_tokens: int) -> MemoryEstimate:
+    config = json.loads((folder / "config.json").read_text())
+    parameters, dtype = count_parameters(folder)
+    weights = parameters * LOAD_BYTES_PER_ELEMENT
+    return MemoryEstimate(
+        parameters=parameters,
+        stored_dtype=dtype.lower(),
+        weights_bytes=weights,
+        overhead_bytes=int(weights * OVERHEAD_FRACTION) + OVERHEAD_FIXED_BYTES,
+        kv_cache_bytes=kv_cache_bytes(config, context_tokens),
+        context_tokens=context_tokens,
+    )

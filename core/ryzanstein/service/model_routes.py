@@ -1,0 +1,123 @@
+"""Model management under /api: list with memory estimates, import (a job), load, unload, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from ryzanstein.errors import InvalidModel
+from ryzanstein.models.manager import ModelManager
+
+router = APIRouter(prefix="/api")
+
+
+class ImportRequest(BaseModel):
+    path: str = Field(min_length=1, description="A local HF folder (safetensors) or a .gguf file.")
+    name: str | None = Field(None, description="Name in the store; derived from the path when omitted.")
+    trust_remote_code: bool = False
+
+
+class LoadRequest(BaseModel):
+    pin_numa_node: int | None = Field(None, ge=0, description="Run this model's compute on one node's CPUs.")
+
+
+def default_name(path: Path) -> str:
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "model"
+
+
+def describe(manager: ModelManager, name: str) -> dict[str, Any]:
+    info = manager.store.get(name)
+    row: dict[str, Any] = {**info.to_dict(), "quantization": "none", "loaded": False}
+    try:
+        estimate = manager.estimate(name)
+        row.update(parameters=estimate.parameters, stored_dtype=estimate.stored_dtype, estimate=estimate.to_dict())
+    except (OSError, ValueError, KeyError) as exc:
+        row.update(parameters=None, stored_dtype=None, estimate=None, estimate_error=str(exc))
+    entry = manager.entry(name)
+    if entry is not None:
+        row.update(loaded=True, measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
+                   active_requests=entry.active, pin_numa_node=entry.pin_node,
+                   numa_bytes={str(k): v for k, v in manager.numa_bytes(name).items()})
+    return row
+
+
+def list_models(manager: ModelManager) -> dict[str, Any]:
+    return {"models": [describe(manager, m.name) for m in manager.store.list()], "memory": manager.memory_summary()}
+
+
+@router.get("/models")
+async def models(request: Request) -> dict:
+    return await asyncio.to_thread(list_models, request.app.state.manager)
+
+
+@router.get("/models/{name}")
+async def model(name: str, request: Request) -> dict:
+    return await asyncio.to_thread(describe, request.app.state.manager, name)
+
+
+@router.post("/models/import", status_code=202)
+async def import_model(body: ImportRequest, request: Request) -> dict:
+    manager: ModelManager = request.app.state.manager
+    source = Path(body.path).expanduser()
+    if not source.exists():
+        raise InvalidModel(f"{source} does not exist.", param="path")
+    name = body.name or default_name(source)
+    is_gguf = source.is_file() and source.suffix == ".gguf"
+    if source.is_file() and not is_gguf:
+        raise InvalidModel(f"{source} is a file but not a .gguf; give a .gguf file or a model folder.", param="path")
+    manager.store.check_new_name(name)  # refuse a bad or taken name now, not in the job
+
+    def run(progress, cancel) -> dict:
+        if is_gguf:
+            info = manager.store.import_gguf(source, name, progress=progress, cancel=cancel)
+        else:
+            info = manager.store.import_hf_folder(source, name, progress=progress, cancel=cancel,
+                                                  trust_remote_code=body.trust_remote_code)
+        manager.publish("model", {"name": info.name, "state": "imported"})
+        return info.to_dict()
+
+    job = request.app.state.jobs.submit("import", f"import {source.name} as {name}", run)
+    return job.to_dict()
+
+
+@router.post("/models/{name}/load")
+async def load(name: str, request: Request, body: LoadRequest | None = None) -> dict:
+    manager: ModelManager = request.app.state.manager
+    pin = body.pin_numa_node if body else None
+    await asyncio.to_thread(manager.load, name, pin)
+    return await asyncio.to_thread(describe, manager, name)
+
+
+@router.post("/models/{name}/unload")
+async def unload(name: str, request: Request) -> dict:
+    manager: ModelManager = request.app.state.manager
+    await asyncio.to_thread(manager.unload, name)
+    return await asyncio.to_thread(describe, manager, name)
+
+
+@router.delete("/models/{name}")
+async def delete(name: str, request: Request) -> dict:
+    await asyncio.to_thread(request.app.state.manager.delete, name)
+    return {"deleted": name}
+
+
+@router.get("/jobs")
+async def jobs(request: Request) -> dict:
+    return {"jobs": [j.to_dict() for j in request.app.state.jobs.list()]}
+
+
+@router.get("/jobs/{job_id}")
+async def job(job_id: str, request: Request) -> dict:
+    return request.app.state.jobs.get(job_id).to_dict()
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request) -> dict:
+    return request.app.state.jobs.cancel(job_id).to_dict()
+
