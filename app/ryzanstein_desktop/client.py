@@ -48,13 +48,36 @@ class ServiceClient:
         self.headers = {"Authorization": f"Bearer {connection.token}"}
         self.timeout = timeout
 
-    def _get(self, path: str) -> Any:
+    def _request(self, method: str, path: str, json_body: dict | None = None, timeout: float | None = None) -> Any:
         try:
-            response = httpx.get(self.connection.url + path, headers=self.headers, timeout=self.timeout)
+            response = httpx.request(method, self.connection.url + path, headers=self.headers, json=json_body,
+                                     timeout=timeout or self.timeout)
         except httpx.HTTPError as exc:
             raise ServiceError(f"Cannot reach the service at {self.connection.url}: {exc}") from exc
         _raise_for_error(response)
         return response.json()
+
+    def _get(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def model_table(self) -> dict:
+        """Every stored model with estimates and loaded state, plus the memory budget."""
+        return self._get("/api/models")
+
+    def import_model(self, path: str, name: str | None = None) -> dict:
+        return self._request("POST", "/api/models/import", {"path": path, "name": name or None})
+
+    def load_model(self, name: str, pin_numa_node: int | None = None) -> dict:
+        return self._request("POST", f"/api/models/{name}/load", {"pin_numa_node": pin_numa_node}, timeout=600)
+
+    def unload_model(self, name: str) -> dict:
+        return self._request("POST", f"/api/models/{name}/unload")
+
+    def delete_model(self, name: str) -> dict:
+        return self._request("DELETE", f"/api/models/{name}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._request("POST", f"/api/jobs/{job_id}/cancel")
 
     def health(self) -> dict:
         return self._get("/api/health")

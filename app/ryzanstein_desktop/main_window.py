@@ -8,6 +8,7 @@ from PySide6.QtWidgets import QLabel, QMainWindow, QTabWidget
 
 from ryzanstein_desktop.bridge import Bridge
 from ryzanstein_desktop.views.chat import ChatView
+from ryzanstein_desktop.views.models import ModelsView
 from ryzanstein_desktop.views.monitor import MonitorView
 
 
@@ -19,9 +20,11 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("Ryzanstein")
         self.resize(1100, 720)
         self.chat = ChatView(bridge)
+        self.models = ModelsView(bridge)
         self.monitor = MonitorView(bridge)
         self.tabs = QTabWidget()
         self.tabs.addTab(self.chat, "Chat")
+        self.tabs.addTab(self.models, "Models")
         self.tabs.addTab(self.monitor, "Monitor")
         self.setCentralWidget(self.tabs)
 

@@ -7,27 +7,13 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from PySide6.QtCore import QSettings, Qt
 
 from ryzanstein_desktop.bridge import Bridge
-from ryzanstein_desktop.client import Connection
 from ryzanstein_desktop.main_window import MainWindow
 from tests.conftest import TINY_MODEL
 
 DEFAULT = "smollm2-135m-instruct"
-
-
-@pytest.fixture
-def window(qtbot, service, tmp_path):
-    bridge = Bridge()
-    win = MainWindow(bridge, QSettings(str(tmp_path / "gui.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    bridge.attach(Connection(service.url, service.token))
-    qtbot.waitUntil(lambda: win.chat.model_box.count() >= 2, timeout=20_000)
-    yield win
-    bridge.shutdown()
 
 
 def ask(qtbot, win, model: str, prompt: str, **settings) -> None:
@@ -113,7 +99,7 @@ def test_window_state_persists(qtbot, service, tmp_path):
     qtbot.addWidget(first)
     first.show()
     qtbot.waitExposed(first)
-    first.resize(700, 500)  # within the offscreen 800x600 screen
+    first.resize(780, 560)  # within the offscreen 800x600 screen
     first.tabs.setCurrentIndex(1)
     first.close()
     second = MainWindow(Bridge(), QSettings(ini, QSettings.Format.IniFormat))
@@ -121,4 +107,4 @@ def test_window_state_persists(qtbot, service, tmp_path):
     second.show()
     qtbot.waitExposed(second)
     assert second.tabs.currentIndex() == 1
-    assert (second.width(), second.height()) == (700, 500)
+    assert (second.width(), second.height()) == (780, 560)

@@ -18,11 +18,13 @@ class MonitorView(QWidget):
         self.tokens = LivePlot("Generation speed", "tokens/s")
         self.cpu = LivePlot("CPU", "%")
         self.cpu.setYRange(0, 100)
+        self.model_numa = LivePlot("Model memory per NUMA node", "GiB")
         grid = QGridLayout(self)
         grid.addWidget(self.memory, 0, 0)
         grid.addWidget(self.numa, 0, 1)
+        grid.addWidget(self.model_numa, 0, 2)
         grid.addWidget(self.tokens, 1, 0)
-        grid.addWidget(self.cpu, 1, 1)
+        grid.addWidget(self.cpu, 1, 1, 1, 2)
         bridge.sig_metrics.connect(self.add_sample)
 
     def add_sample(self, sample: dict) -> None:
@@ -34,3 +36,6 @@ class MonitorView(QWidget):
         self.tokens.add_point("tokens/s", t, sample["tokens_per_s"])
         self.cpu.add_point("system", t, sample["cpu_percent"])
         self.cpu.add_point("service process", t, sample.get("process_cpu_percent", 0.0))
+        for model in sample.get("models", []):
+            for node, size in model["numa_bytes"].items():
+                self.model_numa.add_point(f"{model['name']} · node {node}", t, size / GB)

@@ -1,0 +1,251 @@
+"""Models: the store with sizes and memory estimates; import (progress, cancel), load, unload, delete."""
+
+from __future__ import annotations
+
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ryzanstein_desktop.bridge import Bridge
+from ryzanstein_desktop.widgets.error_dialog import show_error
+
+MIB = 2**20
+COLUMNS = ["Name", "Architecture", "Parameters", "Weights", "On disk", "Estimated memory", "Measured", "NUMA",
+           "State"]
+
+
+def mib(value: float | None) -> str:
+    return "—" if value is None else (f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / MIB:.0f} MiB")
+
+
+def numa_text(row: dict) -> str:
+    per_node = row.get("numa_bytes") or {}
+    pinned = row.get("pin_numa_node")
+    text = ", ".join(f"node {node}: {mib(size)}" for node, size in per_node.items()) or "—"
+    return text + (f" (pinned to node {pinned})" if pinned is not None else "")
+
+
+class ModelsView(QWidget):
+    def __init__(self, bridge: Bridge):
+        super().__init__()
+        self.bridge = bridge
+        self.rows: list[dict] = []
+        self.job_id: str | None = None
+        self.last_job: dict | None = None
+
+        self.budget_label = QLabel("Memory budget: —")
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.itemSelectionChanged.connect(self._update_buttons)
+
+        self.import_folder_button = QPushButton("Import folder…")
+        self.import_folder_button.clicked.connect(self._pick_folder)
+        self.import_gguf_button = QPushButton("Import GGUF…")
+        self.import_gguf_button.clicked.connect(self._pick_gguf)
+        self.load_button = QPushButton("Load")
+        self.load_button.clicked.connect(self.load_selected)
+        self.pin_box = QComboBox()
+        self.pin_box.addItem("any NUMA node", None)
+        self.pin_box.setToolTip("Run the model's compute on one NUMA node's CPUs (and place its memory there)")
+        self.unload_button = QPushButton("Unload")
+        self.unload_button.clicked.connect(self.unload_selected)
+        self.delete_button = QPushButton("Delete…")
+        self.delete_button.clicked.connect(lambda: self.delete_selected(confirm=True))
+        self.refresh_button = QPushButton("Refresh")
+        self.refresh_button.clicked.connect(self.refresh)
+        buttons = QHBoxLayout()
+        for widget in (self.import_folder_button, self.import_gguf_button, self.load_button, self.pin_box,
+                       self.unload_button, self.delete_button):
+            buttons.addWidget(widget)
+        buttons.addStretch(1)
+        buttons.addWidget(self.refresh_button)
+
+        self.job_label = QLabel("")
+        self.job_bar = QProgressBar()
+        self.job_bar.setRange(0, 100)
+        self.cancel_button = QPushButton("Cancel import")
+        self.cancel_button.clicked.connect(self.cancel_import)
+        job_row = QHBoxLayout()
+        job_row.addWidget(self.job_label)
+        job_row.addWidget(self.job_bar, 1)
+        job_row.addWidget(self.cancel_button)
+        self._show_job(False)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.budget_label)
+        layout.addLayout(buttons)
+        layout.addWidget(self.table, 1)
+        layout.addLayout(job_row)
+        bridge.sig_connected.connect(lambda _url: self.refresh())
+        bridge.sig_connected.connect(lambda _url: self._load_numa_nodes())
+        bridge.sig_event.connect(self._on_event)
+        self._update_buttons()
+
+    # -- data -------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        if self.bridge.client is not None:
+            self.bridge.call(lambda c: c.model_table(), self._fill, lambda msg: self.budget_label.setText(msg))
+
+    def _load_numa_nodes(self) -> None:
+        def fill(hw: dict) -> None:
+            for node in hw.get("numa_nodes", []):
+                self.pin_box.addItem(f"pin to node {node['node_id']} (CPUs {node['cpus']})", node["node_id"])
+
+        self.bridge.call(lambda c: c.hardware(), fill, lambda msg: None)
+
+    def _fill(self, table: dict) -> None:
+        selected = self.selected_name()
+        memory = table["memory"]
+        self.budget_label.setText(f"Memory budget: {mib(memory['reserved_bytes'])} reserved of "
+                                  f"{mib(memory['budget_bytes'])} · over budget: "
+                                  f"{'evict least recently used' if memory['evict'] == 'lru' else 'refuse'} · "
+                                  f"KV cache reserved for {memory['context_tokens']} tokens")
+        self.rows = table["models"]
+        self.table.setRowCount(len(self.rows))
+        for i, row in enumerate(self.rows):
+            estimate = row.get("estimate") or {}
+            state = "loaded" if row["loaded"] else "on disk"
+            if row.get("active_requests"):
+                state += f" · {row['active_requests']} generating"
+            cells = [row["name"], row["architecture"],
+                     f"{row['parameters'] / 1e6:.1f} M" if row.get("parameters") else "—",
+                     f"{row.get('stored_dtype') or '?'} → fp32" + (
+                         "" if row["quantization"] == "none" else f" ({row['quantization']})"),
+                     mib(row["size_bytes"]),
+                     f"{mib(estimate.get('load_bytes'))} + KV {mib(estimate.get('kv_cache_bytes'))}",
+                     mib(row.get("measured_bytes")) if row["loaded"] else "—",
+                     numa_text(row) if row["loaded"] else "—",
+                     state]
+            for column, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if column == 5:
+                    item.setToolTip("What loading adds (weights + runtime overhead) + the KV cache reserved at "
+                                    "the context length; the budget counts both.")
+                self.table.setItem(i, column, item)
+            if row["name"] == selected:
+                self.table.selectRow(i)
+        self._update_buttons()
+
+    def selected_name(self) -> str | None:
+        rows = self.table.selectionModel().selectedRows()
+        return self.table.item(rows[0].row(), 0).text() if rows else None
+
+    def select(self, name: str) -> None:
+        for i in range(self.table.rowCount()):
+            if self.table.item(i, 0).text() == name:
+                self.table.selectRow(i)
+
+    def row(self, name: str) -> dict | None:
+        return next((r for r in self.rows if r["name"] == name), None)
+
+    def _update_buttons(self) -> None:
+        row = self.row(self.selected_name() or "")
+        self.load_button.setEnabled(row is not None and not row["loaded"])
+        self.unload_button.setEnabled(row is not None and row["loaded"])
+        self.delete_button.setEnabled(row is not None and not row["loaded"])
+
+    # -- actions ----------------------------------------------------------------------------------------
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Import a Hugging Face model folder (safetensors)")
+        if folder:
+            self._ask_name_and_import(folder)
+
+    def _pick_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import a GGUF file", "", "GGUF models (*.gguf)")
+        if path:
+            self._ask_name_and_import(path)
+
+    def _ask_name_and_import(self, path: str) -> None:
+        name, ok = QInputDialog.getText(self, "Model name", "Name in the store (empty: from the file name):")
+        if ok:
+            self.start_import(path, name.strip() or None)
+
+    def start_import(self, path: str, name: str | None = None) -> None:
+        def started(job: dict) -> None:
+            self.job_id = job["id"]
+            self._on_job(job)
+
+        self.bridge.call(lambda c: c.import_model(path, name), started,
+                         lambda msg: show_error(self, "Import refused", msg))
+
+    def cancel_import(self) -> None:
+        if self.job_id:
+            job_id = self.job_id
+            self.cancel_button.setEnabled(False)
+            self.bridge.call(lambda c: c.cancel_job(job_id), lambda job: None,
+                             lambda msg: show_error(self, "Cancel failed", msg))
+
+    def load_selected(self) -> None:
+        name, pin = self.selected_name(), self.pin_box.currentData()
+        if name:
+            self.load_button.setEnabled(False)
+            self.bridge.call(lambda c: c.load_model(name, pin), lambda row: self.refresh(),
+                             lambda msg: self._failed("Load failed", msg))
+
+    def unload_selected(self) -> None:
+        name = self.selected_name()
+        if name:
+            self.bridge.call(lambda c: c.unload_model(name), lambda row: self.refresh(),
+                             lambda msg: self._failed("Unload failed", msg))
+
+    def delete_selected(self, confirm: bool = True) -> None:
+        name = self.selected_name()
+        if not name:
+            return
+        if confirm and QMessageBox.question(self, "Delete model", f"Delete {name} from the store? Its files are "
+                                            "removed from disk.") != QMessageBox.StandardButton.Yes:
+            return
+        self.bridge.call(lambda c: c.delete_model(name), lambda result: self.refresh(),
+                         lambda msg: self._failed("Delete failed", msg))
+
+    def _failed(self, title: str, message: str) -> None:
+        self.refresh()
+        show_error(self, title, message)
+
+    # -- events -----------------------------------------------------------------------------------------
+    def _on_event(self, kind: str, data: dict) -> None:
+        if kind == "job" and data.get("id") == self.job_id:
+            self._on_job(data)
+        elif kind == "model" and data.get("state") in {"loaded", "unloaded", "imported", "deleted", "failed"}:
+            self.refresh()
+
+    def _on_job(self, job: dict) -> None:
+        self.last_job = job
+        running = job["state"] == "running"
+        self._show_job(True)
+        self.cancel_button.setEnabled(running)
+        self.job_bar.setValue(int(100 * job["progress"]))
+        if running:
+            self.job_label.setText(f"{job['title']}: {job['stage']}")
+            return
+        self.job_id = None
+        self.job_label.setText(f"{job['title']}: {job['state']}" + (f" — {job['error']}" if job["error"] else ""))
+        self.cancel_button.setEnabled(False)
+        self.refresh()
+        if job["state"] == "failed":
+            show_error(self, "Import failed", job["error"] or "unknown error")
+
+    def _show_job(self, visible: bool) -> None:
+        for widget in (self.job_label, self.job_bar, self.cancel_button):
+            widget.setVisible(visible)
+
+
