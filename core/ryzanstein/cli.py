@@ -103,19 +103,114 @@ def chat(
         messages.append({"role": "assistant", "content": "".join(answer)})
 
 
-@models_app.command("list")
-def models_list() -> None:
-    """Models in the store."""
+def model_store():
     from ryzanstein.models.store import ModelStore
 
-    settings = Settings()
-    models = ModelStore(settings.models_dir).list()
-    table = Table("name", "architecture", "size", "source")
-    for m in models:
-        table.add_row(m.name, m.architecture, f"{m.size_bytes / 1e6:.0f} MB", m.source)
+    return ModelStore(Settings().models_dir)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Models in the store, with parameters and the memory a load would take."""
+    from ryzanstein.models.estimate import estimate_memory
+
+    store = model_store()
+    table = Table("name", "architecture", "parameters", "on disk", "load memory (est.)", "+ KV cache (8K)", "source")
+    for m in store.list():
+        try:
+            est = estimate_memory(Path(m.path), 8192)
+            params, load, kv = f"{est.parameters / 1e6:.1f} M", f"{est.load_bytes / 2**20:.0f} MiB", \
+                f"{est.kv_cache_bytes / 2**20:.0f} MiB"
+        except (OSError, ValueError, KeyError):
+            params = load = kv = "?"
+        table.add_row(m.name, m.architecture, params, f"{m.size_bytes / 2**20:.0f} MiB", load, kv, m.source)
     console.print(table)
-    if not models:
-        console.print(f"The store ({settings.models_dir}) is empty; `ryzanstein serve` imports the default model.")
+    if not store.list():
+        console.print(f"The store ({store.root}) is empty; `ryzanstein serve` imports the default model.")
+
+
+@models_app.command("import")
+def models_import(
+    path: Path = typer.Argument(..., help="A Hugging Face folder with safetensors, or a .gguf file."),
+    name: str = typer.Option(None, help="Name in the store (default: from the path)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow this model's own Python code (only if you trust it)."),
+) -> None:
+    """Import a model into the store (Ctrl+C cancels and leaves the store as it was)."""
+    from ryzanstein.service.model_routes import default_name
+
+    store, cancel = model_store(), threading.Event()
+    name = name or default_name(path)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"importing {path.name}", total=1.0)
+
+        def report(stage: str, fraction: float) -> None:
+            progress.update(task, completed=fraction, description=f"{name}: {stage}")
+
+        try:
+            if path.is_file() and path.suffix == ".gguf":
+                info = store.import_gguf(path, name, progress=report, cancel=cancel)
+            else:
+                info = store.import_hf_folder(path, name, progress=report, cancel=cancel,
+                                              trust_remote_code=trust_remote_code)
+        except KeyboardInterrupt:
+            console.print("[yellow]cancelled; the store is unchanged[/yellow]")
+            raise typer.Exit(130) from None
+        except RyzansteinError as exc:
+            fail(exc)
+    console.print(f"imported [bold]{info.name}[/bold] ({info.architecture}, {info.size_bytes / 2**20:.0f} MiB)")
+
+
+def loaded_in_running_service(name: str) -> bool:
+    import httpx
+
+    from ryzanstein.config import load_or_create_token, read_service_info
+
+    info = read_service_info()
+    if not info:
+        return False
+    try:
+        response = httpx.get(f"{info['url']}/api/models/{name}", timeout=5,
+                             headers={"Authorization": f"Bearer {load_or_create_token()}"})
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and bool(response.json().get("loaded"))
+
+
+@models_app.command("delete")
+def models_delete(name: str, yes: bool = typer.Option(False, "--yes", help="Do not ask.")) -> None:
+    """Delete a model from the store (refused while a running service has it loaded)."""
+    from ryzanstein.errors import ModelBusy
+
+    store = model_store()
+    try:
+        store.get(name)
+        if loaded_in_running_service(name):
+            raise ModelBusy(f"Model {name!r} is loaded in the running service; unload it first.")
+        if not yes and not typer.confirm(f"Delete {name} and its files?"):
+            raise typer.Exit(1)
+        store.delete(name)
+    except RyzansteinError as exc:
+        fail(exc)
+    console.print(f"deleted {name}")
+
+
+@models_app.command("convert")
+def models_convert(
+    source: Path = typer.Argument(..., help="A folder with pickle weights (pytorch_model*.bin)."),
+    name: str = typer.Argument(..., help="Name of the converted model in the store."),
+) -> None:
+    """Convert a pickle checkpoint to safetensors and import it — only for checkpoints you trust.
+
+    Uses torch.load(weights_only=True), which refuses pickles that carry code, but a pickle is still the
+    riskier format: Ryzanstein never does this on its own."""
+    from ryzanstein.models.convert import convert_pickle_folder
+
+    console.print("[yellow]Converting pickle weights: only do this for a source you trust.[/yellow]")
+    try:
+        info = convert_pickle_folder(source, name, model_store())
+    except RyzansteinError as exc:
+        fail(exc)
+    console.print(f"converted and imported [bold]{info.name}[/bold] ({info.size_bytes / 2**20:.0f} MiB)")
 
 
 @bench_app.command("decode")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import TINY_MODEL
 
@@ -45,3 +46,72 @@ def test_unknown_model_is_a_clear_cli_error(service, session_home):
     result = run_cli("chat", "--model", "ghost", home=session_home, stdin="")
     assert result.returncode == 2
     assert "'ghost' is not in the store" in result.stdout
+
+
+def test_import_then_list_then_delete(service, session_home, default_model_dir, tmp_path):
+    from tests.helpers import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "src", "olmo", default_model_dir)
+    imported = run_cli("models", "import", str(folder), "--name", "cli-olmo", home=session_home)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "imported cli-olmo" in imported.stdout
+    listing = run_cli("models", "list", home=session_home).stdout
+    assert "cli-olmo" in listing and "OlmoForCausalLM" in listing
+    deleted = run_cli("models", "delete", "cli-olmo", "--yes", home=session_home)
+    assert deleted.returncode == 0 and "cli-olmo" not in run_cli("models", "list", home=session_home).stdout
+
+
+def test_delete_of_a_model_loaded_in_the_service_is_refused(service, session_home):
+    import httpx
+
+    httpx.post(f"{service.url}/api/models/{TINY_MODEL}/load", headers=service.headers, timeout=60)
+    result = run_cli("models", "delete", TINY_MODEL, "--yes", home=session_home)
+    assert result.returncode == 2 and "loaded in the running service" in result.stdout
+    assert TINY_MODEL in run_cli("models", "list", home=session_home).stdout
+
+
+def test_bad_import_path_is_a_clear_error(session_home, service):
+    result = run_cli("models", "import", "/nonexistent/dir", "--name", "nothing", home=session_home)
+    assert result.returncode == 2 and "does not exist" in result.stdout
+
+
+def test_convert_turns_a_trusted_pickle_into_an_identical_safetensors_model(service, session_home, default_model_dir,
+                                                                            tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ryzanstein.models.loader import load_model_folder
+    from ryzanstein.models.store import ModelStore
+    from tests.helpers import save_tiny_model
+
+    source = save_tiny_model(tmp_path / "src", "llama", default_model_dir, seed=5)
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    (tmp_path / "pickled").mkdir()
+    torch.save(original.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")  # the legacy format
+    for extra in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / extra).exists():
+            (tmp_path / "pickled" / extra).write_bytes((source / extra).read_bytes())
+    assert list((tmp_path / "pickled").glob("*.bin")) and not list((tmp_path / "pickled").glob("*.safetensors"))
+    result = run_cli("models", "convert", str(tmp_path / "pickled"), "converted", home=session_home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    converted = load_model_folder("converted", Path(ModelStore(session_home / "data" / "models").get("converted").path))
+    ids = torch.tensor([[1, 400, 500, 600]])
+    with torch.inference_mode():
+        assert torch.equal(converted.model(ids).logits, original(ids).logits)
+
+
+def test_convert_refuses_a_pickle_that_carries_code(service, session_home, tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Evil()}))
+    result = run_cli("models", "convert", str(folder), "evil", home=session_home)
+    assert result.returncode == 2 and "cannot be read as plain weights" in result.stdout
+    assert not (tmp_path / "pwned").exists()
+    assert "evil" not in run_cli("models", "list", home=session_home).stdout
