@@ -243,5 +243,33 @@ def bench_decode(
     console.print(f"JSON: {write_result(result, path)}")
 
 
+@bench_app.command("models")
+def bench_models(
+    tokens: int = typer.Option(64, min=8, help="Tokens each model decodes in the throughput part."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/models-<time>.json)."),
+) -> None:
+    """Memory of 2 and 3 models loaded together vs the sum of each alone (fresh processes), and throughput."""
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_models import bench_models as run
+
+    default = open_model(DEFAULT_MODEL)  # imports it on first use
+    result = run(Path(default.path), tokens=tokens)
+    table = Table("models loaded together", "sum of each alone", "measured together", "overhead",
+                  title="bench models: RSS growth over the runtime baseline")
+    for row in result["rows"]:
+        table.add_row(" + ".join(row["models"]), f"{row['sum_alone_bytes'] / 2**20:.0f} MiB",
+                      f"{row['together_bytes'] / 2**20:.0f} MiB", f"{row['overhead_percent']:+.1f}%")
+    console.print(table)
+    speed = result["throughput"]
+    table = Table("model", "alone tok/s", "all 3 together tok/s", title="decode throughput")
+    for name, rate in speed["alone_tokens_per_s"].items():
+        table.add_row(name, f"{rate:.1f}", f"{speed['together_tokens_per_s'][name]:.1f}")
+    table.add_row("aggregate", f"{speed['one_after_another_aggregate_tokens_per_s']:.1f} (one after another)",
+                  f"{speed['together_aggregate_tokens_per_s']:.1f}", style="bold")
+    console.print(table)
+    path = output or Settings().data_dir / "bench" / f"models-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
+
+
 def main() -> None:
     app()
