@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound
+from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound, RyzansteinError
 from ryzanstein.models.loader import check_architecture_known, check_model_folder
 
 METADATA_FILE = "ryzanstein.json"
@@ -98,13 +98,18 @@ class ModelStore:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            progress("reading tokenizer", 0.05)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            _check_cancel(cancel)
-            progress("dequantizing weights", 0.15)
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
+            try:
+                progress("reading tokenizer", 0.05)
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+                _check_cancel(cancel)
+                progress("dequantizing weights", 0.15)
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+                )
+            except RyzansteinError:
+                raise
+            except Exception as exc:  # gguf/transformers raise many types for damaged or unsupported files
+                raise InvalidModel(f"{gguf_path.name} cannot be imported: {type(exc).__name__}: {exc}") from exc
             _check_cancel(cancel)
             # A GGUF-loaded model refuses save_pretrained while it carries the GGUF quantization config.
             if hasattr(model.config, "quantization_config"):
