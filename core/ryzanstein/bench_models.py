@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzanstein.config import DEFAULT_MODEL
+from ryzanstein.models.estimate import estimate_memory
 
 MEDIUM_SHAPES = {  # random-weight models of realistic width, so fixed costs do not dominate
     "medium-llama": ("llama", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -110,6 +111,7 @@ def bench_models(default_dir: Path, tokens: int = 64) -> dict:
         store_root = Path(work) / "store"
         alone = {n: run_worker(store_root, [n], 0)["rss_growth_bytes"][0] for n in names}
         together = run_worker(store_root, names, tokens)
+        estimates = {n: estimate_memory(store_root / n, 2048).load_bytes for n in names}
     rows = []
     for count in (1, 2, 3):
         subset = names[:count]
@@ -117,8 +119,8 @@ def bench_models(default_dir: Path, tokens: int = 64) -> dict:
         measured = together["rss_growth_bytes"][count - 1]
         rows.append({"models": subset, "sum_alone_bytes": expected, "together_bytes": measured,
                      "overhead_percent": 100 * (measured / expected - 1)})
-    return {"alone_bytes": alone, "rows": rows, "throughput": {k: together[k] for k in together
-                                                               if "tokens_per_s" in k},
+    throughput = {k: v for k, v in together.items() if "tokens_per_s" in k}
+    return {"alone_bytes": alone, "estimate_load_bytes": estimates, "rows": rows, "throughput": throughput,
             "decode_tokens": tokens, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -260,6 +260,12 @@ def bench_models(
         table.add_row(" + ".join(row["models"]), f"{row['sum_alone_bytes'] / 2**20:.0f} MiB",
                       f"{row['together_bytes'] / 2**20:.0f} MiB", f"{row['overhead_percent']:+.1f}%")
     console.print(table)
+    table = Table("model", "estimated load", "measured alone", "measured / estimate",
+                  title="memory estimate (before load) vs measured (after load + warm-up)")
+    for name, measured in result["alone_bytes"].items():
+        estimate = result["estimate_load_bytes"][name]
+        table.add_row(name, f"{estimate / 2**20:.0f} MiB", f"{measured / 2**20:.0f} MiB", f"{measured / estimate:.2f}")
+    console.print(table)
     speed = result["throughput"]
     table = Table("model", "alone tok/s", "all 3 together tok/s", title="decode throughput")
     for name, rate in speed["alone_tokens_per_s"].items():
