@@ -149,3 +149,25 @@ def test_unreadable_folder_is_refused(empty_store, tmp_path, tiny_llama_dir, mon
     with pytest.raises(InvalidModel, match="No permission"):
         empty_store.import_hf_folder(folder, "locked")
     assert store_snapshot(empty_store) == []
+
+
+def test_unknown_architecture_is_refused(empty_store, tmp_path, tiny_llama_dir):
+    folder = tmp_path / "alien"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "alien-net"}))
+    with pytest.raises(InvalidModel, match="Unknown architecture: model_type 'alien-net'"):
+        empty_store.import_hf_folder(folder, "alien")
+    assert store_snapshot(empty_store) == []
+
+
+def test_remote_code_models_need_trust_per_model(empty_store, tmp_path, tiny_llama_dir):
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    with pytest.raises(InvalidModel, match="ships its own Python code.*trust_remote_code"):
+        empty_store.import_hf_folder(folder, "custom")
+    info = empty_store.import_hf_folder(folder, "custom", trust_remote_code=True)
+    assert info.trust_remote_code and empty_store.get("custom").trust_remote_code
+    assert not empty_store.import_hf_folder(tiny_llama_dir, "plain").trust_remote_code
