@@ -78,40 +78,53 @@ async def list_models(request: Request) -> dict:
         for m in models]}
 
 
+class Run:
+    """One generation behind a route: its id, chunks and the envelope every response object shares."""
+
+    def __init__(self, request: Request, body: SamplingFields, prefix: str, lm: Any, prompt_ids: list[int],
+                 params: Any):
+        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), body.model
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.stats = GenerationStats()
+        self.chunks = generate_async(request.app.state.manager, lm, prompt_ids, params, request.app.state.meter,
+                                     self.stats)
+
+    def envelope(self, kind: str, choices: list, **extra: Any) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    def stream(self, kind: str, choice_lists: AsyncIterator[list]) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            async for choices in choice_lists:
+                yield sse(self.envelope(kind, choices))
+            if self.include_usage:
+                yield sse(self.envelope(kind, [], usage=usage(self.stats)))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     max_tokens = body.max_completion_tokens or body.max_tokens
     lm, prompt_ids, params = await prepare(request, body, lambda tok: chat_prompt_ids(tok, body.messages),
                                            max_tokens)
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stats = GenerationStats()
-    chunks = generate_async(request.app.state.manager, lm, prompt_ids, params, request.app.state.meter, stats)
-
-    def envelope(choices: list, **extra: Any) -> dict:
-        return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": body.model, "choices": choices, **extra}
-
+    run = Run(request, body, "chatcmpl", lm, prompt_ids, params)
     if body.stream:
-        async def events() -> AsyncIterator[str]:
-            yield sse(envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                 "finish_reason": None}]))
-            async for chunk in chunks:
+        async def deltas() -> AsyncIterator[list]:
+            yield [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            async for chunk in run.chunks:
                 if chunk.text:
-                    yield sse(envelope([{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}]))
+                    yield [{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}]
                 if chunk.finish_reason:
-                    yield sse(envelope([{"index": 0, "delta": {},
-                                         "finish_reason": openai_finish(chunk.finish_reason)}]))
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse(envelope([], usage=usage(stats)))
-            yield "data: [DONE]\n\n"
+                    yield [{"index": 0, "delta": {}, "finish_reason": openai_finish(chunk.finish_reason)}]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return run.stream("chat.completion.chunk", deltas())
 
-    text, finish = await collect(chunks)
-    return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": openai_finish(finish), "logprobs": None}],
-            "usage": usage(stats)}
+    text, finish = await collect(run.chunks)
+    return run.envelope("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": text},
+                                             "finish_reason": openai_finish(finish), "logprobs": None}],
+                        usage=usage(run.stats))
 
 
 @router.post("/v1/completions")
@@ -121,26 +134,16 @@ async def completions(body: CompletionRequest, request: Request):
         raise InvalidRequest("prompt: exactly one prompt per request is supported.", param="prompt")
     lm, prompt_ids, params = await prepare(request, body, lambda tok: completion_prompt_ids(tok, prompts[0]),
                                            body.max_tokens)
-    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    stats = GenerationStats()
-    chunks = generate_async(request.app.state.manager, lm, prompt_ids, params, request.app.state.meter, stats)
-
-    def envelope(choices: list, **extra: Any) -> dict:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-                "choices": choices, **extra}
-
+    run = Run(request, body, "cmpl", lm, prompt_ids, params)
     if body.stream:
-        async def events() -> AsyncIterator[str]:
-            async for chunk in chunks:
+        async def texts() -> AsyncIterator[list]:
+            async for chunk in run.chunks:
                 if chunk.text or chunk.finish_reason:
-                    yield sse(envelope([{"index": 0, "text": chunk.text, "logprobs": None,
-                                         "finish_reason": openai_finish(chunk.finish_reason)}]))
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse(envelope([], usage=usage(stats)))
-            yield "data: [DONE]\n\n"
+                    yield [{"index": 0, "text": chunk.text, "logprobs": None,
+                            "finish_reason": openai_finish(chunk.finish_reason)}]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return run.stream("text_completion", texts())
 
-    text, finish = await collect(chunks)
-    return envelope([{"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish(finish)}],
-                    usage=usage(stats))
+    text, finish = await collect(run.chunks)
+    return run.envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
+                                             "finish_reason": openai_finish(finish)}], usage=usage(run.stats))
