@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -171,3 +172,18 @@ def test_remote_code_models_need_trust_per_model(empty_store, tmp_path, tiny_lla
     info = empty_store.import_hf_folder(folder, "custom", trust_remote_code=True)
     assert info.trust_remote_code and empty_store.get("custom").trust_remote_code
     assert not empty_store.import_hf_folder(tiny_llama_dir, "plain").trust_remote_code
+
+
+def test_temp_folders_of_dead_imports_are_cleaned_and_live_ones_kept(tmp_path):
+    import subprocess
+
+    root = tmp_path / "models"
+    root.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (root / f".import-crashed.pid{dead.pid}-abc").mkdir()
+    (root / f".import-crashed.pid{dead.pid}-abc" / "model.safetensors").write_bytes(b"half")
+    (root / f".import-running.pid{os.getpid()}-def").mkdir()
+    store = ModelStore(root)
+    assert sorted(p.name for p in root.iterdir()) == [f".import-running.pid{os.getpid()}-def"]
+    assert store.list() == []

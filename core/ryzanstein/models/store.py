@@ -7,6 +7,7 @@ failed or cancelled import leaves the store exactly as it was.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -51,6 +52,18 @@ class ModelStore:
     def __init__(self, root: Path):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_abandoned_imports()
+
+    def remove_abandoned_imports(self) -> list[str]:
+        """Temp folders of imports whose process died (crash, kill -9) hold half-written files: remove them.
+        Folders of live processes (another CLI or service importing right now) are left alone."""
+        removed = []
+        for folder in self.root.glob(".import-*"):
+            match = re.search(r"\.pid(\d+)-", folder.name)
+            if match and not _pid_alive(int(match.group(1))):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        return removed
 
     # -- reading -------------------------------------------------------------------------------------
     def list(self) -> list[ModelInfo]:
@@ -168,7 +181,7 @@ class ModelStore:
         cancel: threading.Event | None,
         trust_remote_code: bool = False,
     ) -> ModelInfo:
-        tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=self.root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}.pid{os.getpid()}-", dir=self.root))
         try:
             write(tmp)
             _check_cancel(cancel)
@@ -192,6 +205,16 @@ class ModelStore:
             raise
         progress("done", 1.0)
         return info
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
