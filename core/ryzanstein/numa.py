@@ -59,8 +59,11 @@ def read_mappings(pid: int | str = "self") -> list[Mapping]:
 
 
 def bytes_per_node(ranges: Iterable[tuple[int, int]], mappings: list[Mapping]) -> dict[int, int]:
-    """Resident bytes per node of the address ranges [start, end): each mapping's resident pages are
-    attributed in proportion to how much of the mapping the ranges cover."""
+    """Bytes per node of resident address ranges [start, end).
+
+    numa_maps counts pages per node for a whole mapping, not per address, and a heap mapping holds many small
+    tensors among other data. So each range's bytes are split by the node shares of its mapping's resident
+    pages. The caller's ranges must be resident (model weights are: the loader writes every page)."""
     starts = [m.start for m in mappings]
     totals: dict[int, float] = {}
     for lo, hi in ranges:
@@ -68,10 +71,10 @@ def bytes_per_node(ranges: Iterable[tuple[int, int]], mappings: list[Mapping]) -
         while i < len(mappings) and mappings[i].start < hi:
             m = mappings[i]
             overlap = min(hi, m.end) - max(lo, m.start)
-            if overlap > 0:
-                share = overlap / (m.end - m.start)
+            resident_pages = sum(m.pages_per_node.values())
+            if overlap > 0 and resident_pages:
                 for node, pages in m.pages_per_node.items():
-                    totals[node] = totals.get(node, 0.0) + share * pages * m.page_bytes
+                    totals[node] = totals.get(node, 0.0) + overlap * pages / resident_pages
             i += 1
     return {node: int(value) for node, value in sorted(totals.items())}
 
