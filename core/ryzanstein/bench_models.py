@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzanstein.config import DEFAULT_MODEL
+from ryzanstein.models.architectures import Architecture, by_model_type
 from ryzanstein.models.estimate import estimate_memory
 
 MEDIUM_SHAPES = {  # random-weight models of realistic width, so fixed costs do not dominate
@@ -23,17 +24,20 @@ MEDIUM_SHAPES = {  # random-weight models of realistic width, so fixed costs do 
 }
 
 
+def medium_architecture(name: str) -> Architecture:
+    model_type, shape = MEDIUM_SHAPES[name]
+    base = by_model_type(model_type)
+    return Architecture(base.family, model_type, dict(base.config, **shape))
+
+
 def prepare_store(root: Path, default_dir: Path) -> list[str]:
-    from ryzanstein.models.architectures import Architecture, by_model_type
     from ryzanstein.models.compat import save_tiny_model
     from ryzanstein.models.store import ModelStore
 
     store = ModelStore(root / "store")
     store.import_hf_folder(default_dir, DEFAULT_MODEL)
-    for name, (model_type, shape) in MEDIUM_SHAPES.items():
-        base = by_model_type(model_type)
-        arch = Architecture(base.family, model_type, dict(base.config, **shape))
-        store.import_hf_folder(save_tiny_model(arch, root / name, default_dir), name)
+    for name in MEDIUM_SHAPES:
+        store.import_hf_folder(save_tiny_model(medium_architecture(name), root / name, default_dir), name)
     return [DEFAULT_MODEL, *MEDIUM_SHAPES]
 
 

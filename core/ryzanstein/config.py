@@ -36,6 +36,13 @@ def config_dir() -> Path:
     return home / "config" if home else Path(platformdirs.user_config_dir(APP_NAME))
 
 
+def default_budget_bytes(fraction: float = 0.75) -> int:
+    """The model memory budget when none is set: a share of the RAM available now."""
+    import psutil
+
+    return int(fraction * psutil.virtual_memory().available)
+
+
 class Settings(BaseSettings):
     """Service settings; each can be set as an environment variable RYZANSTEIN_<NAME>."""
 
@@ -66,11 +73,9 @@ class Settings(BaseSettings):
         return config_dir()
 
     def budget_bytes(self) -> int:
-        import psutil
-
         if self.memory_budget_gb:
             return int(self.memory_budget_gb * 2**30)
-        return int(self.memory_budget_fraction * psutil.virtual_memory().available)
+        return default_budget_bytes(self.memory_budget_fraction)
 
     @property
     def models_dir(self) -> Path:

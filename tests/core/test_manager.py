@@ -153,16 +153,19 @@ def test_pinned_model_generates_on_its_node_cpus(tiny_store):
     node = numa_nodes()[0]
     manager = manager_for(tiny_store, 3.5)
     manager.load("tiny-a", pin_node=node.node_id)
-    seen = []
+    seen, restored = [], []
 
     def run() -> None:
+        before = os.sched_getaffinity(0)
         with manager.generating("tiny-a"):
             seen.append(os.sched_getaffinity(0))
+        restored.append(os.sched_getaffinity(0) == before)
 
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
     assert seen == [set(node.cpus)]
+    assert restored == [True], "the thread kept the pin after the generation"
     with pytest.raises(InvalidRequest, match="NUMA node 99 does not exist"):
         manager.load("tiny-b", pin_node=99)
     assert "tiny-b" not in manager.loaded_names()

@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from tests.helpers import save_tiny_model
-
 MEASURE = """
 import json, sys
 from pathlib import Path
@@ -25,18 +23,14 @@ print(json.dumps({"estimate": entry.estimate.load_bytes, "measured": entry.measu
 
 @pytest.fixture(scope="module")
 def medium_model(store, default_model_dir, tmp_path_factory):
-    """A Llama of ~60M parameters (8 layers, width 512): big enough that fixed costs do not dominate."""
-    from ryzanstein.models.architectures import ARCHITECTURES, Architecture
+    """The benchmark's ~75M-parameter Llama (8 layers, width 512): big enough that fixed costs do not dominate."""
+    from ryzanstein.bench_models import medium_architecture
+    from ryzanstein.models.compat import save_tiny_model
 
-    base = next(a for a in ARCHITECTURES if a.model_type == "llama")
-    arch = Architecture("Llama", "llama", dict(base.config, hidden_size=512, intermediate_size=1408,
-                                               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4))
     name = "medium-llama"
     if not store.has(name):
         folder = tmp_path_factory.mktemp("medium")
-        from ryzanstein.models.compat import save_tiny_model as save
-
-        store.import_hf_folder(save(arch, folder, default_model_dir), name)
+        store.import_hf_folder(save_tiny_model(medium_architecture(name), folder, default_model_dir), name)
     return name
 
 
@@ -52,6 +46,3 @@ def test_estimate_is_within_25_percent_of_measured(store, default_model_dir, med
     ratio = result["measured"] / result["estimate"]
     assert 0.75 <= ratio <= 1.25, result
 
-
-def test_save_tiny_model_helper_still_works(tmp_path, default_model_dir):
-    assert (save_tiny_model(tmp_path, "qwen2", default_model_dir) / "model.safetensors").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from ryzanstein.config import DEFAULT_MODEL
+from ryzanstein.config import DEFAULT_MODEL, default_budget_bytes
 from ryzanstein.errors import InvalidRequest, ModelBusy, OutOfMemoryBudget
 from ryzanstein.hardware import numa_nodes
 from ryzanstein.models.default import default_gguf_path
@@ -69,8 +70,7 @@ class ModelManager:
             raise InvalidRequest(f"evict={evict!r} is invalid: use 'lru' or 'never'.", param="evict")
         self.store = store
         self.publish = publish
-        self.budget_bytes = budget_bytes if budget_bytes is not None else int(
-            0.75 * psutil.virtual_memory().available)
+        self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget_bytes()
         self.evict = evict
         self.idle_ttl_s = idle_ttl_s
         self.context_tokens = context_tokens
@@ -207,9 +207,7 @@ class ModelManager:
                     break
             self.load(name)  # evicted since the request looked it up: load it again
         try:
-            with entry.lock:
-                if entry.pin_cpus:
-                    pin_current_thread(entry.pin_cpus)
+            with entry.lock, pinned(entry.pin_cpus):
                 yield entry.lm
         finally:
             with self._guard:
@@ -262,6 +260,20 @@ def load_and_warm_up(name: str, path: Path, trust_remote_code: bool) -> LoadedMo
     with torch.inference_mode():
         lm.model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     return lm
+
+
+@contextlib.contextmanager
+def pinned(cpus: list[int] | None) -> Iterator[None]:
+    """Run the block on `cpus`, then give the thread back its previous CPU mask."""
+    if not cpus:
+        yield
+        return
+    previous = os.sched_getaffinity(0)
+    pin_current_thread(cpus)
+    try:
+        yield
+    finally:
+        pin_current_thread(sorted(previous))
 
 
 T = TypeVar("T")
