@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-from ryzanstein.hardware import NODE_ROOT, read_node_meminfo
+from ryzanstein.hardware import numa_nodes
 
 
 class ThroughputMeter:
@@ -36,16 +36,8 @@ class ThroughputMeter:
 
 
 def numa_memory() -> list[dict[str, int]]:
-    nodes = []
-    for node_dir in sorted(NODE_ROOT.glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
-        info = read_node_meminfo(node_dir)
-        total = info.get("MemTotal", 0)
-        nodes.append({"node": int(node_dir.name[4:]), "total_bytes": total,
-                      "used_bytes": info.get("MemUsed", total - info.get("MemFree", 0))})
-    if not nodes:  # no NUMA information: the whole machine is one node
-        vm = psutil.virtual_memory()
-        nodes.append({"node": 0, "total_bytes": vm.total, "used_bytes": vm.total - vm.available})
-    return nodes
+    return [{"node": n.node_id, "total_bytes": n.memory_total_bytes,
+             "used_bytes": n.memory_total_bytes - n.memory_free_bytes} for n in numa_nodes()]
 
 
 class MetricsSampler:
