@@ -78,3 +78,19 @@ class OutOfMemoryBudget(RyzansteinError):
     status_code = 507
     error_type = "insufficient_memory"
     code = "out_of_memory_budget"
+
+
+class QueueFull(RyzansteinError):
+    """Too many requests are queued for one model; the client should retry later (HTTP 429)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+
+class GenerationFailed(RyzansteinError):
+    """One request's step failed inside the engine; the other requests of the batch go on."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "generation_failed"

@@ -1,0 +1,424 @@
+"""The continuous-batching engine of one model: a thread that admits, steps and retires requests.
+
+`submit()` is thread-safe and returns at once; chunks (and a final chunk with finish_reason, or an exception)
+reach the caller through its `emit` callback, called on the engine thread. The engine holds the model (so it is
+not evicted) only while it has work, and lets it go when idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ryzanstein.engine.detokenizer import IncrementalDetokenizer
+from ryzanstein.engine.generate import GenerationStats, StreamChunk, eos_token_ids
+from ryzanstein.engine.invariant import RowRegimes
+from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.runner import BatchRunner, build_rows
+from ryzanstein.engine.sampler import Sampler
+from ryzanstein.engine.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
+from ryzanstein.engine.speculative import PromptLookupDrafter, SpeculationGovernor
+from ryzanstein.errors import GenerationFailed, RyzansteinError
+
+log = logging.getLogger(__name__)
+Emit = Callable[[Any], None]
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_tokens: int = 32768
+    block_tokens: int = 16
+    max_running: int = 16
+    prefill_chunk: int = 256
+    max_step_tokens: int = 512
+    max_waiting: int = 256
+    speculation: str = "auto"  # auto | off | always  (prompt-lookup drafting for decode rows)
+    draft_tokens: int = 6
+    speculate_max_batch: int = 2  # bigger batches are compute-bound: drafting would only cost
+
+    def scheduler_config(self) -> SchedulerConfig:
+        blocks = max(1, self.kv_cache_tokens // self.block_tokens)
+        return SchedulerConfig(kv_blocks=blocks, block_tokens=self.block_tokens, max_running=self.max_running,
+                               max_step_tokens=self.max_step_tokens, prefill_chunk=self.prefill_chunk,
+                               max_waiting=self.max_waiting)
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    emit: Emit
+    stats: GenerationStats
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    speculation_class: str
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+    drafted: int = 0
+    accepted: int = 0
+
+    def history(self, seq: Sequence) -> torch.Tensor:
+        return torch.tensor([self.prompt_ids + seq.generated], dtype=torch.long)
+
+
+@dataclass
+class StepStats:
+    batch: int = 0  # decode rows in the step
+    prefill_tokens: int = 0
+    waiting: int = 0
+    running: int = 0
+    swapped: int = 0
+    kv_used_tokens: int = 0
+    kv_total_tokens: int = 0
+    kv_bytes: int = 0
+    tokens_per_s: float = 0.0
+    step_ms: float = 0.0
+    preemptions: int = 0
+    speculated: int = 0
+    accepted: int = 0
+
+
+class BatchEngine:
+    def __init__(self, name: str, hold_model: Callable[[], AbstractContextManager[Any]], *,
+                 config: EngineConfig | None = None, swap_dir: Path | None = None,
+                 on_stats: Callable[[StepStats], None] = lambda s: None,
+                 on_token: Callable[[], None] = lambda: None):
+        self.name = name
+        self.hold_model = hold_model
+        self.config = config or EngineConfig()
+        self.scheduler = Scheduler(self.config.scheduler_config())
+        self.swap_dir = swap_dir or Path(tempfile.gettempdir()) / f"ryzanstein-swap-{id(self):x}"
+        self.on_stats = on_stats
+        self.on_token = on_token
+        self.requests: dict[str, EngineRequest] = {}
+        self.governor = SpeculationGovernor()
+        self.drafter = PromptLookupDrafter()
+        self.regimes: RowRegimes | None = None
+        self.last_stats = StepStats()
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._released: list[str] = []
+        self._closed = False
+        self._tokenizer: Any = None
+        self._eos: set[int] | None = None
+        self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # -- public, any thread ------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit, tokenizer: Any,
+               eos: set[int], *, stats: GenerationStats | None = None, speculation_class: str = "default") -> str:
+        request_id = f"r{next(self._ids)}"
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt_ids)
+        lookahead = self.config.draft_tokens if self.config.speculation != "off" else 0
+        request = EngineRequest(request_id, list(prompt_ids), params, emit, stats, Sampler(params),
+                                IncrementalDetokenizer(tokenizer, params.stop), speculation_class)
+        with self._lock:
+            if self._closed:
+                raise GenerationFailed(f"The engine of {self.name!r} is shut down.")
+            self._tokenizer, self._eos = tokenizer, eos
+            self.scheduler.add(request_id, len(prompt_ids), params.max_tokens, lookahead=lookahead,
+                               stop_token_ids=frozenset(eos))
+            self.requests[request_id] = request
+            self._lock.notify_all()
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            if self.scheduler.finish(request_id, "cancelled") is not None:
+                self._finish_request(request_id, "cancelled")
+            self._lock.notify_all()
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._closed = True
+            for request_id in list(self.requests):
+                self.scheduler.finish(request_id, "cancelled")
+                self._finish_request(request_id, "cancelled")
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- engine thread ---------------------------------------------------------------------------------
+    def _main(self) -> None:
+        while True:
+            with self._lock:
+                while not self.scheduler.has_work and not self._closed:
+                    self._lock.wait()
+                if self._closed and not self.scheduler.has_work:
+                    return
+            try:
+                with self.hold_model() as lm:
+                    self._run_while_busy(lm.model)
+            except Exception as exc:  # loading failed, or the runner could not start: fail what is queued
+                log.exception("engine %s stopped a busy period", self.name)
+                self._fail_all(exc)
+
+    def _run_while_busy(self, model: Any) -> None:
+        runner = BatchRunner(model, self.swap_dir, self.regimes)
+        self.regimes = runner.regimes
+        try:
+            while True:
+                with self._lock:
+                    self._release(runner)
+                    if not self.scheduler.has_work:
+                        return
+                    plan = self.scheduler.schedule()
+                    drafts = self._drafts(plan)
+                started = time.perf_counter()
+                self._swap(runner, plan)
+                new_tokens = self._execute(runner, plan, drafts)
+                elapsed = time.perf_counter() - started
+                with self._lock:
+                    self._record(plan, drafts, new_tokens, elapsed, runner)
+        finally:
+            with self._lock:
+                self._release(runner)
+            runner.close()
+
+    def _release(self, runner: BatchRunner) -> None:
+        for request_id in self._released:
+            runner.release(request_id)
+        self._released.clear()
+
+    def _swap(self, runner: BatchRunner, plan: StepPlan) -> None:
+        for seq in plan.swap_out:
+            runner.swap_out(seq.request_id)
+        for seq in plan.swap_in:
+            runner.swap_in(seq.request_id, seq.blocks * self.scheduler.config.block_tokens)
+
+    def _drafts(self, plan: StepPlan) -> dict[str, list[int]]:
+        if self.config.speculation == "off" or len(plan.decode) > self.config.speculate_max_batch:
+            return {}
+        drafts = {}
+        for seq in plan.decode:
+            request = self.requests.get(seq.request_id)
+            if request is None or not self.governor.should_draft(request.speculation_class,
+                                                                 self.config.speculation == "always"):
+                continue
+            room = min(seq.lookahead, seq.max_new_tokens - len(seq.generated) - 1)
+            if room > 0:
+                proposal = self.drafter.propose(request.prompt_ids + seq.generated, room)
+                if proposal:
+                    drafts[seq.request_id] = proposal
+        return drafts
+
+    def _execute(self, runner: BatchRunner, plan: StepPlan, drafts: dict[str, list[int]],
+                 ) -> dict[str, list[int] | BaseException]:
+        try:
+            return self._forward(runner, plan, drafts)
+        except Exception as exc:
+            if len(plan.decode) + len(plan.prefill) == 1:
+                seq = plan.decode[0] if plan.decode else plan.prefill[0].seq
+                return {seq.request_id: exc}
+            # Run each sequence alone so one bad request fails by itself and the others go on.
+            results: dict[str, list[int] | BaseException] = {}
+            for seq in plan.decode:
+                results.update(self._execute(runner, StepPlan(decode=[seq]), drafts))
+            for chunk in plan.prefill:
+                results.update(self._execute(runner, StepPlan(prefill=[chunk]), drafts))
+            return results
+
+    def _forward(self, runner: BatchRunner, plan: StepPlan, drafts: dict[str, list[int]],
+                 ) -> dict[str, list[int] | BaseException]:
+        results: dict[str, list[int] | BaseException] = {}
+        if plan.decode:
+            items = []
+            for seq in plan.decode:
+                kv = runner.cache(seq.request_id)
+                kv.reserve(seq.blocks * self.scheduler.config.block_tokens)
+                tokens = [seq.generated[-1]] + drafts.get(seq.request_id, [])
+                items.append((kv, tokens, seq.total_len - 1, True, "all"))
+            logits = runner.forward(build_rows(items), "decode")
+            row = 0
+            for seq, (_, tokens, *_rest) in zip(plan.decode, items, strict=True):
+                results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row, n=len(tokens), t=tokens:
+                                                        self._verify(s, logits[r:r + n], t[1:]))
+                row += len(tokens)
+        if plan.prefill:
+            items = []
+            for chunk in plan.prefill:
+                kv = runner.cache(chunk.seq.request_id)
+                kv.reserve(chunk.seq.blocks * self.scheduler.config.block_tokens)
+                request = self.requests[chunk.seq.request_id]
+                tokens = request.prompt_ids[chunk.start:chunk.start + chunk.length]
+                items.append((kv, tokens, chunk.start, False, "last" if chunk.completes_prompt else "none"))
+            logits = runner.forward(build_rows(items), "prefill")
+            row = 0
+            for chunk in plan.prefill:
+                if chunk.completes_prompt:
+                    seq = chunk.seq
+                    results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row: [self._sample(s, logits[r])])
+                    row += 1
+        for seq in plan.decode:
+            runner.cache(seq.request_id).length = seq.total_len  # provisional; fixed after verification
+        return results
+
+    def _guarded(self, seq: Sequence, fn: Callable[[], list[int]]) -> list[int] | BaseException:
+        try:
+            return fn()
+        except Exception as exc:  # this request's sampling failed: only it ends
+            return exc
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, extra: list[int] | None = None) -> int:
+        request = self.requests[seq.request_id]
+        history = torch.tensor([request.prompt_ids + seq.generated + (extra or [])], dtype=torch.long)
+        return request.sampler(logits[None, :], history)
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
+        """Sample row by row; keep drafted tokens while they equal the sample (exact for greedy, and the same
+        distribution for sampling), then the first differing sample."""
+        accepted: list[int] = []
+        for i in range(len(draft) + 1):
+            token = self._sample(seq, logits[i], accepted)
+            accepted.append(token)
+            if i == len(draft) or token != draft[i]:
+                break
+        return accepted
+
+    # -- bookkeeping (under the lock) ------------------------------------------------------------------
+    def _record(self, plan: StepPlan, drafts: dict[str, list[int]], results: dict[str, Any], elapsed: float,
+                runner: BatchRunner) -> None:
+        before = {seq.request_id: len(seq.generated) for seq in plan.decode + [c.seq for c in plan.prefill]}
+        tokens_ok = {rid: r for rid, r in results.items() if not isinstance(r, BaseException)}
+        for request_id, result in results.items():
+            if isinstance(result, BaseException) and self.scheduler.finish(request_id, "error") is not None:
+                self._fail(request_id, result)
+        finished = self.scheduler.complete(plan, tokens_ok)
+        produced = 0
+        for request_id, old_len in before.items():
+            seq = self.scheduler.get(request_id) or next((s for s in finished if s.request_id == request_id), None)
+            request = self.requests.get(request_id)
+            if seq is None or request is None:
+                continue
+            new = seq.generated[old_len:]
+            produced += len(new)
+            if request_id in drafts:
+                request.drafted += len(drafts[request_id])
+                request.accepted += max(0, len(new) - 1)
+            runner.cache(request_id).length = seq.computed
+            self._deliver(request, seq, new)
+        for seq in finished:
+            if seq.request_id in self.requests:
+                self._finish_request(seq.request_id, seq.finish_reason or "stop")
+        self._account_speculation(plan, drafts, produced, elapsed)
+        self._publish(plan, drafts, produced, elapsed, runner)
+
+    def _deliver(self, request: EngineRequest, seq: Sequence, tokens: list[int]) -> None:
+        now = time.perf_counter()
+        for token in tokens:
+            if request.first_token is None:
+                request.first_token = now
+                request.stats.prefill_seconds = now - request.submitted
+            request.last_token = now
+            request.stats.completion_tokens += 1
+            self.on_token()
+            if self._eos and token in self._eos:
+                return
+            text = request.detok.add(token)
+            if request.detok.stopped:
+                if text:
+                    request.emit(StreamChunk(text, token))
+                self.scheduler.finish(request.request_id, "stop")
+                self._finish_request(request.request_id, "stop")
+                return
+            request.emit(StreamChunk(text, token))
+
+    def _finish_request(self, request_id: str, reason: str) -> None:
+        request = self.requests.pop(request_id, None)
+        self._released.append(request_id)
+        if request is None:
+            return
+        if request.first_token is not None and request.last_token is not None:
+            request.stats.decode_seconds = request.last_token - request.first_token
+        with contextlib.suppress(Exception):
+            request.emit(StreamChunk(request.detok.flush(), None, reason))
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        request = self.requests.pop(request_id, None)
+        self._released.append(request_id)
+        if request is not None:
+            log.warning("request %s of %s failed: %s", request_id, self.name, exc)
+            error = exc if isinstance(exc, RyzansteinError) else GenerationFailed(
+                f"Generation failed: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                request.emit(error)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            for request_id in list(self.requests):
+                self.scheduler.finish(request_id, "error")
+                self._fail(request_id, exc)
+
+    def _account_speculation(self, plan: StepPlan, drafts: dict[str, list[int]], produced: int,
+                             elapsed: float) -> None:
+        if len(plan.decode) != 1 or plan.prefill:
+            return  # only clean single-sequence decode steps say what speculation is worth
+        request = self.requests.get(plan.decode[0].request_id)
+        if request is not None:
+            self.governor.record(request.speculation_class, bool(drafts), produced, elapsed)
+
+    def _publish(self, plan: StepPlan, drafts: dict[str, list[int]], produced: int, elapsed: float,
+                 runner: BatchRunner) -> None:
+        s = self.scheduler.stats()
+        block = self.scheduler.config.block_tokens
+        self.last_stats = StepStats(
+            batch=len(plan.decode), prefill_tokens=sum(c.length for c in plan.prefill), waiting=s["waiting"],
+            running=s["running"], swapped=s["swapped"], kv_used_tokens=s["kv_blocks_used"] * block,
+            kv_total_tokens=s["kv_blocks_total"] * block, kv_bytes=runner.cache_bytes,
+            tokens_per_s=produced / elapsed if elapsed > 0 else 0.0, step_ms=elapsed * 1000,
+            preemptions=s["preemptions"], speculated=sum(len(d) for d in drafts.values()),
+            accepted=sum(r.accepted for r in self.requests.values()))
+        with contextlib.suppress(Exception):
+            self.on_stats(self.last_stats)
+
+
+def collect(engine: BatchEngine, prompt_ids: list[int], params: GenerationParams, tokenizer: Any, eos: set[int],
+            timeout: float = 600.0) -> tuple[list[int], str]:
+    """Blocking helper for tests and benchmarks: (token ids, finish_reason) of one request."""
+    done = threading.Event()
+    tokens: list[int] = []
+    outcome: dict[str, Any] = {}
+
+    def emit(item: Any) -> None:
+        if isinstance(item, BaseException):
+            outcome["error"] = item
+            done.set()
+        elif item.finish_reason:
+            outcome["finish"] = item.finish_reason
+            done.set()
+        elif item.token_id is not None:
+            tokens.append(item.token_id)
+
+    engine.submit(prompt_ids, params, emit, tokenizer, eos)
+    if not done.wait(timeout):
+        raise TimeoutError("generation did not finish")
+    if "error" in outcome:
+        raise outcome["error"]
+    return tokens, outcome["finish"]
+
+
+@contextlib.contextmanager
+def holding(lm: Any) -> Iterator[Any]:
+    """hold_model for an engine over an already loaded model (tests, benchmarks)."""
+    yield lm
+
+
+def model_eos(lm: Any) -> set[int]:
+    return eos_token_ids(lm.model, lm.tokenizer)

@@ -1,0 +1,178 @@
+"""Executes a scheduler step on a transformers model: many sequences' tokens in one flat forward pass.
+
+The tokens of all sequences in a step are laid side by side as one row of length T (batch dimension 1) with
+their own position ids; our attention function (registered with transformers' AttentionInterface) splits the
+row back into sequences, writes each one's new keys/values into its own cache and attends within it. The rest
+of the model (embeddings, norms, MLPs, linears) is row-wise, and the linears run in a probed exact row regime
+(see `invariant.py`), so every sequence gets the numbers it would get alone:
+
+- decode rows attend one query row at a time (a speculative verify row is computed like a plain decode row);
+- prefill chunks attend with a causal mask over [chunk start, chunk end), in fixed chunk boundaries.
+
+Decode rows and prefill chunks run as two forward passes of the same step, in their own linear regimes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from ryzanstein.engine.invariant import Mode, RowRegimes, distinct_linear_weights, patch_linears, probe_regimes
+from ryzanstein.engine.kvcache import SequenceKV
+
+ATTENTION_NAME = "ryzanstein_engine"
+_step = threading.local()
+
+
+@dataclass
+class Segment:
+    kv: SequenceKV
+    row: int  # first row in the flat batch
+    rows: int
+    position: int  # position of the first row in its sequence
+    per_row: bool  # decode/verify rows: one query row at a time
+
+
+def engine_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    segments: list[Segment] | None = getattr(_step, "segments", None)
+    if segments is None:
+        raise RuntimeError("engine attention called outside an engine step")
+    layer = module.layer_idx
+    gqa = query.shape[1] != key.shape[1]
+    out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
+    for seg in segments:
+        rows = slice(seg.row, seg.row + seg.rows)
+        seg.kv.write(layer, seg.position, key[0, :, rows].transpose(0, 1), value[0, :, rows].transpose(0, 1))
+        q = query[:, :, rows]
+        if seg.per_row:
+            for i in range(seg.rows):
+                k, v = seg.kv.read(layer, seg.position + i + 1)
+                o = F.scaled_dot_product_attention(q[:, :, i:i + 1], k, v, scale=scaling, enable_gqa=gqa)
+                out[0, seg.row + i] = o[0, :, 0]
+        else:
+            end = seg.position + seg.rows
+            k, v = seg.kv.read(layer, end)
+            mask = torch.arange(end)[None, :] <= torch.arange(seg.position, end)[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+            out[0, rows] = o[0].transpose(0, 1)
+    return out, None
+
+
+AttentionInterface.register(ATTENTION_NAME, engine_attention)
+
+
+@dataclass
+class Rows:
+    """Input of one forward pass: tokens, positions and where each sequence's rows are."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[Segment]
+    keep: list[int]  # rows whose logits are needed
+
+
+class UnsupportedModel(Exception):
+    """The model cannot run in the batching engine (it falls back to one request at a time)."""
+
+
+def check_engine_support(model: Any) -> None:
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
+        raise UnsupportedModel("sliding-window attention")
+    for name in ("attn_logit_softcapping", "alibi"):
+        if getattr(text_config, name, None):
+            raise UnsupportedModel(name)
+    attentions = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+    if not attentions:
+        raise UnsupportedModel("its attention layers do not use transformers' attention interface")
+
+
+class BatchRunner:
+    """Runs scheduler steps for one model. Not thread-safe: one engine thread owns it."""
+
+    def __init__(self, model: Any, swap_dir: Path, regimes: RowRegimes | None = None):
+        check_engine_support(model)
+        self.model = model
+        self.layers = model.config.get_text_config().num_hidden_layers
+        self.swap_dir = swap_dir
+        self.regimes = regimes or probe_regimes(distinct_linear_weights(model))
+        self.previous_attention = model.config._attn_implementation
+        patch_linears(model)
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.caches: dict[str, SequenceKV] = {}
+        self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # 4-D: transformers builds no mask
+
+    def close(self) -> None:
+        from ryzanstein.engine.invariant import unpatch_linears
+
+        unpatch_linears(self.model)
+        self.model.set_attn_implementation(self.previous_attention)
+        for kv in self.caches.values():
+            kv.discard_swap()
+        self.caches.clear()
+
+    # -- caches ----------------------------------------------------------------------------------------
+    def cache(self, request_id: str) -> SequenceKV:
+        kv = self.caches.get(request_id)
+        if kv is None:
+            kv = self.caches[request_id] = SequenceKV(self.layers)
+        return kv
+
+    def release(self, request_id: str) -> None:
+        kv = self.caches.pop(request_id, None)
+        if kv is not None:
+            kv.discard_swap()
+
+    def swap_out(self, request_id: str) -> None:
+        self.cache(request_id).swap_out(self.swap_dir, request_id)
+
+    def swap_in(self, request_id: str, capacity: int) -> None:
+        kv = self.cache(request_id)
+        kv.reserve(capacity)
+        kv.swap_in()
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(kv.nbytes for kv in self.caches.values())
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, rows: Rows, mode: str) -> torch.Tensor:
+        """Logits [len(rows.keep), vocab] (float32) of the kept rows."""
+        if not rows.tokens:
+            return torch.empty(0)
+        ids = torch.tensor([rows.tokens], dtype=torch.long)
+        positions = torch.tensor([rows.positions], dtype=torch.long)
+        keep = torch.tensor(rows.keep, dtype=torch.long)
+        _step.segments = rows.segments
+        try:
+            with torch.inference_mode(), Mode(mode, self.regimes):
+                out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
+                                 use_cache=False, logits_to_keep=keep)
+        finally:
+            _step.segments = None
+        return out.logits[0].float()
+
+
+def build_rows(items: Iterable[tuple[SequenceKV, list[int], int, bool, str]]) -> Rows:
+    """items: (cache, tokens, first position, per_row, logits wanted: "all" | "last" | "none")."""
+    rows = Rows([], [], [], [])
+    for kv, tokens, position, per_row, keep in items:
+        start = len(rows.tokens)
+        rows.segments.append(Segment(kv, start, len(tokens), position, per_row))
+        rows.tokens.extend(tokens)
+        rows.positions.extend(range(position, position + len(tokens)))
+        if keep == "all":
+            rows.keep.extend(range(start, start + len(tokens)))
+        elif keep == "last":
+            rows.keep.append(start + len(tokens) - 1)
+    return rows
