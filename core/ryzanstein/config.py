@@ -63,6 +63,14 @@ class Settings(BaseSettings):
                                            "model, or refuse the load.")
     idle_ttl_s: float = Field(0.0, ge=0, description="Unload models idle this long; 0 = never.")
     metrics_interval_s: float = Field(1.0, gt=0, description="Period of the metrics samples on /api/events.")
+    batching: bool = Field(True, description="Batch concurrent requests to one model (continuous batching); "
+                           "off = one request at a time per model.")
+    kv_cache_tokens: int = Field(32768, ge=64, description="KV-cache budget of a model's batching engine, in "
+                                 "tokens over all its running requests; beyond it requests are swapped out.")
+    max_batch: int = Field(16, ge=1, le=64, description="Requests decoded together in one step per model.")
+    max_queued: int = Field(256, ge=1, description="Requests waiting per model; more are refused with HTTP 429.")
+    speculation: Literal["auto", "off", "always"] = Field("auto", description="Prompt-lookup speculative "
+                                                          "decoding: auto turns it off where it measures a loss.")
 
     @property
     def data_dir(self) -> Path:

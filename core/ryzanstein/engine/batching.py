@@ -95,7 +95,7 @@ class BatchEngine:
     def __init__(self, name: str, hold_model: Callable[[], AbstractContextManager[Any]], *,
                  config: EngineConfig | None = None, swap_dir: Path | None = None,
                  on_stats: Callable[[StepStats], None] = lambda s: None,
-                 on_token: Callable[[], None] = lambda: None):
+                 on_token: Callable[[], None] = lambda: None, autostart: bool = True):
         self.name = name
         self.hold_model = hold_model
         self.config = config or EngineConfig()
@@ -115,7 +115,8 @@ class BatchEngine:
         self._tokenizer: Any = None
         self._eos: set[int] | None = None
         self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
-        self._thread.start()
+        if autostart:  # tests drive `step()` by hand instead, for reproducible interleavings
+            self._thread.start()
 
     # -- public, any thread ------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit, tokenizer: Any,
@@ -149,7 +150,8 @@ class BatchEngine:
                 self.scheduler.finish(request_id, "cancelled")
                 self._finish_request(request_id, "cancelled")
             self._lock.notify_all()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def busy(self) -> bool:
@@ -171,26 +173,35 @@ class BatchEngine:
                 self._fail_all(exc)
 
     def _run_while_busy(self, model: Any) -> None:
-        runner = BatchRunner(model, self.swap_dir, self.regimes)
-        self.regimes = runner.regimes
+        runner = self.make_runner(model)
         try:
-            while True:
-                with self._lock:
-                    self._release(runner)
-                    if not self.scheduler.has_work:
-                        return
-                    plan = self.scheduler.schedule()
-                    drafts = self._drafts(plan)
-                started = time.perf_counter()
-                self._swap(runner, plan)
-                new_tokens = self._execute(runner, plan, drafts)
-                elapsed = time.perf_counter() - started
-                with self._lock:
-                    self._record(plan, drafts, new_tokens, elapsed, runner)
+            while self.step(runner):
+                pass
         finally:
             with self._lock:
                 self._release(runner)
             runner.close()
+
+    def make_runner(self, model: Any) -> BatchRunner:
+        runner = BatchRunner(model, self.swap_dir, self.regimes)
+        self.regimes = runner.regimes
+        return runner
+
+    def step(self, runner: BatchRunner) -> bool:
+        """One scheduler step; False when there is no work left."""
+        with self._lock:
+            self._release(runner)
+            if not self.scheduler.has_work:
+                return False
+            plan = self.scheduler.schedule()
+            drafts = self._drafts(plan)
+        started = time.perf_counter()
+        self._swap(runner, plan)
+        new_tokens = self._execute(runner, plan, drafts)
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self._record(plan, drafts, new_tokens, elapsed, runner)
+        return True
 
     def _release(self, runner: BatchRunner) -> None:
         for request_id in self._released:

@@ -14,6 +14,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 
 from ryzanstein import __version__
 from ryzanstein.config import Settings
+from ryzanstein.engine.batching import EngineConfig
+from ryzanstein.engine.registry import Engines
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
 from ryzanstein.service import api_routes, model_routes, openai_routes
@@ -65,6 +67,10 @@ def create_app(settings: Settings, token: str) -> FastAPI:
                            evict=settings.evict, idle_ttl_s=settings.idle_ttl_s,
                            context_tokens=settings.max_context_tokens, publish=hub.publish_threadsafe)
     meter = ThroughputMeter()
+    engines = Engines(manager, EngineConfig(kv_cache_tokens=settings.kv_cache_tokens, max_running=settings.max_batch,
+                                            max_waiting=settings.max_queued, speculation=settings.speculation),
+                      settings.data_dir / "swap", publish=hub.publish_threadsafe, on_token=meter.add,
+                      enabled=settings.batching)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +85,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
         yield
         for task in tasks:
             task.cancel()
+        await asyncio.to_thread(engines.close)
 
     app = FastAPI(title="Ryzanstein", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -87,8 +94,10 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     app.state.manager = manager
     app.state.jobs = JobRunner(publish=hub.publish_threadsafe)
     app.state.meter = meter
+    app.state.engines = engines
     app.state.sampler = MetricsSampler(meter, lambda: manager.active_generations,
-                                       extra=lambda: {"models": model_numa_samples(manager)})
+                                       extra=lambda: {"models": model_numa_samples(manager),
+                                                    "engines": engines.snapshot()})
     install_error_handlers(app)
     app.include_router(api_routes.public_router)
     for router in (api_routes.router, model_routes.router, openai_routes.router):

@@ -16,7 +16,7 @@ from ryzanstein.engine.chat import chat_prompt_ids, completion_prompt_ids
 from ryzanstein.engine.generate import GenerationStats, StreamChunk
 from ryzanstein.errors import ContextTooLong, InvalidRequest
 from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from ryzanstein.service.streaming import generate_async
+from ryzanstein.service.streaming import start_generation
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 512
@@ -86,8 +86,9 @@ class Run:
         self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), body.model
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.stats = GenerationStats()
-        self.chunks = generate_async(request.app.state.manager, lm, prompt_ids, params, request.app.state.meter,
-                                     self.stats)
+        state = request.app.state
+        self.chunks = start_generation(state.manager, state.engines, lm, prompt_ids, params, state.meter,
+                                       self.stats, speculation_class=prefix)
 
     def envelope(self, kind: str, choices: list, **extra: Any) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,

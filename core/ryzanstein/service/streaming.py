@@ -1,17 +1,19 @@
-"""Run a blocking generation in a worker thread and consume it from asyncio.
+"""Start a generation and consume its chunks from asyncio.
 
-Leaving the async iterator early (client disconnect, error) sets the cancel flag, and the worker stops at
-its next token.
+Batchable models go through their model's batching engine; the others run one at a time in a worker thread.
+`start_generation` submits synchronously, so queue-full and too-long errors become HTTP statuses before a
+stream starts. Leaving the async iterator early (client disconnect, error) cancels the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from ryzanstein.engine.generate import GenerationStats, StreamChunk, stream_tokens
+from ryzanstein.engine.generate import GenerationStats, StreamChunk, eos_token_ids, stream_tokens
 from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.registry import Engines
 from ryzanstein.models.loader import LoadedModel
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.telemetry import ThroughputMeter
@@ -19,14 +21,9 @@ from ryzanstein.telemetry import ThroughputMeter
 _DONE = object()
 
 
-async def generate_async(
-    manager: ModelManager,
-    lm: LoadedModel,
-    prompt_ids: list[int],
-    params: GenerationParams,
-    meter: ThroughputMeter,
-    stats: GenerationStats,
-) -> AsyncIterator[StreamChunk]:
+def start_generation(manager: ModelManager, engines: Engines, lm: LoadedModel, prompt_ids: list[int],
+                     params: GenerationParams, meter: ThroughputMeter, stats: GenerationStats,
+                     speculation_class: str = "default") -> AsyncIterator[StreamChunk]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -36,6 +33,18 @@ async def generate_async(
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:
             cancel.set()  # the event loop is gone: nobody is listening any more
+
+    engine = engines.for_model(lm)
+    if engine is not None:
+        def engine_put(item: object) -> None:
+            put(item)
+            if isinstance(item, BaseException) or getattr(item, "finish_reason", None):
+                put(_DONE)
+
+        request_id = engine.submit(prompt_ids, params, engine_put, lm.tokenizer,
+                                   eos_token_ids(lm.model, lm.tokenizer), stats=stats,
+                                   speculation_class=speculation_class)
+        return _consume(queue, lambda: engine.cancel(request_id))
 
     def worker() -> None:
         try:
@@ -49,6 +58,10 @@ async def generate_async(
             put(_DONE)
 
     threading.Thread(target=worker, name=f"generate-{lm.name}", daemon=True).start()
+    return _consume(queue, cancel.set)
+
+
+async def _consume(queue: asyncio.Queue, on_exit: Callable[[], None]) -> AsyncIterator[StreamChunk]:
     try:
         while True:
             item = await queue.get()
@@ -56,6 +69,6 @@ async def generate_async(
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            yield item
     finally:
-        cancel.set()
+        on_exit()
