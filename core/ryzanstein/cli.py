@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ryzanstein.config import DEFAULT_MODEL, Settings
-from ryzanstein.errors import RyzansteinError
+from ryzanstein.errors import InvalidRequest, RyzansteinError
 
 app = typer.Typer(help="Ryzanstein: a CPU-first LLM workstation.", no_args_is_help=True)
 models_app = typer.Typer(help="The model store.", no_args_is_help=True)
@@ -228,7 +228,10 @@ def bench_decode(
     from ryzanstein.bench import write_result
 
     lm = open_model(model)
-    result = run(lm, tokens=tokens, runs=runs, threads=threads or psutil.cpu_count(logical=False) or 1)
+    from ryzanstein import compute
+
+    result = compute.call(lambda: run(lm, tokens=tokens, runs=runs,
+                                      threads=threads or psutil.cpu_count(logical=False) or 1))
     table = Table("run", "prompt tok", "new tok", "prefill tok/s", "decode tok/s", "transformers generate tok/s",
                   title=f"bench decode: {model}, {result['threads']} threads")
     for i in range(runs):
@@ -274,6 +277,48 @@ def bench_models(
                   f"{speed['together_aggregate_tokens_per_s']:.1f}", style="bold")
     console.print(table)
     path = output or Settings().data_dir / "bench" / f"models-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
+
+
+@bench_app.command("batch")
+def bench_batch(
+    model: str = typer.Option(DEFAULT_MODEL),
+    tokens: int = typer.Option(128, min=8, help="Tokens each request generates."),
+    levels: str = typer.Option("1,2,4,8,16", help="Concurrent request counts, comma-separated."),
+    threads: int = typer.Option(0, min=0, help="torch threads; 0 = one per physical core."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/batch-<time>.json)."),
+) -> None:
+    """Continuous batching: aggregate tokens/s and latency percentiles at each concurrency, against the same
+    8 requests run one after another."""
+    import psutil
+
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_batch import bench_batch as run
+
+    try:
+        counts = tuple(int(v) for v in levels.split(","))
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        fail(InvalidRequest(f"levels={levels!r} is invalid: give positive integers such as 1,2,4,8."))
+    lm = open_model(model)
+    result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1)
+    table = Table("concurrent", "tokens", "aggregate tok/s", "TTFT p50 ms", "TTFT p95 ms", "per-token p50 ms",
+                  "per-token p95 ms", title=f"bench batch: {model}, {tokens} tokens per request, "
+                                            f"{result['threads']} threads")
+    for row in result["rows"]:
+        table.add_row(str(row["requests"]), str(row["tokens"]), f"{row['tokens_per_s']:.1f}",
+                      f"{row['ttft_ms_p50']:.0f}", f"{row['ttft_ms_p95']:.0f}", f"{row['token_ms_p50']:.1f}",
+                      f"{row['token_ms_p95']:.1f}")
+    for key, label in (("sequential_8_plain_loop", "8 one after another (plain loop)"),
+                       ("sequential_8_engine", "8 one after another (engine)")):
+        row = result[key]
+        table.add_row(label, str(row["tokens"]), f"{row['tokens_per_s']:.1f}", "", "", "", "", style="dim")
+    console.print(table)
+    if result["speedup_8_vs_sequential"]:
+        console.print(f"8 concurrent vs the faster one-after-another baseline: "
+                      f"[bold]{result['speedup_8_vs_sequential']:.2f}x[/bold] (target 5x)")
+    path = output or Settings().data_dir / "bench" / f"batch-{time.strftime('%Y%m%d-%H%M%S')}.json"
     console.print(f"JSON: {write_result(result, path)}")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ryzanstein import compute
 from ryzanstein.engine.detokenizer import IncrementalDetokenizer
 from ryzanstein.engine.generate import GenerationStats, StreamChunk, eos_token_ids
 from ryzanstein.engine.invariant import RowRegimes
@@ -173,14 +174,15 @@ class BatchEngine:
                 self._fail_all(exc)
 
     def _run_while_busy(self, model: Any) -> None:
-        runner = self.make_runner(model)
+        # The torch work runs on the process's compute thread (see compute.py); this thread only waits.
+        runner = compute.call(lambda: self.make_runner(model))
         try:
-            while self.step(runner):
+            while compute.call(lambda: self.step(runner)):
                 pass
         finally:
             with self._lock:
                 self._release(runner)
-            runner.close()
+            compute.call(runner.close)
 
     def make_runner(self, model: Any) -> BatchRunner:
         runner = BatchRunner(model, self.swap_dir, self.regimes)

@@ -63,6 +63,7 @@ def stream_tokens(
     cancel: threading.Event | None = None,
     stats: GenerationStats | None = None,
     on_token: Callable[[], None] | None = None,
+    eos: set[int] | None = None,
 ) -> Iterator[StreamChunk]:
     """Yield text chunks as tokens are generated; the last chunk carries finish_reason."""
     import torch
@@ -70,7 +71,7 @@ def stream_tokens(
 
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
-    eos = eos_token_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer) if eos is None else eos
     sampler = Sampler(params)
     detok = IncrementalDetokenizer(tokenizer, params.stop)
     history = torch.tensor([prompt_ids], dtype=torch.long)

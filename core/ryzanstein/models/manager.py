@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from ryzanstein import compute
 from ryzanstein.config import DEFAULT_MODEL, default_budget_bytes
 from ryzanstein.errors import InvalidRequest, ModelBusy, OutOfMemoryBudget
 from ryzanstein.hardware import numa_nodes
@@ -280,9 +281,10 @@ T = TypeVar("T")
 
 
 def run_pinned(cpus: list[int] | None, fn: Callable[[], T]) -> T:
-    """Run `fn` on a thread pinned to `cpus` (memory it first touches lands on their NUMA node)."""
+    """Run `fn` on a thread pinned to `cpus` (memory it first touches lands on their NUMA node); unpinned work
+    runs on the compute thread (see compute.py)."""
     if not cpus:
-        return fn()
+        return compute.call(fn)
     result: list[T] = []
     error: list[BaseException] = []
 

@@ -14,10 +14,11 @@ from ryzanstein.config import Settings, load_or_create_token, service_info_path,
 
 def configure_threads(settings: Settings) -> int:
     import psutil
-    import torch
+
+    from ryzanstein import compute
 
     threads = settings.threads or psutil.cpu_count(logical=False) or 1
-    torch.set_num_threads(threads)
+    compute.set_threads(threads)
     return threads
 
 
