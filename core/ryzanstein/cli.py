@@ -322,5 +322,35 @@ def bench_batch(
     console.print(f"JSON: {write_result(result, path)}")
 
 
+@bench_app.command("speculative")
+def bench_speculative(
+    model: str = typer.Option(DEFAULT_MODEL),
+    tokens: int = typer.Option(96, min=8, help="Tokens per request."),
+    repeats: int = typer.Option(3, min=1),
+    threads: int = typer.Option(0, min=0, help="torch threads; 0 = one per physical core."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/speculative-<time>.json)."),
+) -> None:
+    """Prompt-lookup speculative decoding vs plain decoding: acceptance, net speedup, identical output, and
+    whether the automatic mode keeps drafting on for each request class."""
+    import psutil
+
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_speculative import bench_speculative as run
+
+    lm = open_model(model)
+    result = run(lm, tokens=tokens, repeats=repeats, threads=threads or psutil.cpu_count(logical=False) or 1)
+    table = Table("class", "plain tok/s", "speculative tok/s", "acceptance", "tokens/step", "speedup",
+                  "auto tok/s", "auto keeps drafting", "identical output",
+                  title=f"bench speculative: {model}, {result['drafter']}")
+    for row in result["rows"]:
+        table.add_row(row["class"], f"{row['plain_tokens_per_s']:.1f}", f"{row['speculative_tokens_per_s']:.1f}",
+                      f"{row['acceptance_rate']:.0%}", f"{row['tokens_per_step']:.2f}", f"{row['speedup']:.2f}x",
+                      f"{row['auto_tokens_per_s']:.1f}", "yes" if row["auto_left_drafting_on"] else "no",
+                      "yes" if row["identical_output"] else "NO")
+    console.print(table)
+    path = output or Settings().data_dir / "bench" / f"speculative-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
+
+
 def main() -> None:
     app()

@@ -88,8 +88,9 @@ class StepStats:
     tokens_per_s: float = 0.0
     step_ms: float = 0.0
     preemptions: int = 0
-    speculated: int = 0
-    accepted: int = 0
+    speculated: int = 0  # draft tokens verified in this step
+    accepted: int = 0  # of which accepted
+    produced: int = 0  # tokens this step gave its requests
 
 
 class BatchEngine:
@@ -314,7 +315,7 @@ class BatchEngine:
             if isinstance(result, BaseException) and self.scheduler.finish(request_id, "error") is not None:
                 self._fail(request_id, result)
         finished = self.scheduler.complete(plan, tokens_ok)
-        produced = 0
+        produced = accepted = 0
         for request_id, old_len in before.items():
             seq = self.scheduler.get(request_id) or next((s for s in finished if s.request_id == request_id), None)
             request = self.requests.get(request_id)
@@ -325,13 +326,14 @@ class BatchEngine:
             if request_id in drafts:
                 request.drafted += len(drafts[request_id])
                 request.accepted += max(0, len(new) - 1)
+                accepted += max(0, len(new) - 1)
             runner.cache(request_id).length = seq.computed
             self._deliver(request, seq, new)
         for seq in finished:
             if seq.request_id in self.requests:
                 self._finish_request(seq.request_id, seq.finish_reason or "stop")
         self._account_speculation(plan, drafts, produced, elapsed)
-        self._publish(plan, drafts, produced, elapsed, runner)
+        self._publish(plan, drafts, produced, accepted, elapsed, runner)
 
     def _deliver(self, request: EngineRequest, seq: Sequence, tokens: list[int]) -> None:
         now = time.perf_counter()
@@ -387,8 +389,8 @@ class BatchEngine:
         if request is not None:
             self.governor.record(request.speculation_class, bool(drafts), produced, elapsed)
 
-    def _publish(self, plan: StepPlan, drafts: dict[str, list[int]], produced: int, elapsed: float,
-                 runner: BatchRunner) -> None:
+    def _publish(self, plan: StepPlan, drafts: dict[str, list[int]], produced: int, accepted: int,
+                 elapsed: float, runner: BatchRunner) -> None:
         s = self.scheduler.stats()
         block = self.scheduler.config.block_tokens
         self.last_stats = StepStats(
@@ -397,7 +399,7 @@ class BatchEngine:
             kv_total_tokens=s["kv_blocks_total"] * block, kv_bytes=runner.cache_bytes,
             tokens_per_s=produced / elapsed if elapsed > 0 else 0.0, step_ms=elapsed * 1000,
             preemptions=s["preemptions"], speculated=sum(len(d) for d in drafts.values()),
-            accepted=sum(r.accepted for r in self.requests.values()))
+            accepted=accepted, produced=produced)
         with contextlib.suppress(Exception):
             self.on_stats(self.last_stats)
 
