@@ -352,5 +352,45 @@ def bench_speculative(
     console.print(f"JSON: {write_result(result, path)}")
 
 
+@bench_app.command("compare")
+def bench_compare(
+    tokens: int = typer.Option(128, min=8, help="Tokens to decode per run."),
+    runs: int = typer.Option(3, min=1),
+    threads: int = typer.Option(0, min=0, help="Threads for both engines; 0 = one per physical core."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/compare-<time>.json)."),
+) -> None:
+    """The default model: our batch-1 prefill and decode vs llama.cpp on the same GGUF, plus the memory-bandwidth
+    bound of each."""
+    import psutil
+
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_compare import bench_compare as run
+    from ryzanstein.models.default import default_gguf_path
+
+    lm = open_model(DEFAULT_MODEL)
+    result = run(lm, default_gguf_path(), tokens=tokens, runs=runs,
+                 threads=threads or psutil.cpu_count(logical=False) or 1)
+    table = Table("engine", "weights", "MB read / token", "prefill tok/s", "decode tok/s", "bandwidth bound tok/s",
+                  title=f"bench compare: {result['gguf']}, {result['threads']} threads, "
+                        f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s")
+    o = result["ours"]
+    table.add_row("ryzanstein", o["weights"], f"{o['weight_bytes_per_token'] / 1e6:.0f}",
+                  f"{o['prefill_tokens_per_s']:.1f}", f"{o['decode_tokens_per_s']:.1f}",
+                  f"{o['bandwidth_bound_tokens_per_s']:.0f}")
+    ref = result["llama_cpp"]
+    if ref:
+        table.add_row("llama.cpp", ref["weights"], f"{ref['file_bytes'] / 1e6:.0f}",
+                      f"{ref['prefill_tokens_per_s']:.1f}", f"{ref['decode_tokens_per_s']:.1f}",
+                      f"{ref['bandwidth_bound_tokens_per_s']:.0f}")
+    console.print(table)
+    if ref:
+        console.print(f"ours / llama.cpp: prefill [bold]{result['ratio_prefill']:.2f}x[/bold], decode "
+                      f"[bold]{result['ratio_decode']:.2f}x[/bold]")
+    else:
+        console.print(f"[yellow]{result['llama_cpp_missing']}[/yellow]")
+    path = output or Settings().data_dir / "bench" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
+
+
 def main() -> None:
     app()

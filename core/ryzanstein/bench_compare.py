@@ -1,0 +1,113 @@
+"""`ryzanstein bench compare`: our single-stream decode vs llama.cpp on the same GGUF, in the same run.
+
+llama.cpp runs through llama-cpp-python (optional extra `llamacpp`, compiled from PyPI). Both get the same
+chat prompt token ids, the same thread count and greedy decoding of the same number of tokens (EOS ignored).
+The memory-bandwidth bound is the bytes of weights each engine reads per decoded token over the measured read
+bandwidth: decode cannot be faster than that at batch 1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ryzanstein import compute
+from ryzanstein.bench import BENCH_MESSAGES
+from ryzanstein.engine.batching import BatchEngine, EngineConfig, StepStats, collect, holding
+from ryzanstein.engine.chat import chat_prompt_ids
+from ryzanstein.engine.params import GenerationParams
+
+
+def read_bandwidth_gb_s(megabytes: int = 1024, runs: int = 5) -> float:
+    """Best-of-N time of summing a large fp32 tensor with all torch threads (a pure streaming read)."""
+    import torch
+
+    data = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: Any) -> int:
+    """Weights a decode step reads: every parameter once, except the input embedding (one row) unless it is
+    also the output head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() != embed.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def ours(lm: Any, prompt: list[int], tokens: int, runs: int) -> dict:
+    steps: list[StepStats] = []
+    engine = BatchEngine(lm.name, lambda: holding(lm), config=EngineConfig(speculation="off", max_running=1),
+                         on_stats=steps.append)
+    try:
+        collect(engine, prompt, GenerationParams(max_tokens=8), lm.tokenizer, set())
+        prefill, decode = [], []
+        for _ in range(runs):
+            steps.clear()
+            collect(engine, prompt, GenerationParams(max_tokens=tokens), lm.tokenizer, set())
+            prefill_steps = [s for s in steps if s.prefill_tokens]
+            decode_steps = [s for s in steps if s.batch]
+            prefill.append(sum(s.prefill_tokens for s in prefill_steps) / (sum(s.step_ms for s in prefill_steps) / 1e3))
+            decode.append(len(decode_steps) / (sum(s.step_ms for s in decode_steps) / 1e3))
+        return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
+    finally:
+        engine.close()
+
+
+def llama_cpp(gguf: Path, prompt: list[int], tokens: int, runs: int, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False, logits_all=False)
+    prefill, decode = [], []
+    for run in range(runs + 1):  # the first run warms up
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prefill_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(tokens - 1):
+            token = llm.sample(top_k=1, temp=0.0)
+            llm.eval([token])
+        decode_s = time.perf_counter() - started
+        if run:
+            prefill.append(len(prompt) / prefill_s)
+            decode.append((tokens - 1) / decode_s)
+    size = gguf.stat().st_size
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+            "file_bytes": size}
+
+
+def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads: int = 2) -> dict:
+    compute.set_threads(threads)
+    prompt = chat_prompt_ids(lm.tokenizer, BENCH_MESSAGES)
+    our = ours(lm, prompt, tokens, runs)
+    try:
+        reference: dict | None = compute.call(lambda: llama_cpp(gguf, prompt, tokens, runs, threads))
+        missing = None
+    except ImportError:
+        reference, missing = None, "llama-cpp-python is not installed: pip install '.[llamacpp]' (compiles ~25 min)"
+    bandwidth = compute.call(read_bandwidth_gb_s)
+    our_bytes = compute.call(lambda: weight_bytes_per_token(lm.model))
+    result: dict = {
+        "model": lm.name, "gguf": gguf.name, "prompt_tokens": len(prompt), "tokens": tokens, "runs": runs,
+        "threads": threads, "read_bandwidth_gb_s": bandwidth,
+        "ours": {**our, "weight_bytes_per_token": our_bytes, "weights": "fp32",
+                 "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / our_bytes},
+        "llama_cpp": None, "llama_cpp_missing": missing, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if reference:
+        result["llama_cpp"] = {**reference, "weights": "GGUF as shipped (Q4_1)",
+                               "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / reference["file_bytes"]}
+        result["ratio_prefill"] = our["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
+        result["ratio_decode"] = our["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+    return result
