@@ -183,3 +183,31 @@ def test_engine_greedy_matches_transformers_generate(tiny_lm, tmp_path):
         ref = tiny_lm.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
                                      dtype=torch.long), max_new_tokens=24, do_sample=False)
     assert out.tokens == ref[0, len(prompt):].tolist()
+
+
+def test_a_failing_request_fails_alone_and_the_batch_goes_on(tiny_lm, tmp_path):
+    reqs = [Req([5, 6, 7, 8, 9], 12, 0, None, None) for _ in range(3)]
+    ref = alone(tiny_lm, reqs[0], 8, tmp_path)
+    engine = BatchEngine("tiny", lambda: holding(tiny_lm), config=EngineConfig(prefill_chunk=8),
+                         swap_dir=tmp_path, autostart=False)
+    runner = engine.make_runner(tiny_lm.model)
+    try:
+        outcomes = [Outcome() for _ in reqs]
+        ids = [engine.submit(r.prompt, params_of(r), o, tiny_lm.tokenizer, model_eos(tiny_lm))
+               for r, o in zip(reqs, outcomes, strict=True)]
+        for _ in range(3):
+            engine.step(runner)
+
+        def broken(logits, history):
+            raise ValueError("sampler exploded")
+
+        engine.requests[ids[1]].sampler = broken
+        while engine.step(runner):
+            pass
+        assert outcomes[0].tokens == outcomes[2].tokens == ref.tokens
+        assert "sampler exploded" in str(outcomes[1].error) and outcomes[1].finish is None
+        assert outcomes[1].tokens == ref.tokens[:len(outcomes[1].tokens)]
+        assert engine.failed_requests == 1 and not runner.caches
+        assert engine.scheduler.free_blocks == engine.scheduler.config.kv_blocks
+    finally:
+        runner.close()

@@ -110,6 +110,8 @@ class BatchEngine:
         self.drafter = PromptLookupDrafter()
         self.regimes: RowRegimes | None = None
         self.last_stats = StepStats()
+        self.largest_batch = 0  # most decode rows seen in one step (a cheap proof that batching happens)
+        self.failed_requests = 0
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._released: list[str] = []
@@ -369,6 +371,7 @@ class BatchEngine:
         request = self.requests.pop(request_id, None)
         self._released.append(request_id)
         if request is not None:
+            self.failed_requests += 1
             log.warning("request %s of %s failed: %s", request_id, self.name, exc)
             error = exc if isinstance(exc, RyzansteinError) else GenerationFailed(
                 f"Generation failed: {type(exc).__name__}: {exc}")
@@ -392,6 +395,7 @@ class BatchEngine:
     def _publish(self, plan: StepPlan, drafts: dict[str, list[int]], produced: int, accepted: int,
                  elapsed: float, runner: BatchRunner) -> None:
         s = self.scheduler.stats()
+        self.largest_batch = max(self.largest_batch, len(plan.decode))
         block = self.scheduler.config.block_tokens
         self.last_stats = StepStats(
             batch=len(plan.decode), prefill_tokens=sum(c.length for c in plan.prefill), waiting=s["waiting"],

@@ -73,7 +73,8 @@ class Engines:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Latest step statistics of every engine (for the metrics samples)."""
-        return [{"model": name, "busy": engine.busy, **engine.last_stats.__dict__,
+        return [{"model": name, "busy": engine.busy, "largest_batch": engine.largest_batch,
+                 "failed_requests": engine.failed_requests, **engine.last_stats.__dict__,
                  "speculation": engine.governor.report()}
                 for name, engine in list(self._engines.items())]
 
