@@ -90,6 +90,9 @@ def test_monitor_plots_receive_metrics_samples(qtbot, window):
     assert monitor.numa.sample_count("node 0") >= 3
     assert monitor.tokens.sample_count("tokens/s") >= 3
     assert "tok/s" in window.speed_label.text()
+    # the chat above went through the model's batching engine, which now reports in every sample
+    qtbot.waitUntil(lambda: any(k.endswith("· decoding") for k in monitor.batch.buffers), timeout=20_000)
+    assert any(monitor.kv.sample_count(k) for k in monitor.kv.buffers)
     save_screenshot(window, "monitor.png")
 
 

@@ -143,7 +143,7 @@ def test_batched_output_equals_alone(tiny_lm, tmp_path_factory, reqs, chunk, kv_
     refs = [alone(tiny_lm, req, chunk, tmp) for req in reqs]
     drafter = OracleDrafter([(r.prompt, ref.tokens) for r, ref in zip(reqs, refs, strict=True)])
     outcomes = run_engine(tiny_lm, config, reqs, tmp, drafter if speculation == "always" else None)
-    for req, got, ref in zip(reqs, outcomes, refs, strict=True):
+    for got, ref in zip(outcomes, refs, strict=True):
         assert got.error is None
         if got.finish == "cancelled":
             assert got.tokens == ref.tokens[:len(got.tokens)]

@@ -1,4 +1,5 @@
-"""Monitor: live plots of the last 5 minutes: memory, memory per NUMA node, tokens/s, CPU %."""
+"""Monitor: live plots of the last 5 minutes: memory, memory per NUMA node, tokens/s, CPU %, and each model's
+batching engine (requests decoding together, queue depth, KV-cache use)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,18 @@ class MonitorView(QWidget):
         self.cpu = LivePlot("CPU", "%")
         self.cpu.setYRange(0, 100)
         self.model_numa = LivePlot("Model memory per NUMA node", "GiB")
+        self.batch = LivePlot("Batching: requests per step / waiting", "requests")
+        self.batch.setYRange(0, 16)
+        self.kv = LivePlot("KV cache in use", "%")
+        self.kv.setYRange(0, 100)
         grid = QGridLayout(self)
         grid.addWidget(self.memory, 0, 0)
         grid.addWidget(self.numa, 0, 1)
         grid.addWidget(self.model_numa, 0, 2)
         grid.addWidget(self.tokens, 1, 0)
-        grid.addWidget(self.cpu, 1, 1, 1, 2)
+        grid.addWidget(self.cpu, 1, 1)
+        grid.addWidget(self.kv, 1, 2)
+        grid.addWidget(self.batch, 2, 0, 1, 3)
         bridge.sig_metrics.connect(self.add_sample)
 
     def add_sample(self, sample: dict) -> None:
@@ -36,6 +43,13 @@ class MonitorView(QWidget):
         self.tokens.add_point("tokens/s", t, sample["tokens_per_s"])
         self.cpu.add_point("system", t, sample["cpu_percent"])
         self.cpu.add_point("service process", t, sample.get("process_cpu_percent", 0.0))
+        for engine in sample.get("engines", []):
+            name = engine["model"]
+            busy = engine.get("busy", False)
+            self.batch.add_point(f"{name} · decoding", t, engine.get("batch", 0) if busy else 0)
+            self.batch.add_point(f"{name} · waiting", t, engine.get("waiting", 0) if busy else 0)
+            total = engine.get("kv_total_tokens") or 1
+            self.kv.add_point(name, t, 100.0 * engine.get("kv_used_tokens", 0) / total if busy else 0.0)
         for model in sample.get("models", []):
             for node, size in model["numa_bytes"].items():
                 self.model_numa.add_point(f"{model['name']} · node {node}", t, size / GB)
