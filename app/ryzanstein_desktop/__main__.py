@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,8 +44,19 @@ def main() -> int:
     wake.start(250)
     code = app.exec()
     launcher.stop()  # only stops a service this app started
+    window.qsettings.sync()
     return code
 
 
+def run() -> None:
+    """Entry point. Everything is saved and the service stopped when main() returns; skipping interpreter
+    finalization avoids a crash in PySide6's teardown seen once at exit ("bool_dealloc" during the final
+    garbage collection, exit status -6)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
