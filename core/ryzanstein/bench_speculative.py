@@ -26,10 +26,36 @@ CLASSES = {
 }
 
 
-def _run(lm: Any, messages: list[dict], tokens: int, speculation: str, repeats: int) -> dict:
+def truncated_draft(lm: Any, layers: int) -> Any:
+    """A draft model made of the target's first `layers` blocks, its embeddings, final norm and head (shared
+    tensors, no copy): same vocabulary, roughly layers/total of the block cost."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(lm.model.config)
+    config.num_hidden_layers = layers
+    with torch.device("meta"):  # no memory: every module is replaced by the target's own below
+        draft = AutoModelForCausalLM.from_config(config)
+    base = lm.model.model
+    draft.model.embed_tokens = base.embed_tokens
+    draft.model.layers = type(base.layers)(list(base.layers)[:layers])
+    draft.model.norm = base.norm
+    draft.model.rotary_emb = base.rotary_emb
+    draft.lm_head = lm.model.lm_head
+    return draft.eval()
+
+
+def _run(lm: Any, messages: list[dict], tokens: int, speculation: str, repeats: int,
+         draft: Any = None) -> dict:
+    from ryzanstein.engine.speculative import DraftModelDrafter
+
     steps: list[StepStats] = []
-    config = EngineConfig(speculation=speculation, max_running=1)
-    engine = BatchEngine(lm.name, lambda: holding(lm), config=config, on_stats=steps.append)
+    config = EngineConfig(speculation=speculation, max_running=1, draft_tokens=4 if draft is not None else 6)
+    factory = (lambda model: DraftModelDrafter(draft)) if draft is not None else None
+    engine = BatchEngine(lm.name, lambda: holding(lm), config=config, on_stats=steps.append,
+                         drafter_factory=factory)
     prompt = chat_prompt_ids(lm.tokenizer, messages)
     try:
         collect(engine, prompt, GenerationParams(max_tokens=8), lm.tokenizer, set())  # warm-up
@@ -54,15 +80,20 @@ def _run(lm: Any, messages: list[dict], tokens: int, speculation: str, repeats: 
         engine.close()
 
 
-def bench_speculative(lm: Any, tokens: int = 96, repeats: int = 3, threads: int | None = None) -> dict:
+def bench_speculative(lm: Any, tokens: int = 96, repeats: int = 3, threads: int | None = None,
+                      draft_layers: int = 8) -> dict:
     if threads:
         compute.set_threads(threads)
     rows = []
-    for name, messages in CLASSES.items():
+    draft = compute.call(lambda: truncated_draft(lm, draft_layers)) if draft_layers else None
+    drafters = [("prompt-lookup", None)] + ([(f"draft model ({draft_layers} of "
+                                               f"{lm.model.config.num_hidden_layers} layers)", draft)]
+                                            if draft is not None else [])
+    for (name, messages), (drafter_name, drafter_model) in [(c, d) for d in drafters for c in CLASSES.items()]:
         off = _run(lm, messages, tokens, "off", repeats)
-        always = _run(lm, messages, tokens, "always", repeats)
-        auto = _run(lm, messages, tokens, "auto", repeats)
-        rows.append({"class": name, "plain_tokens_per_s": off["tokens_per_s"],
+        always = _run(lm, messages, tokens, "always", repeats, drafter_model)
+        auto = _run(lm, messages, tokens, "auto", repeats, drafter_model)
+        rows.append({"class": name, "drafter": drafter_name, "plain_tokens_per_s": off["tokens_per_s"],
                      "speculative_tokens_per_s": always["tokens_per_s"],
                      "auto_tokens_per_s": auto["tokens_per_s"],
                      "acceptance_rate": always["acceptance_rate"], "tokens_per_step": always["tokens_per_step"],
@@ -70,5 +101,6 @@ def bench_speculative(lm: Any, tokens: int = 96, repeats: int = 3, threads: int 
                      "auto_speedup": auto["tokens_per_s"] / off["tokens_per_s"],
                      "auto_left_drafting_on": auto["auto_enabled_at_end"],
                      "identical_output": off["output"] == always["output"] == auto["output"]})
-    return {"model": lm.name, "tokens": tokens, "repeats": repeats, "drafter": "prompt-lookup (n-gram 3..1, 6 tokens)",
+    return {"model": lm.name, "tokens": tokens, "repeats": repeats,
+            "drafters": "prompt lookup: n-grams 3..1, 6 tokens; draft model: greedy, 4 tokens",
             "rows": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

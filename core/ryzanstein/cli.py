@@ -328,6 +328,8 @@ def bench_speculative(
     tokens: int = typer.Option(96, min=8, help="Tokens per request."),
     repeats: int = typer.Option(3, min=1),
     threads: int = typer.Option(0, min=0, help="torch threads; 0 = one per physical core."),
+    draft_layers: int = typer.Option(8, min=0, help="Also try a draft model made of the target's first N "
+                                                      "layers (0 = prompt lookup only)."),
     output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/speculative-<time>.json)."),
 ) -> None:
     """Prompt-lookup speculative decoding vs plain decoding: acceptance, net speedup, identical output, and
@@ -338,12 +340,14 @@ def bench_speculative(
     from ryzanstein.bench_speculative import bench_speculative as run
 
     lm = open_model(model)
-    result = run(lm, tokens=tokens, repeats=repeats, threads=threads or psutil.cpu_count(logical=False) or 1)
-    table = Table("class", "plain tok/s", "speculative tok/s", "acceptance", "tokens/step", "speedup",
+    result = run(lm, tokens=tokens, repeats=repeats, threads=threads or psutil.cpu_count(logical=False) or 1,
+                 draft_layers=draft_layers)
+    table = Table("drafter", "class", "plain tok/s", "speculative tok/s", "acceptance", "tokens/step", "speedup",
                   "auto tok/s", "auto keeps drafting", "identical output",
-                  title=f"bench speculative: {model}, {result['drafter']}")
+                  title=f"bench speculative: {model}")
     for row in result["rows"]:
-        table.add_row(row["class"], f"{row['plain_tokens_per_s']:.1f}", f"{row['speculative_tokens_per_s']:.1f}",
+        table.add_row(row["drafter"], row["class"], f"{row['plain_tokens_per_s']:.1f}",
+                      f"{row['speculative_tokens_per_s']:.1f}",
                       f"{row['acceptance_rate']:.0%}", f"{row['tokens_per_step']:.2f}", f"{row['speedup']:.2f}x",
                       f"{row['auto_tokens_per_s']:.1f}", "yes" if row["auto_left_drafting_on"] else "no",
                       "yes" if row["identical_output"] else "NO")

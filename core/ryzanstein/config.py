@@ -69,8 +69,10 @@ class Settings(BaseSettings):
                                  "tokens over all its running requests; beyond it requests are swapped out.")
     max_batch: int = Field(16, ge=1, le=64, description="Requests decoded together in one step per model.")
     max_queued: int = Field(256, ge=1, description="Requests waiting per model; more are refused with HTTP 429.")
-    speculation: Literal["auto", "off", "always"] = Field("auto", description="Prompt-lookup speculative "
-                                                          "decoding: auto turns it off where it measures a loss.")
+    speculation: Literal["auto", "off", "always"] = Field("auto", description="Speculative decoding: auto "
+                                                          "turns it off where it measures a loss.")
+    draft_model: str = Field("", description="A store model with the same vocabulary that drafts tokens for "
+                             "speculative decoding; empty = prompt lookup (drafts copied from the context).")
 
     @property
     def data_dir(self) -> Path:

@@ -65,7 +65,10 @@ class OracleDrafter:
         self.references = references
         self.drafted = 0
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def release(self, request_id: str) -> None:
+        return None
+
+    def propose(self, tokens: list[int], k: int, request_id: str = "") -> list[int]:
         for prompt, continuation in self.references:
             done = len(tokens) - len(prompt)
             if tokens[:len(prompt)] == prompt and tokens[len(prompt):] == continuation[:done]:
@@ -211,3 +214,48 @@ def test_a_failing_request_fails_alone_and_the_batch_goes_on(tiny_lm, tmp_path):
         assert engine.scheduler.free_blocks == engine.scheduler.config.kv_blocks
     finally:
         runner.close()
+
+
+def test_draft_model_speculation_gives_the_same_tokens(tiny_lm, tmp_path, tiny_llama_dir, default_model_dir):
+    """A draft with the target's own weights is accepted every time; a different random draft mostly rejected;
+    both leave the output identical to plain decoding."""
+    from ryzanstein.engine.speculative import DraftModelDrafter
+    from tests.helpers import save_tiny_model
+
+    other_dir = save_tiny_model(tmp_path / "other", "llama", default_model_dir, seed=1)
+    other = load_model_folder("other", other_dir)
+    reqs = [Req([5, 6, 7, 8, 9, 10], 16, i, None, None) for i in range(3)]
+    ref = alone(tiny_lm, reqs[0], 8, tmp_path)
+    config = EngineConfig(prefill_chunk=8, speculation="always", draft_tokens=4, speculate_max_batch=8)
+    vocab = tiny_lm.tokenizer.get_vocab()
+    for draft, expect_all in ((tiny_lm, True), (other, False)):
+        drafter = DraftModelDrafter(draft.model, vocab, draft.tokenizer)
+        engine = BatchEngine("tiny", lambda: holding(tiny_lm), config=config, swap_dir=tmp_path, autostart=False)
+        engine.drafter = drafter
+        runner = engine.make_runner(tiny_lm.model)
+        try:
+            outcomes = [Outcome() for _ in reqs]
+            for r, o in zip(reqs, outcomes, strict=True):
+                engine.submit(r.prompt, params_of(r), o, tiny_lm.tokenizer, model_eos(tiny_lm))
+            drafted = accepted = 0
+            while engine.step(runner):
+                drafted += engine.last_stats.speculated
+                accepted += engine.last_stats.accepted
+            assert all(o.tokens == ref.tokens for o in outcomes)
+            assert drafted > 0
+            assert (accepted == drafted) if expect_all else (accepted < drafted)
+            assert not drafter.caches  # released with their requests
+        finally:
+            runner.close()
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_lm):
+    from ryzanstein.engine.speculative import DraftModelDrafter
+    from ryzanstein.errors import InvalidRequest
+
+    class OtherTokenizer:
+        def get_vocab(self):
+            return {"a": 0}
+
+    with pytest.raises(InvalidRequest, match="same vocabulary"):
+        DraftModelDrafter(tiny_lm.model, tiny_lm.tokenizer.get_vocab(), OtherTokenizer())

@@ -97,7 +97,8 @@ class BatchEngine:
     def __init__(self, name: str, hold_model: Callable[[], AbstractContextManager[Any]], *,
                  config: EngineConfig | None = None, swap_dir: Path | None = None,
                  on_stats: Callable[[StepStats], None] = lambda s: None,
-                 on_token: Callable[[], None] = lambda: None, autostart: bool = True):
+                 on_token: Callable[[], None] = lambda: None, autostart: bool = True,
+                 drafter_factory: Callable[[Any], Any] | None = None):
         self.name = name
         self.hold_model = hold_model
         self.config = config or EngineConfig()
@@ -107,7 +108,8 @@ class BatchEngine:
         self.on_token = on_token
         self.requests: dict[str, EngineRequest] = {}
         self.governor = SpeculationGovernor()
-        self.drafter = PromptLookupDrafter()
+        self.drafter: Any = PromptLookupDrafter()
+        self._drafter_factory = drafter_factory  # builds a draft-model drafter on first use (compute thread)
         self.regimes: RowRegimes | None = None
         self.last_stats = StepStats()
         self.largest_batch = 0  # most decode rows seen in one step (a cheap proof that batching happens)
@@ -188,6 +190,12 @@ class BatchEngine:
             compute.call(runner.close)
 
     def make_runner(self, model: Any) -> BatchRunner:
+        if self._drafter_factory is not None:
+            factory, self._drafter_factory = self._drafter_factory, None
+            try:
+                self.drafter = factory(model)
+            except Exception as exc:  # a missing or mismatched draft model: keep prompt lookup
+                log.warning("engine %s: draft model unavailable (%s); using prompt lookup", self.name, exc)
         runner = BatchRunner(model, self.swap_dir, self.regimes)
         self.regimes = runner.regimes
         return runner
@@ -211,6 +219,7 @@ class BatchEngine:
     def _release(self, runner: BatchRunner) -> None:
         for request_id in self._released:
             runner.release(request_id)
+            self.drafter.release(request_id)
         self._released.clear()
 
     def _swap(self, runner: BatchRunner, plan: StepPlan) -> None:
@@ -230,7 +239,7 @@ class BatchEngine:
                 continue
             room = min(seq.lookahead, seq.max_new_tokens - len(seq.generated) - 1)
             if room > 0:
-                proposal = self.drafter.propose(request.prompt_ids + seq.generated, room)
+                proposal = self.drafter.propose(request.prompt_ids + seq.generated, room, seq.request_id)
                 if proposal:
                     drafts[seq.request_id] = proposal
         return drafts

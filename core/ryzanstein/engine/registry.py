@@ -25,12 +25,13 @@ Publish = Callable[[str, dict[str, Any]], None]
 class Engines:
     def __init__(self, manager: ModelManager, config: EngineConfig, swap_dir: Path, *,
                  publish: Publish = lambda kind, data: None, on_token: Callable[[], None] = lambda: None,
-                 enabled: bool = True, publish_interval_s: float = 0.25):
+                 enabled: bool = True, publish_interval_s: float = 0.25, draft_model: str = ""):
         self.manager, self.config = manager, config
         self.swap_dir = swap_dir / f"pid{os.getpid()}"
         remove_dead_swap_dirs(swap_dir)
         self.publish, self.on_token, self.enabled = publish, on_token, enabled
         self.publish_interval_s = publish_interval_s
+        self.draft_model = draft_model
         self._engines: dict[str, BatchEngine] = {}
         self._unsupported: dict[str, str] = {}
         self._last_publish: dict[str, float] = {}
@@ -55,11 +56,19 @@ class Engines:
                 self._unsupported[lm.name] = str(exc)
                 return None
             name = lm.name
+            draft = self.draft_model if self.draft_model and self.draft_model != name else ""
             engine = BatchEngine(name, lambda: self.manager.generating(name), config=self.config,
                                  swap_dir=self.swap_dir / name, on_stats=lambda s: self._stats(name, s),
-                                 on_token=self.on_token)
+                                 on_token=self.on_token,
+                                 drafter_factory=(lambda model: self._draft_drafter(draft, lm)) if draft else None)
             self._engines[name] = engine
             return engine
+
+    def _draft_drafter(self, draft: str, target: Any) -> Any:
+        from ryzanstein.engine.speculative import DraftModelDrafter
+
+        draft_lm = self.manager.get(draft)
+        return DraftModelDrafter(draft_lm.model, target.tokenizer.get_vocab(), draft_lm.tokenizer)
 
     def unsupported_reason(self, name: str) -> str | None:
         return self._unsupported.get(name)

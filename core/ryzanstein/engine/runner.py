@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ryzanstein.engine.invariant import Mode, RowRegimes, distinct_linear_weights, patch_linears, probe_regimes
 from ryzanstein.engine.kvcache import SequenceKV
@@ -44,8 +46,9 @@ def engine_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                      attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     segments: list[Segment] | None = getattr(_step, "segments", None)
-    if segments is None:
-        raise RuntimeError("engine attention called outside an engine step")
+    if segments is None:  # the model used outside an engine step (another caller): plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     layer = module.layer_idx
     gqa = query.shape[1] != key.shape[1]
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
@@ -68,6 +71,9 @@ def engine_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
 
 AttentionInterface.register(ATTENTION_NAME, engine_attention)
+# Outside engine steps transformers must build the usual causal masks for us; inside them we pass a 4-D
+# placeholder mask, which makes it skip mask building.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 @dataclass

@@ -10,6 +10,9 @@ for a class when it measures a loss, probing again later.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from ryzanstein.errors import InvalidRequest
 
 
 class PromptLookupDrafter:
@@ -20,7 +23,10 @@ class PromptLookupDrafter:
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def release(self, request_id: str) -> None:
+        return None
+
+    def propose(self, tokens: list[int], k: int, request_id: str = "") -> list[int]:
         if k <= 0:
             return []
         n_tokens = len(tokens)
@@ -99,3 +105,53 @@ class SpeculationGovernor:
         return {key: {"drafted_tok_s": s.drafted.per_second, "plain_tok_s": s.plain.per_second,
                       "enabled": float(s.steps >= s.off_until), "times_disabled": float(s.disabled_count)}
                 for key, s in self.classes.items()}
+
+
+class DraftModelDrafter:
+    """A smaller model with the same vocabulary drafts k greedy tokens, batch 1, with its own KV cache per
+    request. Between calls the cache is cut back to the tokens the target accepted, so each call only feeds
+    what is new."""
+
+    name = "draft-model"
+
+    def __init__(self, model: Any, target_vocab: dict[str, int] | None = None, tokenizer: Any = None):
+        if target_vocab is not None and tokenizer is not None and tokenizer.get_vocab() != target_vocab:
+            raise InvalidRequest("The draft model's tokenizer differs from the target model's: speculative "
+                                 "decoding needs the same vocabulary.", param="draft_model")
+        self.model = model
+        self.caches: dict[str, tuple[list[int], Any]] = {}
+
+    def release(self, request_id: str) -> None:
+        self.caches.pop(request_id, None)
+
+    def propose(self, tokens: list[int], k: int, request_id: str = "") -> list[int]:
+        import torch
+        from transformers import DynamicCache
+
+        if k <= 0:
+            return []
+        seen, cache = self.caches.get(request_id, ([], None))
+        common = 0
+        for a, b in zip(seen, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        if cache is None or common == 0:
+            cache, common = DynamicCache(config=self.model.config), 0
+        elif common < cache.get_seq_length():
+            cache.crop(common - cache.get_seq_length())  # transformers 5: a negative count removes tokens
+        if common == len(tokens):  # nothing new to feed: re-feed the last token to get its logits
+            common -= 1
+            cache.crop(-1)
+        draft: list[int] = []
+        feed = tokens[common:]
+        with torch.inference_mode():
+            for _ in range(k):
+                ids = torch.tensor([feed], dtype=torch.long)
+                logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+                token = int(torch.argmax(logits))
+                draft.append(token)
+                feed = [token]
+        # The cache now holds tokens + draft[:-1]; remember exactly that.
+        self.caches[request_id] = (list(tokens) + draft[:-1], cache)
+        return draft

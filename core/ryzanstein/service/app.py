@@ -70,7 +70,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     engines = Engines(manager, EngineConfig(kv_cache_tokens=settings.kv_cache_tokens, max_running=settings.max_batch,
                                             max_waiting=settings.max_queued, speculation=settings.speculation),
                       settings.data_dir / "swap", publish=hub.publish_threadsafe, on_token=meter.add,
-                      enabled=settings.batching)
+                      enabled=settings.batching, draft_model=settings.draft_model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
