@@ -112,7 +112,7 @@ _alone_cache: dict[tuple, Outcome] = {}
 
 
 def alone(lm, req: Req, chunk: int, tmp: Path) -> Outcome:
-    key = (tuple(req.prompt), req.max_tokens, req.seed, chunk)
+    key = (lm.name, tuple(req.prompt), req.max_tokens, req.seed, chunk)
     if key not in _alone_cache:
         solo = Req(req.prompt, req.max_tokens, 0, None, req.seed)
         config = EngineConfig(prefill_chunk=chunk, speculation="off")

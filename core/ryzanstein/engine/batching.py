@@ -33,6 +33,7 @@ from ryzanstein.engine.speculative import PromptLookupDrafter, SpeculationGovern
 from ryzanstein.errors import GenerationFailed, RyzansteinError
 
 log = logging.getLogger(__name__)
+SHORT_CHUNK = 16  # prefill chunks shorter than this run in their own pass (int8: our kernel, not BLAS)
 Emit = Callable[[Any], None]
 
 
@@ -276,20 +277,27 @@ class BatchEngine:
                 results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row, n=len(tokens), t=tokens:
                                                         self._verify(s, logits[r:r + n], t[1:]))
                 row += len(tokens)
-        if plan.prefill:
+        # Short and long chunks run as separate passes: a chunk's length (fixed by the prompt) picks its
+        # kernels, so its rows are computed the same way alone and in any batch.
+        short = [c for c in plan.prefill if c.length < SHORT_CHUNK]
+        long = [c for c in plan.prefill if c.length >= SHORT_CHUNK]
+        for chunks, mode in ((short, "prefill-short"), (long, "prefill")):
+            if not chunks:
+                continue
             items = []
-            for chunk in plan.prefill:
+            for chunk in chunks:
                 kv = runner.cache(chunk.seq.request_id)
                 kv.reserve(chunk.seq.blocks * self.scheduler.config.block_tokens)
                 request = self.requests[chunk.seq.request_id]
                 tokens = request.prompt_ids[chunk.start:chunk.start + chunk.length]
                 items.append((kv, tokens, chunk.start, False, "last" if chunk.completes_prompt else "none"))
-            logits = runner.forward(build_rows(items), "prefill")
+            logits = runner.forward(build_rows(items), mode)
             row = 0
-            for chunk in plan.prefill:
+            for chunk in chunks:
                 if chunk.completes_prompt:
                     seq = chunk.seq
-                    results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row: [self._sample(s, logits[r])])
+                    results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row, lg=logits:
+                                                            [self._sample(s, lg[r])])
                     row += 1
         for seq in plan.decode:
             runner.cache(seq.request_id).length = seq.total_len  # provisional; fixed after verification

@@ -48,6 +48,11 @@ class Mode:
         _mode.value = self.saved
 
 
+def current_mode() -> str | None:
+    mode = getattr(_mode, "value", None)
+    return mode[0] if mode else None
+
+
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] == rows:
         return x
@@ -86,7 +91,7 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
     name, regimes = mode
     flat = x.reshape(-1, x.shape[-1])
-    if name == "prefill" and regimes.prefill_multiple:
+    if name in ("prefill", "prefill-short") and regimes.prefill_multiple:
         out = prefill_linear(flat, self.weight, regimes.prefill_multiple)
     else:
         out = decode_linear(flat, self.weight, regimes.decode_sizes)
@@ -99,15 +104,15 @@ def patch_linears(model: Any) -> int:
     """Route the model's nn.Linear layers through `_forward` (a no-op outside a `Mode`). Returns the count."""
     count = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_forward, module)
+        if type(module) is torch.nn.Linear and not hasattr(module, "weight_int8"):
+            module.forward = types.MethodType(_forward, module)  # int8 linears are batch-invariant already
             count += 1
     return count
 
 
 def unpatch_linears(model: Any) -> None:
     for module in model.modules():
-        if type(module) is torch.nn.Linear and "forward" in module.__dict__:
+        if type(module) is torch.nn.Linear and "forward" in module.__dict__ and not hasattr(module, "weight_int8"):
             del module.forward
 
 
@@ -160,6 +165,6 @@ def probe_regimes(weights: list[torch.Tensor], anchors: tuple[int, ...] = (4, 8,
 def distinct_linear_weights(model: Any) -> list[torch.Tensor]:
     seen: dict[tuple[int, int], torch.Tensor] = {}
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if type(module) is torch.nn.Linear and not hasattr(module, "weight_int8"):
             seen.setdefault(tuple(module.weight.shape), module.weight.detach())
     return list(seen.values())
