@@ -34,12 +34,16 @@ def read_bandwidth_gb_s(megabytes: int = 1024, runs: int = 5) -> float:
 
 
 def weight_bytes_per_token(model: Any) -> int:
-    """Weights a decode step reads: every parameter once, except the input embedding (one row) unless it is
-    also the output head."""
+    """Weights a decode step reads: every parameter and int8 weight buffer once, except the input embedding
+    (one row), unless the fp32 embedding is also what the output head reads."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                 if name.endswith(("weight_int8", "weight_scale")))
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    if head is None or head.weight.data_ptr() != embed.data_ptr():
+    head_reads_embed = (head is not None and not hasattr(head, "weight_int8")
+                        and head.weight.data_ptr() == embed.data_ptr())
+    if not head_reads_embed:
         total -= embed.numel() * embed.element_size()
     return total
 
@@ -87,10 +91,23 @@ def llama_cpp(gguf: Path, prompt: list[int], tokens: int, runs: int, threads: in
             "file_bytes": size}
 
 
+def int8_copy(lm: Any) -> Any:
+    from ryzanstein.engine.int8 import quantize_model_int8
+    from ryzanstein.models.loader import load_model_folder
+
+    copy = load_model_folder(lm.name + "-int8", Path(lm.path))
+    quantize_model_int8(copy.model)
+    return copy
+
+
 def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads: int = 2) -> dict:
     compute.set_threads(threads)
     prompt = chat_prompt_ids(lm.tokenizer, BENCH_MESSAGES)
     our = ours(lm, prompt, tokens, runs)
+    quantized = compute.call(lambda: int8_copy(lm))
+    our_int8 = ours(quantized, prompt, tokens, runs)
+    int8_bytes = compute.call(lambda: weight_bytes_per_token(quantized.model))
+    quantized = None  # free it before llama.cpp loads
     try:
         reference: dict | None = compute.call(lambda: llama_cpp(gguf, prompt, tokens, runs, threads))
         missing = None
@@ -103,6 +120,8 @@ def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads
         "threads": threads, "read_bandwidth_gb_s": bandwidth,
         "ours": {**our, "weight_bytes_per_token": our_bytes, "weights": "fp32",
                  "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / our_bytes},
+        "ours_int8": {**our_int8, "weight_bytes_per_token": int8_bytes, "weights": "int8 (our AVX2 kernel)",
+                      "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / int8_bytes},
         "llama_cpp": None, "llama_cpp_missing": missing, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if reference:
@@ -110,4 +129,6 @@ def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads
                                "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / reference["file_bytes"]}
         result["ratio_prefill"] = our["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
         result["ratio_decode"] = our["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+        result["ratio_prefill_int8"] = our_int8["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
+        result["ratio_decode_int8"] = our_int8["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
     return result

@@ -381,6 +381,10 @@ def bench_compare(
     table.add_row("ryzanstein", o["weights"], f"{o['weight_bytes_per_token'] / 1e6:.0f}",
                   f"{o['prefill_tokens_per_s']:.1f}", f"{o['decode_tokens_per_s']:.1f}",
                   f"{o['bandwidth_bound_tokens_per_s']:.0f}")
+    o8 = result["ours_int8"]
+    table.add_row("ryzanstein", o8["weights"], f"{o8['weight_bytes_per_token'] / 1e6:.0f}",
+                  f"{o8['prefill_tokens_per_s']:.1f}", f"{o8['decode_tokens_per_s']:.1f}",
+                  f"{o8['bandwidth_bound_tokens_per_s']:.0f}")
     ref = result["llama_cpp"]
     if ref:
         table.add_row("llama.cpp", ref["weights"], f"{ref['file_bytes'] / 1e6:.0f}",
@@ -388,8 +392,10 @@ def bench_compare(
                       f"{ref['bandwidth_bound_tokens_per_s']:.0f}")
     console.print(table)
     if ref:
-        console.print(f"ours / llama.cpp: prefill [bold]{result['ratio_prefill']:.2f}x[/bold], decode "
-                      f"[bold]{result['ratio_decode']:.2f}x[/bold]")
+        console.print(f"ours / llama.cpp: fp32 prefill [bold]{result['ratio_prefill']:.2f}x[/bold], decode "
+                      f"[bold]{result['ratio_decode']:.2f}x[/bold]; int8 prefill "
+                      f"[bold]{result['ratio_prefill_int8']:.2f}x[/bold], decode "
+                      f"[bold]{result['ratio_decode_int8']:.2f}x[/bold]")
     else:
         console.print(f"[yellow]{result['llama_cpp_missing']}[/yellow]")
     path = output or Settings().data_dir / "bench" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -74,3 +74,18 @@ def test_a_flood_is_queued_or_refused_with_429_and_nothing_is_lost(small_queue_s
     assert httpx.get(svc.url + "/api/health", timeout=5).status_code == 200
     engines = httpx.get(svc.url + "/api/metrics", headers=svc.headers).json()["engines"]
     assert engines[0]["failed_requests"] == 0 and not engines[0]["busy"]
+
+
+def test_int8_weights_load_option(small_queue_service):
+    svc = small_queue_service
+    api = svc.url + "/api/models/" + TINY_MODEL
+    bad = httpx.post(api + "/load", headers=svc.headers, json={"weights": "int3"}, timeout=60)
+    assert bad.status_code == 400 and "weights" in bad.json()["error"]["message"]
+    httpx.post(api + "/unload", headers=svc.headers, timeout=60)
+    row = httpx.post(api + "/load", headers=svc.headers, json={"weights": "int8"}, timeout=300).json()
+    assert row["loaded"] and row["quantization"] == "int8"
+    clash = httpx.post(api + "/load", headers=svc.headers, json={"weights": "fp32"}, timeout=60)
+    assert clash.status_code == 409 and "unload it" in clash.json()["error"]["message"]
+    r = complete(svc.url, svc.headers, "int8 weights still talk", 6)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    httpx.post(api + "/unload", headers=svc.headers, timeout=60)

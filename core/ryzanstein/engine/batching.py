@@ -112,6 +112,7 @@ class BatchEngine:
         self.drafter: Any = PromptLookupDrafter()
         self._drafter_factory = drafter_factory  # builds a draft-model drafter on first use (compute thread)
         self.regimes: RowRegimes | None = None
+        self._probed_model = 0
         self.last_stats = StepStats()
         self.largest_batch = 0  # most decode rows seen in one step (a cheap proof that batching happens)
         self.failed_requests = 0
@@ -197,8 +198,10 @@ class BatchEngine:
                 self.drafter = factory(model)
             except Exception as exc:  # a missing or mismatched draft model: keep prompt lookup
                 log.warning("engine %s: draft model unavailable (%s); using prompt lookup", self.name, exc)
+        if self._probed_model != id(model):  # reloaded (maybe with other weights): probe its shapes again
+            self.regimes = None
         runner = BatchRunner(model, self.swap_dir, self.regimes)
-        self.regimes = runner.regimes
+        self.regimes, self._probed_model = runner.regimes, id(model)
         return runner
 
     def step(self, runner: BatchRunner) -> bool:

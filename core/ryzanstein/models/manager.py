@@ -31,6 +31,7 @@ from ryzanstein.models.store import ModelStore
 from ryzanstein.numa import model_bytes_per_node, pin_current_thread
 
 EventFn = Callable[[str, dict[str, Any]], None]
+WEIGHT_FORMATS = ("fp32", "int8")
 MB = 2**20
 
 
@@ -43,6 +44,7 @@ class LoadedEntry:
     last_used: float
     pin_node: int | None = None
     pin_cpus: list[int] | None = None
+    weights: str = "fp32"  # fp32 | int8 (weight-only, our kernel)
     active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -113,7 +115,10 @@ class ModelManager:
         entry.last_used = time.monotonic()
         return entry.lm
 
-    def load(self, name: str, pin_node: int | None = None) -> LoadedEntry:
+    def load(self, name: str, pin_node: int | None = None, weights: str | None = None) -> LoadedEntry:
+        if weights not in (None, *WEIGHT_FORMATS):
+            raise InvalidRequest(f"weights={weights!r} is invalid: use one of {', '.join(WEIGHT_FORMATS)}.",
+                                 param="weights")
         if name == DEFAULT_MODEL:
             self.ensure_default_imported()
         info = self.store.get(name)
@@ -121,19 +126,24 @@ class ModelManager:
         with self._load_lock:
             existing = self._loaded.get(name)
             if existing is not None:
+                if weights is not None and weights != existing.weights:
+                    raise ModelBusy(f"Model {name!r} is loaded with {existing.weights} weights; unload it to "
+                                    f"load it with {weights} weights.")
                 if pin_node is not None:
                     existing.pin_node, existing.pin_cpus = pin_node, cpus
                 return existing
+            weights = weights or "fp32"
             estimate = estimate_memory(Path(info.path), self.context_tokens)
             self._make_room(name, estimate)
             self.publish("model", {"name": name, "state": "loading", "estimate_bytes": estimate.total_bytes})
             import_runtime()  # one-time library imports are the process's cost, not this model's
             gc.collect()
             before, started = rss_bytes(), time.perf_counter()
-            lm = run_pinned(cpus, lambda: load_and_warm_up(name, Path(info.path), info.trust_remote_code))
-            gc.collect()
+            lm = run_pinned(cpus, lambda: load_and_warm_up(name, Path(info.path), info.trust_remote_code,
+                                                           weights))
+            release_freed_memory()
             entry = LoadedEntry(lm, estimate, max(0, rss_bytes() - before), time.perf_counter() - started,
-                                time.monotonic(), pin_node, cpus)
+                                time.monotonic(), pin_node, cpus, weights)
             with self._guard:
                 self._loaded[name] = entry
         self.publish("model", {"name": name, "state": "loaded", "load_seconds": entry.load_seconds,
@@ -252,12 +262,17 @@ def import_runtime() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
-def load_and_warm_up(name: str, path: Path, trust_remote_code: bool) -> LoadedModel:
-    """Load, then one short forward pass so the first user request does not pay for kernel set-up and the
-    measured memory includes the runtime's own allocations."""
+def load_and_warm_up(name: str, path: Path, trust_remote_code: bool, weights: str = "fp32") -> LoadedModel:
+    """Load (and quantize if asked), then one short forward pass so the first user request does not pay for
+    kernel set-up and the measured memory includes the runtime's own allocations."""
     import torch
 
     lm = load_model_folder(name, path, trust_remote_code=trust_remote_code)
+    if weights == "int8":
+        from ryzanstein.engine.int8 import quantize_model_int8
+
+        quantize_model_int8(lm.model)
+        release_freed_memory()
     with torch.inference_mode():
         lm.model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     return lm

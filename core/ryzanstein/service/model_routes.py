@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -24,6 +24,8 @@ class ImportRequest(BaseModel):
 
 class LoadRequest(BaseModel):
     pin_numa_node: int | None = Field(None, ge=0, description="Run this model's compute on one node's CPUs.")
+    weights: Literal["fp32", "int8"] | None = Field(None, description="fp32 (exact), or int8 weight-only: a "
+                                                    "quarter of the weight memory, ~1.7x faster decode on AVX2.")
 
 
 def default_name(path: Path) -> str:
@@ -41,7 +43,8 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
         row.update(parameters=None, stored_dtype=None, estimate=None, estimate_error=str(exc))
     entry = manager.entry(name)
     if entry is not None:
-        row.update(loaded=True, measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
+        row.update(loaded=True, quantization="none" if entry.weights == "fp32" else entry.weights,
+                   measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
                    active_requests=entry.active, pin_numa_node=entry.pin_node,
                    numa_bytes={str(k): v for k, v in manager.numa_bytes(name).items()})
     return row
@@ -90,7 +93,7 @@ async def import_model(body: ImportRequest, request: Request) -> dict:
 async def load(name: str, request: Request, body: LoadRequest | None = None) -> dict:
     manager: ModelManager = request.app.state.manager
     pin = body.pin_numa_node if body else None
-    await asyncio.to_thread(manager.load, name, pin)
+    await asyncio.to_thread(manager.load, name, pin, body.weights if body else None)
     return await asyncio.to_thread(describe, manager, name)
 
 
