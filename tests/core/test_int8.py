@@ -63,9 +63,8 @@ def test_int8_default_model_stays_close_to_fp32(default_pair):
 
 
 def test_engine_on_int8_model_batched_equals_alone(default_pair, tmp_path):
-    from tests.core.test_batching_equivalence import Req, alone, run_engine
-
     from ryzanstein.engine.batching import EngineConfig
+    from tests.core.test_batching_equivalence import Req, alone, run_engine
 
     _, int8, _ = default_pair
     prompts = [int8.tokenizer.encode(t) for t in ("Hello, how are", "List three fruits:", "The ocean is",
