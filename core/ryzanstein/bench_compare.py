@@ -18,6 +18,7 @@ from ryzanstein.bench import BENCH_MESSAGES
 from ryzanstein.engine.batching import BatchEngine, EngineConfig, StepStats, collect, holding
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.qweights import is_quantized
 
 
 def read_bandwidth_gb_s(megabytes: int = 1024, runs: int = 5) -> float:
@@ -38,10 +39,10 @@ def weight_bytes_per_token(model: Any) -> int:
     (one row), unless the fp32 embedding is also what the output head reads."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
-                 if name.endswith(("weight_int8", "weight_scale")))
+                 if name.endswith(("weight_int8", "weight_int4", "weight_scale", "weight_min")))
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    head_reads_embed = (head is not None and not hasattr(head, "weight_int8")
+    head_reads_embed = (head is not None and not is_quantized(head)
                         and head.weight.data_ptr() == embed.data_ptr())
     if not head_reads_embed:
         total -= embed.numel() * embed.element_size()
@@ -92,7 +93,7 @@ def llama_cpp(gguf: Path, prompt: list[int], tokens: int, runs: int, threads: in
 
 
 def int8_copy(lm: Any) -> Any:
-    from ryzanstein.engine.int8 import quantize_model_int8
+    from ryzanstein.engine.qweights import quantize_model_int8
     from ryzanstein.models.loader import load_model_folder
 
     copy = load_model_folder(lm.name + "-int8", Path(lm.path))

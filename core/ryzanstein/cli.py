@@ -213,6 +213,71 @@ def models_convert(
     console.print(f"converted and imported [bold]{info.name}[/bold] ({info.size_bytes / 2**20:.0f} MiB)")
 
 
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="A model in the store."),
+    methods: str = typer.Option("auto", help="Comma-separated methods, or 'auto' (all of them)."),
+    goal: str = typer.Option("accuracy", help="accuracy (smallest within --max-loss), fastest, or fits."),
+    max_loss: float = typer.Option(1.0, help="Largest perplexity increase allowed, in percent."),
+    max_gb: float = typer.Option(None, help="With --goal fits: the memory the model must fit in."),
+    calibration: Path = typer.Option(None, help="UTF-8 text file for calibrated methods (default: ours)."),
+    name: str = typer.Option(None, help="Name of the saved model (default <model>-<method>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Measure and choose, but save nothing."),
+    output: Path = typer.Option(None, help="Also write the report as JSON here."),
+) -> None:
+    """Try quantization methods, measure each against the unquantized model (perplexity, KL, top-1, size,
+    speed), pick one for the goal and save it to the store. Ctrl+C cancels; the store is left as it was."""
+    import json
+
+    from ryzanstein import compute
+    from ryzanstein.quant.methods import known_methods
+    from ryzanstein.quant.run import AUTO_METHODS, QuantizeRequest, run_quantization
+
+    chosen = list(AUTO_METHODS) if methods == "auto" else [m.strip() for m in methods.split(",") if m.strip()]
+    text = None
+    if calibration is not None:
+        try:
+            text = calibration.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(InvalidRequest(f"Cannot read calibration file {calibration}: {exc}", param="calibration"))
+    req = QuantizeRequest(model=model, methods=chosen, goal=goal, max_loss_pct=max_loss, max_gb=max_gb,
+                          name=name, calibration=text, save=not dry_run, auto=methods == "auto")
+    cancel = threading.Event()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("starting", total=1.0)
+        try:
+            report = compute.call(lambda: run_quantization(
+                model_store(), req, cancel=cancel,
+                progress=lambda stage, f: progress.update(task, completed=f, description=stage)))
+        except KeyboardInterrupt:
+            cancel.set()
+            console.print("[yellow]cancelled: nothing was saved[/yellow]")
+            raise typer.Exit(130) from None
+        except RyzansteinError as exc:
+            if "Unknown quantization method" in exc.message:
+                console.print(f"known methods: {', '.join(known_methods())}")
+            fail(exc)
+    table = Table("method", "bits/weight", "memory", "perplexity", "Δ ppl", "mean KL", "top-1", "prefill tok/s",
+                  "decode tok/s", title=f"quantize {model}: {report['eval_tokens']} held-out tokens")
+    for row in report["rows"]:
+        style = "bold green" if row["method"] == report["selected"] else None
+        table.add_row(row["method"], f"{row['bits_per_weight']:.2f}", f"{row['memory_bytes'] / 2**20:.0f} MiB",
+                      f"{row['perplexity']:.2f}", f"{row['perplexity_change_pct']:+.2f}%", f"{row['mean_kl']:.4f}",
+                      f"{row['top1_agreement']:.1%}", f"{row['prefill_tokens_per_s']:.0f}",
+                      f"{row['decode_tokens_per_s']:.1f}", style=style)
+    console.print(table)
+    for method, why in report.get("skipped", {}).items():
+        console.print(f"[dim]{method} skipped: {why}[/dim]")
+    for row in report["rows"]:
+        if row.get("note"):
+            console.print(f"[yellow]{row['method']}:[/yellow] {row['note']}")
+    console.print(f"selected: [bold]{report['selected']}[/bold] ({report['reason']})"
+                  + (f"; saved as [bold]{report['saved_as']}[/bold]" if report["saved_as"] else ""))
+    if output:
+        output.write_text(json.dumps(report, indent=2))
+
+
 @bench_app.command("decode")
 def bench_decode(
     model: str = typer.Option(DEFAULT_MODEL),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ryzanstein.engine.int8 import cpu_supports_kernel, int8_linear, quantize_model_int8, quantize_weight
+from ryzanstein.engine.qweights import cpu_supports_kernel, int8_linear, quantize_model_int8, quantize_weight
 from ryzanstein.models.loader import load_model_folder
 
 pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason="needs AVX2 + FMA")
@@ -34,7 +34,7 @@ def test_bad_inputs_are_refused():
     with pytest.raises(RuntimeError, match="shapes"):
         int8_linear(torch.randn(2, 15), q, scale)
     with pytest.raises(RuntimeError, match="int8"):
-        from ryzanstein.engine.int8 import kernel
+        from ryzanstein.engine.qweights import kernel
 
         kernel().int8_linear(torch.randn(2, 16), q.float(), scale)
 

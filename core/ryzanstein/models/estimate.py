@@ -45,6 +45,17 @@ def safetensors_header(path: Path) -> dict:
         return json.loads(f.read(length))
 
 
+def stored_bytes(folder: Path) -> int:
+    """Bytes of every tensor as stored (quantized models load as stored: packed int8/uint8 + fp32)."""
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        for name, tensor in safetensors_header(file).items():
+            if name != "__metadata__":
+                start, end = tensor["data_offsets"]
+                total += end - start
+    return total
+
+
 def count_parameters(folder: Path) -> tuple[int, str]:
     """Element count of every tensor in the folder's safetensors files, and the most common stored dtype."""
     elements, dtype_elements = 0, dict[str, int]()
@@ -84,7 +95,10 @@ def kv_cache_bytes(config: dict, context_tokens: int, bytes_per_element: int = 4
 def estimate_memory(folder: Path, context_tokens: int) -> MemoryEstimate:
     config = json.loads((folder / "config.json").read_text())
     parameters, dtype = count_parameters(folder)
-    weights = parameters * LOAD_BYTES_PER_ELEMENT
+    quantized = (folder / "quantization.json").is_file()
+    weights = stored_bytes(folder) if quantized else parameters * LOAD_BYTES_PER_ELEMENT
+    if quantized:  # the fresh architecture is built in fp32 before the packed tensors replace its linears
+        dtype = "quantized"
     return MemoryEstimate(
         parameters=parameters,
         stored_dtype=dtype.lower(),

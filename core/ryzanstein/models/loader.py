@@ -97,6 +97,12 @@ def load_model_folder(name: str, path: Path, *, trust_remote_code: bool = False)
     hf_logging.disable_progress_bar()  # our callers show their own progress
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        if (path / "quantization.json").is_file():
+            from ryzanstein.quant.io import load_quantized_model
+
+            model = load_quantized_model(path, trust_remote_code)
+            materialize(model)
+            return LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path)
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=torch.float32,

@@ -269,7 +269,7 @@ def load_and_warm_up(name: str, path: Path, trust_remote_code: bool, weights: st
 
     lm = load_model_folder(name, path, trust_remote_code=trust_remote_code)
     if weights == "int8":
-        from ryzanstein.engine.int8 import quantize_model_int8
+        from ryzanstein.engine.qweights import quantize_model_int8
 
         quantize_model_int8(lm.model)
         release_freed_memory()

@@ -156,6 +156,13 @@ class ModelStore:
 
         return self._import(name, f"folder:{source}", write, progress, cancel, trust_remote_code)
 
+    def import_quantized(self, name: str, base_name: str, method: str, write: Callable[[Path], None], *,
+                         progress: ProgressFn = _no_progress, cancel: threading.Event | None = None) -> ModelInfo:
+        """Add a quantized model written by `write(temp folder)`; atomic like every import."""
+        self.check_new_name(name)
+        base = self.get(base_name)
+        return self._import(name, f"quantized:{base_name}:{method}", write, progress, cancel, base.trust_remote_code)
+
     def delete(self, name: str) -> None:
         info = self.get(name)
         trash = self.root / f".trash-{name}-{time.time_ns()}"

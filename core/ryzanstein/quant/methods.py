@@ -1,0 +1,204 @@
+"""Quantization methods. Each turns an fp32 model's linears into packed int8/int4 in place and returns the
+per-layer recipe that `quant.io` saves next to the weights.
+
+- int8: per-output-channel symmetric (round to nearest).
+- int4-g32 / -g64 / -g128: group-wise asymmetric min/max, round to nearest.
+- gptq-g32 / -g64 / -g128: GPTQ (Frantar et al. 2022): columns quantized in order, each one's rounding error
+  spread over the columns not yet quantized through the inverse Hessian of the layer's calibration inputs.
+  Hessians come from one pass of the fp32 model over the calibration text (not layer-sequential).
+- bitnet: BitNet b1.58 absmean ternary, w ∈ {-γ, 0, +γ} with γ = mean |w| per output channel, stored as int4
+  codes {0, 1, 2} with min −γ and scale γ (packed 4 bits, run by the int4 kernel). Applied after training to an
+  ordinary model it destroys accuracy: the report says so.
+The output head stays int8 in every 4-bit method (it is the most sensitive layer and a fifth of the weights).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ryzanstein.engine.qweights import (
+    INT4_GROUPS,
+    int4_params,
+    kernel,
+    mark_head,
+    pack_int4,
+    quantize_weight,
+    quantize_weight_int4,
+    set_int4,
+    set_int8,
+    shared_parameters,
+)
+from ryzanstein.errors import Cancelled, InvalidRequest
+
+Progress = Callable[[str, float], None]
+Recipe = dict[str, dict[str, Any]]  # linear name → {"format": "int8"} | {"format": "int4", "group": g}
+
+BASE_METHODS = ("int8", "int4", "gptq", "bitnet")
+
+
+def parse_method(method: str) -> tuple[str, int | None]:
+    """'int4-g64' → ('int4', 64); 'int8' → ('int8', None). Unknown names are a clear error."""
+    base, _, suffix = method.partition("-g")
+    if base not in BASE_METHODS or (base in ("int4", "gptq") and not suffix) or (base in ("int8", "bitnet")
+                                                                                  and suffix):
+        raise InvalidRequest(f"Unknown quantization method {method!r}. Known: {', '.join(known_methods())}.",
+                             param="methods")
+    group = int(suffix) if suffix else None
+    if group is not None and group not in INT4_GROUPS:
+        raise InvalidRequest(f"Unknown quantization method {method!r}: groups are {INT4_GROUPS}.", param="methods")
+    return base, group
+
+
+def known_methods() -> list[str]:
+    return ["int8", *[f"int4-g{g}" for g in INT4_GROUPS], *[f"gptq-g{g}" for g in INT4_GROUPS], "bitnet"]
+
+
+def linears(model: Any) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+
+
+def head_name(model: Any) -> str | None:
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("Quantization was cancelled.")
+
+
+def unsuitable(model: Any, method: str) -> str | None:
+    """Why `method` cannot quantize this model (a group size that does not divide a layer), or None."""
+    _, group = parse_method(method)
+    head = head_name(model)
+    for name, module in linears(model).items():
+        if group and name != head and module.in_features % group:
+            return f"layer {name} has {module.in_features} inputs, not a multiple of {group}"
+    return None
+
+
+def apply_method(model: Any, method: str, calibration: list[torch.Tensor] | None = None, *,
+                 progress: Progress = lambda stage, f: None, cancel: threading.Event | None = None) -> Recipe:
+    base, group = parse_method(method)
+    kernel()
+    layers = linears(model)
+    head = head_name(model)
+    reason = unsuitable(model, method)
+    if reason:
+        raise InvalidRequest(f"{method} does not fit this model: {reason}; use a smaller group.", param="methods")
+    hessians = collect_hessians(model, calibration, progress, cancel) if base == "gptq" else {}
+    shared = shared_parameters(model)
+    recipe: Recipe = {}
+    for i, (name, module) in enumerate(layers.items()):
+        _check(cancel)
+        progress(f"{method}: {name}", i / len(layers))
+        if base == "int8" or name == head:
+            q, scale = quantize_weight(module.weight)
+            set_int8(module, q, scale, shared)
+            recipe[name] = {"format": "int8"}
+        elif base == "int4":
+            assert group is not None
+            packed, scale, low = quantize_weight_int4(module.weight, group)
+            set_int4(module, packed, scale, low, group, shared)
+            recipe[name] = {"format": "int4", "group": group}
+        elif base == "gptq":
+            assert group is not None
+            codes, scale, low = gptq(module.weight.detach().float(), hessians.pop(name), group)
+            set_int4(module, pack_int4(codes), scale, low, group, shared)
+            recipe[name] = {"format": "int4", "group": group, "calibrated": "gptq"}
+        else:  # bitnet
+            packed, scale, low, tern_group = ternary(module.weight)
+            set_int4(module, packed, scale, low, tern_group, shared)
+            recipe[name] = {"format": "int4", "group": tern_group, "ternary": True}
+    mark_head(model)
+    progress(f"{method}: done", 1.0)
+    return recipe
+
+
+# -- GPTQ ------------------------------------------------------------------------------------------------
+def collect_hessians(model: Any, calibration: list[torch.Tensor] | None, progress: Progress,
+                     cancel: threading.Event | None) -> dict[str, torch.Tensor]:
+    """H = 2/n Σ xᵀx over every input row each linear sees on the calibration text."""
+    if not calibration:
+        raise InvalidRequest("GPTQ needs calibration text.", param="calibration")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def accumulate(module: Any, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return accumulate
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears(model).items()]
+    try:
+        with torch.inference_mode():
+            for i, chunk in enumerate(calibration):
+                _check(cancel)
+                progress("calibrating", i / len(calibration))
+                model(input_ids=chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: 2.0 * sums[name] / counts[name] for name in sums}
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, block: int = 128,
+         damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [O, K] (0..15), scales and mins [O, K/group] minimising ‖(W − Ŵ)X‖ column by column."""
+    w = weight.clone()
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out_features, in_features = w.shape
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    scales = torch.zeros(out_features, in_features // group)
+    mins = torch.zeros(out_features, in_features // group)
+    block = max(group, block - block % group)
+    for b0 in range(0, in_features, block):
+        b1 = min(b0 + block, in_features)
+        w1 = w[:, b0:b1].clone()
+        err = torch.zeros_like(w1)
+        h1 = h_inv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % group == 0:
+                g = col // group
+                s, low = int4_params(w1[:, i:i + group], group)
+                scales[:, g], mins[:, g] = s[:, 0], low[:, 0]
+            g = col // group
+            s, low = scales[:, g], mins[:, g]
+            q = torch.round((w1[:, i] - low) / s).clamp(0, 15)
+            codes[:, col] = q.to(torch.uint8)
+            e = (w1[:, i] - (q * s + low)) / h1[i, i]
+            w1[:, i:] -= e[:, None] @ h1[i, i:][None, :]
+            err[:, i] = e
+        w[:, b1:] -= err @ h_inv[b0:b1, b1:]
+    return codes, scales, mins
+
+
+# -- BitNet b1.58 ----------------------------------------------------------------------------------------
+def ternary(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """absmean ternary per output channel, stored as int4 codes {0,1,2} = {−γ, 0, +γ}."""
+    w = weight.detach().float()
+    in_features = w.shape[1]
+    group = next((g for g in sorted(INT4_GROUPS, reverse=True) if in_features % g == 0), None)
+    if group is None:
+        raise InvalidRequest(f"BitNet needs layers whose inputs divide by 32 (got {in_features}).",
+                             param="methods")
+    gamma = w.abs().mean(dim=1).clamp(min=1e-8)
+    t = torch.round(w / gamma[:, None]).clamp(-1, 1)
+    codes = (t + 1).to(torch.uint8)
+    groups = in_features // group
+    scale = gamma[:, None].expand(-1, groups).contiguous()
+    low = (-gamma)[:, None].expand(-1, groups).contiguous()
+    return pack_int4(codes), scale, low, group
+

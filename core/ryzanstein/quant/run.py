@@ -1,0 +1,211 @@
+"""A quantization run: try candidate methods on a store model, measure each against the unquantized model on
+held-out text, pick one for the user's goal, and save it to the store with the whole table.
+
+Goals: `accuracy` (default: the smallest model whose perplexity is within `max_loss_pct` of the unquantized
+model's), `fastest` (the highest decode tokens/s within `max_loss_pct`), `fits` (the most accurate model whose
+memory is at most `max_gb`). The unquantized model is always a row and is what `fits`/`fastest` may pick.
+When no candidate meets the goal, nothing is saved and the error names the closest one.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ryzanstein.engine.generate import GenerationStats, stream_tokens
+from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.qweights import linear_bytes
+from ryzanstein.errors import Cancelled, InvalidRequest, RyzansteinError
+from ryzanstein.models.loader import load_model_folder
+from ryzanstein.models.store import ModelStore
+from ryzanstein.quant.evaluate import (
+    MIN_EVAL_TOKENS,
+    Accuracy,
+    calibration_text,
+    chunk_logits,
+    evaluate,
+    heldout_text,
+    token_chunks,
+)
+from ryzanstein.quant.io import quantized_state, save_quantized
+from ryzanstein.quant.methods import apply_method, parse_method, unsuitable
+
+Progress = Callable[[str, float], None]
+AUTO_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gptq-g64", "gptq-g128", "bitnet")
+GOALS = ("accuracy", "fastest", "fits")
+
+
+class GoalNotMet(RyzansteinError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "goal_not_met"
+
+
+@dataclass
+class QuantizeRequest:
+    model: str
+    methods: list[str] = field(default_factory=lambda: list(AUTO_METHODS))
+    goal: str = "accuracy"
+    max_loss_pct: float = 1.0
+    max_gb: float | None = None
+    name: str | None = None  # default: <model>-<method>
+    calibration: str | None = None  # text; default: resources/text/calibration.txt
+    eval_tokens: int | None = None  # cap on held-out tokens (tests)
+    speed_tokens: int = 32
+    save: bool = True
+    auto: bool = False  # methods were not chosen by hand: skip the ones that do not fit the model
+
+    def validate(self, store: ModelStore) -> None:
+        store.get(self.model)  # unknown model → ModelNotFound
+        if not self.methods:
+            raise InvalidRequest("Give at least one method (or 'auto').", param="methods")
+        for method in self.methods:
+            parse_method(method)
+        if self.goal not in GOALS:
+            raise InvalidRequest(f"goal={self.goal!r} is invalid: use one of {', '.join(GOALS)}.", param="goal")
+        if self.goal == "fits" and not self.max_gb:
+            raise InvalidRequest("goal 'fits' needs max_gb (the memory the model must fit in).", param="max_gb")
+        if not 0 <= self.max_loss_pct <= 1000:
+            raise InvalidRequest("max_loss_pct must be between 0 and 1000.", param="max_loss_pct")
+        if self.calibration is not None and not self.calibration.strip():
+            raise InvalidRequest("The calibration text is empty.", param="calibration")
+        if self.name is not None:
+            store.check_new_name(self.name)
+
+
+def model_bytes(model: Any) -> int:
+    """Memory of the weights as the model holds them (tied tensors once)."""
+    return sum(t.numel() * t.element_size() for t in quantized_state(model).values())
+
+
+def linear_weight_bits(model: Any) -> float:
+    params = sum(m.out_features * m.in_features for m in model.modules() if type(m) is torch.nn.Linear)
+    return 8 * sum(linear_bytes(m) for m in model.modules() if type(m) is torch.nn.Linear) / params
+
+
+def measure_speed(lm: Any, tokens: int) -> tuple[float, float]:
+    """(prefill tok/s on a 128-token prompt, decode tok/s) with the plain decode loop, EOS ignored."""
+    ids = lm.tokenizer.encode(heldout_text(), add_special_tokens=False)[:128]
+    stats = GenerationStats()
+    for _ in stream_tokens(lm.model, lm.tokenizer, ids[:16], GenerationParams(max_tokens=4), eos=set()):
+        pass  # warm-up
+    for _ in stream_tokens(lm.model, lm.tokenizer, ids, GenerationParams(max_tokens=tokens), stats=stats, eos=set()):
+        pass
+    return stats.prefill_tokens_per_s, stats.decode_tokens_per_s
+
+
+def row_for(method: str, lm: Any, accuracy: Accuracy, reference: Accuracy, speed: tuple[float, float],
+            seconds: float) -> dict[str, Any]:
+    return {"method": method, "bits_per_weight": linear_weight_bits(lm.model), "memory_bytes": model_bytes(lm.model),
+            "perplexity": accuracy.perplexity,
+            "perplexity_change_pct": 100 * (accuracy.perplexity / reference.perplexity - 1),
+            "mean_kl": accuracy.mean_kl, "top1_agreement": accuracy.top1_agreement,
+            "prefill_tokens_per_s": speed[0], "decode_tokens_per_s": speed[1], "quantize_seconds": seconds}
+
+
+def select(rows: list[dict], req: QuantizeRequest) -> tuple[dict | None, dict, str]:
+    """(chosen row or None, closest row, why)."""
+    within = [r for r in rows if r["perplexity_change_pct"] <= req.max_loss_pct]
+    quantized = [r for r in within if r["method"] != "none"]
+    if req.goal == "accuracy":
+        if quantized:
+            best = min(quantized, key=lambda r: r["memory_bytes"])
+            return best, best, f"smallest model within +{req.max_loss_pct:g}% perplexity"
+        closest = min((r for r in rows if r["method"] != "none"), key=lambda r: r["perplexity_change_pct"])
+        return None, closest, f"no quantized model stays within +{req.max_loss_pct:g}% perplexity"
+    if req.goal == "fastest":
+        best = max(within, key=lambda r: r["decode_tokens_per_s"])
+        return best, best, f"fastest decode within +{req.max_loss_pct:g}% perplexity"
+    limit = (req.max_gb or 0) * 2**30
+    fitting = [r for r in rows if r["memory_bytes"] <= limit]
+    if fitting:
+        best = min(fitting, key=lambda r: r["perplexity"])
+        return best, best, f"most accurate model within {req.max_gb:g} GB"
+    closest = min(rows, key=lambda r: r["memory_bytes"])
+    return None, closest, f"no model fits in {req.max_gb:g} GB"
+
+
+def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progress = lambda s, f: None,
+                     cancel: threading.Event | None = None) -> dict[str, Any]:
+    req.validate(store)
+    info = store.get(req.model)
+    base_path = Path(info.path)
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Quantization was cancelled; nothing was saved.")
+
+    progress("evaluating the unquantized model", 0.0)
+    base = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
+    chunks = token_chunks(base.tokenizer, heldout_text(), 512, req.eval_tokens)
+    calibration_source = req.calibration if req.calibration is not None else calibration_text()
+    calibration_count = len(base.tokenizer.encode(calibration_source, add_special_tokens=False))
+    if calibration_count < MIN_EVAL_TOKENS:
+        raise InvalidRequest(f"The calibration text has {calibration_count} tokens; at least {MIN_EVAL_TOKENS} "
+                             "are needed.", param="calibration")
+    calibration = token_chunks(base.tokenizer, calibration_source, 256)
+    reference_logits = chunk_logits(base.model, chunks)
+    reference = evaluate(base.model, chunks, reference_logits)
+    rows = [row_for("none", base, reference, reference, measure_speed(base, req.speed_tokens), 0.0)]
+    skipped = {m: why for m in req.methods if (why := unsuitable(base.model, m))}
+    if skipped and not req.auto:
+        method, why = next(iter(skipped.items()))
+        raise InvalidRequest(f"{method} does not fit this model: {why}; use a smaller group.", param="methods")
+    methods = [m for m in req.methods if m not in skipped]
+    del base
+    gc.collect()
+    recipes: dict[str, dict] = {}
+    for i, method in enumerate(methods):
+        check_cancel()
+        step = (i + 1) / (len(methods) + 1)
+        progress(f"{method}: quantizing", step)
+        lm = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
+        started = time.perf_counter()
+        recipes[method] = apply_method(lm.model, method, calibration, cancel=cancel,
+                                       progress=lambda stage, f, s=step: progress(stage, s))
+        seconds = time.perf_counter() - started
+        progress(f"{method}: measuring", step)
+        accuracy = evaluate(lm.model, chunks, reference_logits)
+        rows.append(row_for(method, lm, accuracy, reference, measure_speed(lm, req.speed_tokens), seconds))
+        del lm
+        gc.collect()
+    fp32_decode = rows[0]["decode_tokens_per_s"]
+    for row in rows[1:]:
+        row["decodes_at_least_as_fast_as_fp32"] = row["decode_tokens_per_s"] >= fp32_decode
+        if row["method"] == "bitnet" and row["perplexity_change_pct"] > 100:
+            row["note"] = ("Ternary weights applied after training wreck an ordinary model; BitNet needs a model "
+                           "trained (or fine-tuned) for ternary weights.")
+    chosen, closest, why = select(rows, req)
+    report = {"model": req.model, "goal": req.goal, "max_loss_pct": req.max_loss_pct, "max_gb": req.max_gb,
+              "eval_tokens": reference.tokens, "rows": rows, "skipped": skipped,
+              "selected": chosen["method"] if chosen else None, "reason": why, "saved_as": None,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if chosen is None:
+        raise GoalNotMet(f"{why.capitalize()}. Closest: {closest['method']} (perplexity "
+                         f"{closest['perplexity_change_pct']:+.2f}%, {closest['memory_bytes'] / 2**20:.0f} MiB). "
+                         "Relax the goal or try other methods.", param="goal")
+    if chosen["method"] == "none" or not req.save:
+        return report
+    check_cancel()
+    method = chosen["method"]
+    name = req.name or f"{req.model}-{method}"[:64]
+    report["saved_as"] = name
+    progress(f"saving {name}", 0.97)
+    lm = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
+    recipe = apply_method(lm.model, method, calibration, cancel=cancel)
+
+    def write(tmp: Path) -> None:
+        save_quantized(lm.model, base_path, tmp, recipe, {"method": method, "base_model": req.model,
+                                                          "report": report})
+
+    store.import_quantized(name, req.model, method, write, cancel=cancel)
+    progress("done", 1.0)
+    return report
+
