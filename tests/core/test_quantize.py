@@ -1,0 +1,164 @@
+"""Quantization methods, the packed on-disk format, and a whole run (goal, selection, save) with bad input."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from ryzanstein.engine.generate import generate_text
+from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.qweights import cpu_supports_kernel, dequantize, int4_params, unpack_int4
+from ryzanstein.errors import Cancelled, InvalidRequest, ModelNotFound
+from ryzanstein.models.loader import load_model_folder
+from ryzanstein.models.store import ModelStore
+from ryzanstein.quant.evaluate import calibration_text, chunk_logits, evaluate, heldout_text, token_chunks
+from ryzanstein.quant.io import save_quantized
+from ryzanstein.quant.methods import apply_method, gptq, known_methods, parse_method
+from ryzanstein.quant.run import GoalNotMet, QuantizeRequest, run_quantization
+
+pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason="needs AVX2 + FMA")
+KL_BOUND = {"int8": 0.01, "int4-g32": 0.3, "int4-g64": 0.3, "gptq-g32": 0.3}
+
+
+@pytest.fixture(scope="module")
+def data(tiny_llama_dir):
+    lm = load_model_folder("tiny", tiny_llama_dir)
+    chunks = token_chunks(lm.tokenizer, heldout_text(), 256, 768)
+    calib = token_chunks(lm.tokenizer, calibration_text(), 256)
+    return chunks, calib, chunk_logits(lm.model, chunks)
+
+
+def test_method_names():
+    assert parse_method("int4-g64") == ("int4", 64) and parse_method("int8") == ("int8", None)
+    for bad in ("int3", "int4", "int4-g48", "int8-g32", "gptq", ""):
+        with pytest.raises(InvalidRequest, match="Unknown quantization method"):
+            parse_method(bad)
+    assert "gptq-g64" in known_methods() and "bitnet" in known_methods()
+
+
+@pytest.mark.parametrize("method", sorted(KL_BOUND))
+def test_method_stays_close_and_survives_save_and_reload(method, tiny_llama_dir, data, tmp_path):
+    chunks, calib, reference = data
+    lm = load_model_folder("tiny", tiny_llama_dir)
+    recipe = apply_method(lm.model, method, calib)
+    accuracy = evaluate(lm.model, chunks, reference)
+    assert accuracy.mean_kl < KL_BOUND[method], accuracy
+    prompt = lm.tokenizer.encode("Quantized models must still speak")
+    before = generate_text(lm.model, lm.tokenizer, prompt, GenerationParams(max_tokens=12))[0]
+    out = tmp_path / "q"
+    out.mkdir()
+    save_quantized(lm.model, tiny_llama_dir, out, recipe, {"method": method})
+    assert (out / "model.safetensors").stat().st_size < (tiny_llama_dir / "model.safetensors").stat().st_size
+    again = load_model_folder("q", out)
+    assert generate_text(again.model, again.tokenizer, prompt, GenerationParams(max_tokens=12))[0] == before
+    names = dict(again.model.named_modules())
+    for name in recipe:
+        assert torch.equal(dequantize(names[name]), dequantize(dict(lm.model.named_modules())[name]))
+
+
+def test_bitnet_is_ternary_and_measurably_worse(tiny_llama_dir, data):
+    chunks, calib, reference = data
+    lm = load_model_folder("tiny", tiny_llama_dir)
+    recipe = apply_method(lm.model, "bitnet", calib)
+    layer = lm.model.model.layers[0].mlp.up_proj
+    assert recipe["model.layers.0.mlp.up_proj"]["ternary"]
+    assert set(unpack_int4(layer.weight_int4).unique().tolist()) <= {0, 1, 2}  # packed, not fp32 in disguise
+    values = dequantize(layer)
+    gamma = layer.weight_scale[:, :1]
+    assert torch.allclose(values.abs(), torch.where(values == 0, 0, gamma.expand_as(values)), atol=1e-6)
+    assert evaluate(lm.model, chunks, reference).top1_agreement < 0.8  # a random model's KL stays small
+
+
+def test_gptq_beats_round_to_nearest_on_its_calibration_inputs():
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(64, 64, generator=g)
+    x = torch.randn(2048, 64, generator=g) @ mixing  # correlated inputs, as in a real layer
+    w = torch.randn(32, 64, generator=g)
+    hessian = 2 * x.T @ x / x.shape[0]
+    codes, scale, low = gptq(w, hessian, 32)
+    gptq_w = (codes.float().reshape(32, -1, 32) * scale[..., None] + low[..., None]).reshape(32, 64)
+    s, m = int4_params(w, 32)
+    rtn = (torch.round((w.reshape(32, -1, 32) - m[..., None]) / s[..., None]).clamp(0, 15) * s[..., None]
+           + m[..., None]).reshape(32, 64)
+    assert codes.max() <= 15
+    assert ((gptq_w - w) @ x.T).norm() < 0.8 * ((rtn - w) @ x.T).norm()
+
+
+@pytest.fixture
+def qstore(tmp_path, tiny_llama_dir):
+    s = ModelStore(tmp_path / "models")
+    s.import_hf_folder(tiny_llama_dir, "tiny")
+    return s
+
+
+def request(**kw) -> QuantizeRequest:
+    return QuantizeRequest(**{"model": "tiny", "methods": ["int8", "int4-g32"], "eval_tokens": 600,
+                              "speed_tokens": 4, **kw})
+
+
+def test_run_measures_every_candidate_picks_for_the_goal_and_saves(qstore):
+    report = run_quantization(qstore, request(max_loss_pct=1000))
+    assert [r["method"] for r in report["rows"]] == ["none", "int8", "int4-g32"]
+    assert report["selected"] == "int4-g32"  # smallest within the (generous) bound
+    assert report["saved_as"] == "tiny-int4-g32" and qstore.has("tiny-int4-g32")
+    for row in report["rows"][1:]:
+        assert row["memory_bytes"] < report["rows"][0]["memory_bytes"]
+        assert 0 <= row["top1_agreement"] <= 1 and row["mean_kl"] >= 0
+    saved = load_model_folder("saved", Path(qstore.get("tiny-int4-g32").path))
+    assert generate_text(saved.model, saved.tokenizer, [5, 6, 7], GenerationParams(max_tokens=5))[2].completion_tokens
+
+
+def test_fits_goal_and_a_goal_nobody_meets(qstore):
+    report = run_quantization(qstore, request(goal="fits", max_gb=1.0, save=False))
+    best = min(report["rows"], key=lambda r: r["perplexity"])  # all fit in 1 GB: the most accurate wins
+    assert report["selected"] == best["method"] and report["saved_as"] is None
+    names = [m.name for m in qstore.list()]
+    with pytest.raises(GoalNotMet, match="Closest: int4-g32"):
+        run_quantization(qstore, request(goal="fits", max_gb=1e-6))
+    assert [m.name for m in qstore.list()] == names
+
+
+def test_bad_requests_leave_the_store_as_it_was(qstore, tmp_path, monkeypatch):
+    names = [m.name for m in qstore.list()]
+    with pytest.raises(ModelNotFound):
+        run_quantization(qstore, request(model="nope"))
+    with pytest.raises(InvalidRequest, match="Unknown quantization method"):
+        run_quantization(qstore, request(methods=["int5"]))
+    with pytest.raises(InvalidRequest, match="empty"):
+        run_quantization(qstore, request(calibration="   "))
+    with pytest.raises(InvalidRequest, match="at least 256"):
+        run_quantization(qstore, request(methods=["gptq-g32"], calibration="far too short"))
+    with pytest.raises(InvalidRequest, match="already in the store"):
+        run_quantization(qstore, request(name="tiny"))
+    with pytest.raises(InvalidRequest, match="not a multiple of 128"):
+        run_quantization(qstore, request(methods=["int4-g128"]))
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        run_quantization(qstore, request(max_loss_pct=1000), cancel=cancel,
+                         progress=lambda stage, f: cancel.set() if stage.startswith("int8") else None)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("ryzanstein.quant.run.save_quantized", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_quantization(qstore, request(max_loss_pct=1000))
+    assert [m.name for m in qstore.list()] == names
+    assert not [p for p in qstore.root.iterdir() if p.name.startswith(".")]
+
+
+def test_default_model_int4_g32_stays_within_one_percent(default_model_dir, tmp_path):
+    """The default model was shipped as Q4_1 (groups of 32): int4-g32 reproduces its weights almost exactly."""
+    store = ModelStore(tmp_path / "models")
+    shutil.copytree(default_model_dir, store.root / "smol")
+    report = run_quantization(store, QuantizeRequest(model="smol", methods=["int4-g32", "int8"], eval_tokens=1024,
+                                                     speed_tokens=8))
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["int4-g32"]["perplexity_change_pct"] < 1.0 and rows["int8"]["perplexity_change_pct"] < 1.0
+    assert report["selected"] == "int4-g32" and store.has("smol-int4-g32")
+    for method in ("int4-g32", "int8"):
+        assert rows[method]["decode_tokens_per_s"] > 0
