@@ -46,6 +46,7 @@ class GoalNotMet(RyzansteinError):
     status_code = 422
     error_type = "invalid_request_error"
     code = "goal_not_met"
+    result: dict | None = None
 
 
 @dataclass
@@ -188,9 +189,11 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
               "selected": chosen["method"] if chosen else None, "reason": why, "saved_as": None,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if chosen is None:
-        raise GoalNotMet(f"{why.capitalize()}. Closest: {closest['method']} (perplexity "
-                         f"{closest['perplexity_change_pct']:+.2f}%, {closest['memory_bytes'] / 2**20:.0f} MiB). "
-                         "Relax the goal or try other methods.", param="goal")
+        error = GoalNotMet(f"{why.capitalize()}. Closest: {closest['method']} (perplexity "
+                           f"{closest['perplexity_change_pct']:+.2f}%, {closest['memory_bytes'] / 2**20:.0f} MiB). "
+                           "Relax the goal or try other methods.", param="goal")
+        error.result = report  # the table is still worth showing
+        raise error
     if chosen["method"] == "none" or not req.save:
         return report
     check_cancel()

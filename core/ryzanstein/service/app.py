@@ -18,7 +18,7 @@ from ryzanstein.engine.batching import EngineConfig
 from ryzanstein.engine.registry import Engines
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
-from ryzanstein.service import api_routes, model_routes, openai_routes
+from ryzanstein.service import api_routes, model_routes, openai_routes, quant_routes
 from ryzanstein.service.errors import install_error_handlers
 from ryzanstein.service.jobs import JobRunner
 from ryzanstein.telemetry import EventHub, MetricsSampler, ThroughputMeter
@@ -100,6 +100,6 @@ def create_app(settings: Settings, token: str) -> FastAPI:
                                                     "engines": engines.snapshot()})
     install_error_handlers(app)
     app.include_router(api_routes.public_router)
-    for router in (api_routes.router, model_routes.router, openai_routes.router):
+    for router in (api_routes.router, model_routes.router, openai_routes.router, quant_routes.router):
         app.include_router(router, dependencies=[Depends(require_token)])
     return app

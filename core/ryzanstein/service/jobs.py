@@ -69,6 +69,7 @@ class JobRunner:
             job.state, job.error, job.stage = "cancelled", exc.message, "cancelled"
         except RyzansteinError as exc:
             job.state, job.error, job.stage = "failed", exc.message, "failed"
+            job.result = getattr(exc, "result", None)  # e.g. the measurements of a run whose goal was not met
         except Exception as exc:  # reported on the job; the service keeps running
             job.state, job.error, job.stage = "failed", f"{type(exc).__name__}: {exc}", "failed"
         job.finished = time.time()

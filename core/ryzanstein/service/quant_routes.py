@@ -1,0 +1,51 @@
+"""Quantization under /api: start a run as a job (progress and cancel through /api/jobs), list the methods."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from ryzanstein.models.manager import ModelManager
+from ryzanstein.quant.methods import known_methods
+from ryzanstein.quant.run import AUTO_METHODS, GOALS, QuantizeRequest, run_quantization
+
+router = APIRouter(prefix="/api")
+
+
+class QuantizeBody(BaseModel):
+    model: str = Field(..., description="A model in the store.")
+    methods: list[str] | Literal["auto"] = Field("auto", description="Methods to try, or 'auto' for all that fit.")
+    goal: Literal["accuracy", "fastest", "fits"] = "accuracy"
+    max_loss_pct: float = Field(1.0, ge=0, le=1000, description="Largest perplexity increase allowed (%).")
+    max_gb: float | None = Field(None, gt=0, description="With goal 'fits': memory the model must fit in.")
+    name: str | None = Field(None, description="Name of the saved model; default <model>-<method>.")
+    calibration: str | None = Field(None, description="Calibration text (256+ tokens); default: ours.")
+    save: bool = True
+
+
+@router.get("/quantize/methods")
+async def methods() -> dict[str, Any]:
+    return {"methods": known_methods(), "auto": list(AUTO_METHODS), "goals": list(GOALS)}
+
+
+@router.post("/quantize", status_code=202)
+async def quantize(body: QuantizeBody, request: Request) -> dict:
+    manager: ModelManager = request.app.state.manager
+    auto = body.methods == "auto"
+    req = QuantizeRequest(model=body.model, methods=list(AUTO_METHODS) if auto else list(body.methods),
+                          goal=body.goal, max_loss_pct=body.max_loss_pct, max_gb=body.max_gb, name=body.name,
+                          calibration=body.calibration, save=body.save, auto=auto)
+    await asyncio.to_thread(req.validate, manager.store)  # bad model, method, goal or name: 4xx now, no job
+
+    def run(progress, cancel) -> dict:
+        # Runs in the job's own thread (not the compute thread) so chat keeps answering meanwhile.
+        report = run_quantization(manager.store, req, progress=progress, cancel=cancel)
+        if report.get("saved_as"):
+            manager.publish("model", {"name": report["saved_as"], "state": "imported"})
+        return report
+
+    job = request.app.state.jobs.submit("quantize", f"quantize {body.model}", run)
+    return job.to_dict()
