@@ -76,6 +76,16 @@ class ServiceClient:
     def delete_model(self, name: str) -> dict:
         return self._request("DELETE", f"/api/models/{name}")
 
+    def quantize(self, body: dict) -> dict:
+        """Start a quantization job (POST /api/quantize); bad requests fail here, before any job."""
+        return self._request("POST", "/api/quantize", body)
+
+    def quantize_methods(self) -> dict:
+        return self._get("/api/quantize/methods")
+
+    def job(self, job_id: str) -> dict:
+        return self._get(f"/api/jobs/{job_id}")
+
     def cancel_job(self, job_id: str) -> dict:
         return self._request("POST", f"/api/jobs/{job_id}/cancel")
 

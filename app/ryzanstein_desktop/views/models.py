@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 )
 
 from ryzanstein_desktop.bridge import Bridge
+from ryzanstein_desktop.views.quantize_wizard import QuantizeWizard
 from ryzanstein_desktop.widgets.error_dialog import show_error
 
 MIB = 2**20
@@ -70,11 +71,15 @@ class ModelsView(QWidget):
         self.unload_button.clicked.connect(self.unload_selected)
         self.delete_button = QPushButton("Delete…")
         self.delete_button.clicked.connect(lambda: self.delete_selected(confirm=True))
+        self.quantize_button = QPushButton("Quantize…")
+        self.quantize_button.setToolTip("Make a smaller, faster copy of the selected model, chosen by measured "
+                                        "accuracy")
+        self.quantize_button.clicked.connect(self.open_quantize_wizard)
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
         buttons = QHBoxLayout()
         for widget in (self.import_folder_button, self.import_gguf_button, self.load_button, self.pin_box,
-                       self.unload_button, self.delete_button):
+                       self.unload_button, self.delete_button, self.quantize_button):
             buttons.addWidget(widget)
         buttons.addStretch(1)
         buttons.addWidget(self.refresh_button)
@@ -216,6 +221,13 @@ class ModelsView(QWidget):
             return
         self.bridge.call(lambda c: c.delete_model(name), lambda result: self.refresh(),
                          lambda msg: self._failed("Delete failed", msg))
+
+    def open_quantize_wizard(self) -> QuantizeWizard:
+        names = [row["name"] for row in self.rows]
+        self.wizard = QuantizeWizard(self.bridge, names, self.selected_name(), self)
+        self.wizard.finished.connect(lambda _code: self.refresh())
+        self.wizard.show()
+        return self.wizard
 
     def _failed(self, title: str, message: str) -> None:
         self.refresh()
