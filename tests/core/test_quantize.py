@@ -21,7 +21,7 @@ from ryzanstein.quant.methods import apply_method, gptq, known_methods, parse_me
 from ryzanstein.quant.run import GoalNotMet, QuantizeRequest, run_quantization
 
 pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason="needs AVX2 + FMA")
-KL_BOUND = {"int8": 0.01, "int4-g32": 0.3, "int4-g64": 0.3, "gptq-g32": 0.3}
+KL_BOUND = {"int8": 0.01, "int4-g32": 0.3, "int4-g64": 0.3, "gptq-g32": 0.3, "awq-g32": 0.3, "mixed-g32": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def data(tiny_llama_dir):
 
 def test_method_names():
     assert parse_method("int4-g64") == ("int4", 64) and parse_method("int8") == ("int8", None)
-    for bad in ("int3", "int4", "int4-g48", "int8-g32", "gptq", ""):
+    for bad in ("int3", "int4", "int4-g48", "int8-g32", "gptq", "awq-gx", "mixed", ""):
         with pytest.raises(InvalidRequest, match="Unknown quantization method"):
             parse_method(bad)
     assert "gptq-g64" in known_methods() and "bitnet" in known_methods()
@@ -86,6 +86,35 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_inputs():
            + m[..., None]).reshape(32, 64)
     assert codes.max() <= 15
     assert ((gptq_w - w) @ x.T).norm() < 0.8 * ((rtn - w) @ x.T).norm()
+
+
+def test_awq_scaling_lowers_the_output_error_of_round_to_nearest():
+    from ryzanstein.engine.qweights import quantize_weight_int4
+    from ryzanstein.quant.methods import awq_scale, output_error
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 64, generator=g) * torch.linspace(0.05, 8.0, 64)  # a few loud input channels
+    w = torch.randn(48, 64, generator=g)
+    hessian = 2 * x.T @ x / x.shape[0]
+
+    def effective(weight_scaled: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        packed, scale, low = quantize_weight_int4(weight_scaled, 32)
+        codes = unpack_int4(packed).float().reshape(48, -1, 32)
+        return (codes * scale[..., None] + low[..., None]).reshape(48, 64) / s
+
+    s = awq_scale(w, hessian, x.abs().mean(0), 32)
+    plain = output_error(effective(w, torch.ones(64)) - w, hessian)
+    assert output_error(effective(w * s, s) - w, hessian) < 0.9 * plain
+
+
+def test_mixed_precision_keeps_sensitive_layers_at_int8(tiny_llama_dir, data):
+    _, calib, _ = data
+    lm = load_model_folder("tiny", tiny_llama_dir)
+    recipe = apply_method(lm.model, "mixed-g32", calib)
+    formats = [spec["format"] for spec in recipe.values()]
+    assert "int8" in formats and "int4" in formats
+    kept = [name for name, spec in recipe.items() if spec["format"] == "int8" and name != "lm_head"]
+    assert len(kept) == max(1, int(0.25 * (len(recipe) - 1)))  # the most sensitive quarter (2 blocks: no ends)
 
 
 @pytest.fixture

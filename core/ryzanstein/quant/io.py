@@ -75,6 +75,8 @@ def load_quantized_model(path: Path, trust_remote_code: bool = False) -> Any:
             else:
                 set_int4(module, state.pop(f"{name}.weight_int4"), state.pop(f"{name}.weight_scale"),
                          state.pop(f"{name}.weight_min"), int(spec["group"]), shared)
+            if spec.get("input_scale"):
+                module.register_buffer("input_scale", state.pop(f"{name}.input_scale"))
         except (KeyError, AttributeError) as exc:
             raise InvalidModel(f"Quantized model {path.name}: layer {name} is incomplete ({exc}).") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)

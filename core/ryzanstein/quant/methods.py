@@ -6,6 +6,12 @@ per-layer recipe that `quant.io` saves next to the weights.
 - gptq-g32 / -g64 / -g128: GPTQ (Frantar et al. 2022): columns quantized in order, each one's rounding error
   spread over the columns not yet quantized through the inverse Hessian of the layer's calibration inputs.
   Hessians come from one pass of the fp32 model over the calibration text (not layer-sequential).
+- awq-g32 / -g64 / -g128: activation-aware scaling (Lin et al. 2023): input channels that carry large
+  activations are scaled up before round-to-nearest int4 and the input is divided by the same scale at run
+  time; the exponent of the scale is searched per layer to minimise the output error on the calibration text.
+- mixed-g32 / -g64 / -g128: per-layer bit widths from a measured sensitivity ranking: every layer is quantized
+  alone to int4 and the KL divergence it causes is measured; the most sensitive quarter, the first and last
+  blocks and the head stay int8, the rest get GPTQ int4.
 - bitnet: BitNet b1.58 absmean ternary, w ∈ {-γ, 0, +γ} with γ = mean |w| per output channel, stored as int4
   codes {0, 1, 2} with min −γ and scale γ (packed 4 bits, run by the int4 kernel). Applied after training to an
   ordinary model it destroys accuracy: the report says so.
@@ -31,20 +37,21 @@ from ryzanstein.engine.qweights import (
     set_int4,
     set_int8,
     shared_parameters,
+    unpack_int4,
 )
 from ryzanstein.errors import Cancelled, InvalidRequest
 
 Progress = Callable[[str, float], None]
 Recipe = dict[str, dict[str, Any]]  # linear name → {"format": "int8"} | {"format": "int4", "group": g}
 
-BASE_METHODS = ("int8", "int4", "gptq", "bitnet")
+BASE_METHODS = ("int8", "int4", "gptq", "awq", "mixed", "bitnet")
+GROUPED = ("int4", "gptq", "awq", "mixed")
 
 
 def parse_method(method: str) -> tuple[str, int | None]:
     """'int4-g64' → ('int4', 64); 'int8' → ('int8', None). Unknown names are a clear error."""
     base, _, suffix = method.partition("-g")
-    if base not in BASE_METHODS or (base in ("int4", "gptq") and not suffix) or (base in ("int8", "bitnet")
-                                                                                  and suffix):
+    if base not in BASE_METHODS or (base in GROUPED) != bool(suffix) or (suffix and not suffix.isdigit()):
         raise InvalidRequest(f"Unknown quantization method {method!r}. Known: {', '.join(known_methods())}.",
                              param="methods")
     group = int(suffix) if suffix else None
@@ -54,7 +61,7 @@ def parse_method(method: str) -> tuple[str, int | None]:
 
 
 def known_methods() -> list[str]:
-    return ["int8", *[f"int4-g{g}" for g in INT4_GROUPS], *[f"gptq-g{g}" for g in INT4_GROUPS], "bitnet"]
+    return ["int8", *[f"{b}-g{g}" for b in GROUPED for g in INT4_GROUPS], "bitnet"]
 
 
 def linears(model: Any) -> dict[str, torch.nn.Linear]:
@@ -90,26 +97,39 @@ def apply_method(model: Any, method: str, calibration: list[torch.Tensor] | None
     reason = unsuitable(model, method)
     if reason:
         raise InvalidRequest(f"{method} does not fit this model: {reason}; use a smaller group.", param="methods")
-    hessians = collect_hessians(model, calibration, progress, cancel) if base == "gptq" else {}
+    stats = collect_hessians(model, calibration, progress, cancel) if base in ("gptq", "awq", "mixed") else {}
+    keep_int8 = sensitive_layers(model, calibration, group, progress, cancel) if base == "mixed" else set()
     shared = shared_parameters(model)
     recipe: Recipe = {}
     for i, (name, module) in enumerate(layers.items()):
         _check(cancel)
         progress(f"{method}: {name}", i / len(layers))
-        if base == "int8" or name == head:
+        if base == "mixed":
+            base_here = "int8" if name in keep_int8 else "gptq"
+        else:
+            base_here = base
+        if base_here == "int8" or name == head:
             q, scale = quantize_weight(module.weight)
             set_int8(module, q, scale, shared)
             recipe[name] = {"format": "int8"}
-        elif base == "int4":
+        elif base_here == "int4":
             assert group is not None
             packed, scale, low = quantize_weight_int4(module.weight, group)
             set_int4(module, packed, scale, low, group, shared)
             recipe[name] = {"format": "int4", "group": group}
-        elif base == "gptq":
+        elif base_here == "gptq":
             assert group is not None
-            codes, scale, low = gptq(module.weight.detach().float(), hessians.pop(name), group)
+            codes, scale, low = gptq(module.weight.detach().float(), stats.pop(name)[0], group)
             set_int4(module, pack_int4(codes), scale, low, group, shared)
             recipe[name] = {"format": "int4", "group": group, "calibrated": "gptq"}
+        elif base_here == "awq":
+            assert group is not None
+            hessian, mean_abs = stats.pop(name)
+            input_scale = awq_scale(module.weight.detach().float(), hessian, mean_abs, group)
+            packed, scale, low = quantize_weight_int4(module.weight.detach().float() * input_scale, group)
+            set_int4(module, packed, scale, low, group, shared)
+            module.register_buffer("input_scale", input_scale)
+            recipe[name] = {"format": "int4", "group": group, "calibrated": "awq", "input_scale": True}
         else:  # bitnet
             packed, scale, low, tern_group = ternary(module.weight)
             set_int4(module, packed, scale, low, tern_group, shared)
@@ -121,17 +141,20 @@ def apply_method(model: Any, method: str, calibration: list[torch.Tensor] | None
 
 # -- GPTQ ------------------------------------------------------------------------------------------------
 def collect_hessians(model: Any, calibration: list[torch.Tensor] | None, progress: Progress,
-                     cancel: threading.Event | None) -> dict[str, torch.Tensor]:
-    """H = 2/n Σ xᵀx over every input row each linear sees on the calibration text."""
+                     cancel: threading.Event | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear: H = 2/n Σ xᵀx and the mean |x| per input channel, over every input row it sees on the
+    calibration text."""
     if not calibration:
         raise InvalidRequest("GPTQ needs calibration text.", param="calibration")
     sums: dict[str, torch.Tensor] = {}
+    abs_sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name: str):
         def accumulate(module: Any, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sums[name] = sums.get(name, 0) + x.T @ x
+            abs_sums[name] = abs_sums.get(name, 0) + x.abs().sum(dim=0)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return accumulate
 
@@ -145,7 +168,63 @@ def collect_hessians(model: Any, calibration: list[torch.Tensor] | None, progres
     finally:
         for h in handles:
             h.remove()
-    return {name: 2.0 * sums[name] / counts[name] for name in sums}
+    return {name: (2.0 * sums[name] / counts[name], abs_sums[name] / counts[name]) for name in sums}
+
+
+# -- AWQ -------------------------------------------------------------------------------------------------
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖ΔW X‖² up to a constant, through the Hessian: tr(ΔW H ΔWᵀ)."""
+    return float(((delta @ hessian) * delta).sum())
+
+
+def awq_scale(weight: torch.Tensor, hessian: torch.Tensor, mean_abs: torch.Tensor, group: int,
+              grid: int = 10) -> torch.Tensor:
+    """Per-input-channel scale s = mean|x|^α (normalised), α searched on a grid to minimise the output error of
+    round-to-nearest int4 applied to W·s (and x/s at run time)."""
+    base = mean_abs.clamp(min=1e-6)
+    best, best_scale = float("inf"), torch.ones_like(base)
+    for step in range(grid + 1):
+        alpha = step / grid
+        s = base.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        packed, scale, low = quantize_weight_int4(weight * s, group)
+        codes = unpack_int4(packed).float().reshape(weight.shape[0], -1, group)
+        effective = (codes * scale[..., None] + low[..., None]).reshape(weight.shape) / s
+        error = output_error(effective - weight, hessian)
+        if error < best:
+            best, best_scale = error, s
+    return best_scale.contiguous()
+
+
+# -- mixed precision -------------------------------------------------------------------------------------
+def sensitive_layers(model: Any, calibration: list[torch.Tensor] | None, group: int | None, progress: Progress,
+                     cancel: threading.Event | None, keep_fraction: float = 0.25) -> set[str]:
+    """Layers to keep at int8: the most sensitive quarter (KL caused by quantizing each one alone to int4 on a
+    calibration chunk), plus the first and last blocks when there are more than four."""
+    if not calibration:
+        raise InvalidRequest("Mixed precision needs calibration text.", param="calibration")
+    assert group is not None
+    chunk = calibration[0]
+    layers = {n: m for n, m in linears(model).items() if n != head_name(model)}
+    with torch.inference_mode():
+        reference = torch.log_softmax(model(input_ids=chunk).logits[0].float(), dim=-1)
+        scores: dict[str, float] = {}
+        for i, (name, module) in enumerate(layers.items()):
+            _check(cancel)
+            progress(f"sensitivity: {name}", i / len(layers))
+            original = module.weight.data
+            packed, scale, low = quantize_weight_int4(original, group)
+            codes = unpack_int4(packed).float().reshape(original.shape[0], -1, group)
+            module.weight.data = (codes * scale[..., None] + low[..., None]).reshape(original.shape)
+            log_probs = torch.log_softmax(model(input_ids=chunk).logits[0].float(), dim=-1)
+            module.weight.data = original
+            scores[name] = float((reference.exp() * (reference - log_probs)).sum(-1).mean())
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    keep = set(ranked[:max(1, int(len(ranked) * keep_fraction))])
+    blocks = sorted({n.split(".layers.")[1].split(".")[0] for n in layers if ".layers." in n}, key=int)
+    if len(blocks) > 4:
+        keep |= {n for n in layers if f".layers.{blocks[0]}." in n or f".layers.{blocks[-1]}." in n}
+    return keep
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, block: int = 128,

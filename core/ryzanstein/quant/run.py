@@ -38,7 +38,8 @@ from ryzanstein.quant.io import quantized_state, save_quantized
 from ryzanstein.quant.methods import apply_method, parse_method, unsuitable
 
 Progress = Callable[[str, float], None]
-AUTO_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gptq-g64", "gptq-g128", "bitnet")
+AUTO_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gptq-g64", "gptq-g128", "awq-g64", "awq-g128",
+                "mixed-g64", "mixed-g128", "bitnet")
 GOALS = ("accuracy", "fastest", "fits")
 
 
