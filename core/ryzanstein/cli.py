@@ -267,6 +267,12 @@ def quantize(
                       f"{row['top1_agreement']:.1%}", f"{row['prefill_tokens_per_s']:.0f}",
                       f"{row['decode_tokens_per_s']:.1f}", style=style)
     console.print(table)
+    kv = Table("KV cache", "bytes/token", "perplexity", "Δ ppl", "mean KL", "top-1",
+               title="KV-cache formats (load option kv_cache), same text")
+    for row in report.get("kv_cache", []):
+        kv.add_row(row["kv_cache"], str(row["bytes_per_token"]), f"{row['perplexity']:.2f}",
+                   f"{row['perplexity_change_pct']:+.2f}%", f"{row['mean_kl']:.4f}", f"{row['top1_agreement']:.1%}")
+    console.print(kv)
     for method, why in report.get("skipped", {}).items():
         console.print(f"[dim]{method} skipped: {why}[/dim]")
     for row in report["rows"]:

@@ -259,3 +259,31 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tiny_lm):
 
     with pytest.raises(InvalidRequest, match="same vocabulary"):
         DraftModelDrafter(tiny_lm.model, tiny_lm.tokenizer.get_vocab(), OtherTokenizer())
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_quantized_kv_cache_keeps_batched_equal_to_alone_and_swaps_exactly(tiny_lm, tmp_path, kv_format):
+    from ryzanstein.engine.kvcache import SequenceKV
+
+    tiny_lm.model.ryzanstein_kv_cache = kv_format
+    try:
+        reqs = [Req([7, 8, 9, 10] * 2, 16, i, None, None) for i in range(4)]
+        alone_out = run_engine(tiny_lm, EngineConfig(prefill_chunk=8, speculation="off"), reqs[:1], tmp_path)[0]
+        config = EngineConfig(kv_cache_tokens=48, max_running=4, prefill_chunk=8, max_step_tokens=32,
+                              speculation="off")
+        together = run_engine(tiny_lm, config, reqs, tmp_path)
+        assert all(o.tokens == alone_out.tokens for o in together)
+        full = SequenceKV(2, 32)
+        quantized = SequenceKV(2, 8 if kv_format == "int8" else 4)
+        k = torch.randn(10, 2, 64)
+        for kv in (full, quantized):
+            kv.write(0, 0, k, k)
+            kv.length = 10
+        assert quantized.nbytes < full.nbytes / 3
+        before = quantized.read(0, 10)[0].clone()
+        quantized.swap_out(tmp_path, "q")
+        quantized.swap_in()
+        assert torch.equal(quantized.read(0, 10)[0], before)
+        torch.testing.assert_close(before, full.read(0, 10)[0], atol=0.5, rtol=0.2)
+    finally:
+        del tiny_lm.model.ryzanstein_kv_cache

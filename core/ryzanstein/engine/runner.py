@@ -28,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ryzanstein.engine.invariant import Mode, RowRegimes, distinct_linear_weights, patch_linears, probe_regimes
 from ryzanstein.engine.kvcache import SequenceKV
+from ryzanstein.engine.kvquant import bits_of
 
 ATTENTION_NAME = "ryzanstein_engine"
 _step = threading.local()
@@ -116,6 +117,8 @@ class BatchRunner:
         patch_linears(model)
         model.set_attn_implementation(ATTENTION_NAME)
         self.caches: dict[str, SequenceKV] = {}
+        # KV-cache format chosen when the model was loaded (manager: kv_cache="int8"/"int4")
+        self.kv_bits = bits_of(getattr(model, "ryzanstein_kv_cache", "fp32"))
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # 4-D: transformers builds no mask
 
     def close(self) -> None:
@@ -131,7 +134,7 @@ class BatchRunner:
     def cache(self, request_id: str) -> SequenceKV:
         kv = self.caches.get(request_id)
         if kv is None:
-            kv = self.caches[request_id] = SequenceKV(self.layers)
+            kv = self.caches[request_id] = SequenceKV(self.layers, self.kv_bits)
         return kv
 
     def release(self, request_id: str) -> None:

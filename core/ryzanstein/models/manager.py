@@ -32,6 +32,7 @@ from ryzanstein.numa import model_bytes_per_node, pin_current_thread
 
 EventFn = Callable[[str, dict[str, Any]], None]
 WEIGHT_FORMATS = ("fp32", "int8")
+KV_FORMATS = ("fp32", "int8", "int4")
 MB = 2**20
 
 
@@ -45,6 +46,7 @@ class LoadedEntry:
     pin_node: int | None = None
     pin_cpus: list[int] | None = None
     weights: str = "fp32"  # fp32 | int8 (weight-only, our kernel)
+    kv_cache: str = "fp32"  # fp32 | int8 | int4 (the batching engine's cache)
     active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -115,10 +117,14 @@ class ModelManager:
         entry.last_used = time.monotonic()
         return entry.lm
 
-    def load(self, name: str, pin_node: int | None = None, weights: str | None = None) -> LoadedEntry:
+    def load(self, name: str, pin_node: int | None = None, weights: str | None = None,
+             kv_cache: str | None = None) -> LoadedEntry:
         if weights not in (None, *WEIGHT_FORMATS):
             raise InvalidRequest(f"weights={weights!r} is invalid: use one of {', '.join(WEIGHT_FORMATS)}.",
                                  param="weights")
+        if kv_cache not in (None, *KV_FORMATS):
+            raise InvalidRequest(f"kv_cache={kv_cache!r} is invalid: use one of {', '.join(KV_FORMATS)}.",
+                                 param="kv_cache")
         if name == DEFAULT_MODEL:
             self.ensure_default_imported()
         info = self.store.get(name)
@@ -129,10 +135,13 @@ class ModelManager:
                 if weights is not None and weights != existing.weights:
                     raise ModelBusy(f"Model {name!r} is loaded with {existing.weights} weights; unload it to "
                                     f"load it with {weights} weights.")
+                if kv_cache is not None and kv_cache != existing.kv_cache:
+                    raise ModelBusy(f"Model {name!r} is loaded with a {existing.kv_cache} KV cache; unload it to "
+                                    f"load it with a {kv_cache} one.")
                 if pin_node is not None:
                     existing.pin_node, existing.pin_cpus = pin_node, cpus
                 return existing
-            weights = weights or "fp32"
+            weights, kv_cache = weights or "fp32", kv_cache or "fp32"
             estimate = estimate_memory(Path(info.path), self.context_tokens)
             self._make_room(name, estimate)
             self.publish("model", {"name": name, "state": "loading", "estimate_bytes": estimate.total_bytes})
@@ -142,8 +151,9 @@ class ModelManager:
             lm = run_pinned(cpus, lambda: load_and_warm_up(name, Path(info.path), info.trust_remote_code,
                                                            weights))
             release_freed_memory()
+            lm.model.ryzanstein_kv_cache = kv_cache
             entry = LoadedEntry(lm, estimate, max(0, rss_bytes() - before), time.perf_counter() - started,
-                                time.monotonic(), pin_node, cpus, weights)
+                                time.monotonic(), pin_node, cpus, weights, kv_cache)
             with self._guard:
                 self._loaded[name] = entry
         self.publish("model", {"name": name, "state": "loaded", "load_seconds": entry.load_seconds,

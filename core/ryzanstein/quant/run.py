@@ -112,6 +112,33 @@ def row_for(method: str, lm: Any, accuracy: Accuracy, reference: Accuracy, speed
             "prefill_tokens_per_s": speed[0], "decode_tokens_per_s": speed[1], "quantize_seconds": seconds}
 
 
+def measure_kv_cache(lm: Any, chunks: list, reference_logits: list, reference: Accuracy) -> list[dict[str, Any]]:
+    """Accuracy with an int8 / int4 KV cache (a load option of the engine), measured like the weight methods:
+    keys and values go through the cache's rounding before attention."""
+    from ryzanstein.engine.kvquant import register_eval_attention
+
+    config = lm.model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = {"fp32": 4 * head_dim, "int8": head_dim + 8, "int4": head_dim // 2 + 8}  # codes + scale/min
+    previous = lm.model.config._attn_implementation
+    rows = []
+    try:
+        for kv in ("fp32", "int8", "int4"):
+            if kv == "fp32":
+                accuracy = reference
+            else:
+                lm.model.set_attn_implementation(register_eval_attention(kv))
+                accuracy = evaluate(lm.model, chunks, reference_logits)
+            rows.append({"kv_cache": kv, "bytes_per_token": 2 * config.num_hidden_layers * heads * per_token[kv],
+                         "perplexity": accuracy.perplexity,
+                         "perplexity_change_pct": 100 * (accuracy.perplexity / reference.perplexity - 1),
+                         "mean_kl": accuracy.mean_kl, "top1_agreement": accuracy.top1_agreement})
+    finally:
+        lm.model.set_attn_implementation(previous)
+    return rows
+
+
 def select(rows: list[dict], req: QuantizeRequest) -> tuple[dict | None, dict, str]:
     """(chosen row or None, closest row, why)."""
     within = [r for r in rows if r["perplexity_change_pct"] <= req.max_loss_pct]
@@ -156,6 +183,7 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
     reference_logits = chunk_logits(base.model, chunks)
     reference = evaluate(base.model, chunks, reference_logits)
     rows = [row_for("none", base, reference, reference, measure_speed(base, req.speed_tokens), 0.0)]
+    kv_rows = measure_kv_cache(base, chunks, reference_logits, reference)
     skipped = {m: why for m in req.methods if (why := unsuitable(base.model, m))}
     if skipped and not req.auto:
         method, why = next(iter(skipped.items()))
@@ -186,7 +214,7 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
                            "trained (or fine-tuned) for ternary weights.")
     chosen, closest, why = select(rows, req)
     report = {"model": req.model, "goal": req.goal, "max_loss_pct": req.max_loss_pct, "max_gb": req.max_gb,
-              "eval_tokens": reference.tokens, "rows": rows, "skipped": skipped,
+              "eval_tokens": reference.tokens, "rows": rows, "skipped": skipped, "kv_cache": kv_rows,
               "selected": chosen["method"] if chosen else None, "reason": why, "saved_as": None,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if chosen is None:
