@@ -138,7 +138,7 @@ def test_run_measures_every_candidate_picks_for_the_goal_and_saves(qstore):
         assert row["memory_bytes"] < report["rows"][0]["memory_bytes"]
         assert 0 <= row["top1_agreement"] <= 1 and row["mean_kl"] >= 0
     kv = {row["kv_cache"]: row for row in report["kv_cache"]}
-    assert kv["int8"]["bytes_per_token"] < kv["fp32"]["bytes_per_token"] / 3 < kv["fp32"]["bytes_per_token"]
+    assert kv["int8"]["bytes_per_token"] < kv["fp32"]["bytes_per_token"] / 2  # head_dim 16: scales weigh
     assert kv["int4"]["bytes_per_token"] < kv["int8"]["bytes_per_token"]
     assert kv["fp32"]["mean_kl"] == 0 and 0 <= kv["int8"]["mean_kl"] <= kv["int4"]["mean_kl"]
     saved = load_model_folder("saved", Path(qstore.get("tiny-int4-g32").path))
