@@ -47,6 +47,11 @@ def test_wizard_runs_a_quantization_and_shows_the_results(qtbot, window, tmp_pat
         assert wizard.grab().save(str(Path(os.environ["RYZANSTEIN_SCREENSHOT_DIR"]) / "quantize-wizard.png"))
     wizard.done(QWizard.DialogCode.Accepted)
     qtbot.waitUntil(lambda: view.row("gui-quantized") is not None, timeout=20_000)
+    row = view.row("gui-quantized")
+    assert row["quantized_from"] == TINY_MODEL and row["quantization"] == "int4-g32"
+    cell = next(view.table.item(i, 3) for i in range(view.table.rowCount())
+                if view.table.item(i, 0).text() == "gui-quantized")
+    assert f"int4-g32 of {TINY_MODEL}" in cell.text() and "held-out tokens" in cell.toolTip()
     view.select("gui-quantized")
     view.delete_selected(confirm=False)
     qtbot.waitUntil(lambda: view.row("gui-quantized") is None, timeout=20_000)

@@ -39,6 +39,24 @@ def numa_text(row: dict) -> str:
     return text + (f" (pinned to node {pinned})" if pinned is not None else "")
 
 
+def weights_text(row: dict) -> str:
+    if row.get("quantized_from"):
+        change = row.get("perplexity_change_pct")
+        return f"{row['quantization']} of {row['quantized_from']}" + (
+            f" (ppl {change:+.2f}%)" if change is not None else "")
+    return f"{row.get('stored_dtype') or '?'} → fp32" + (
+        "" if row["quantization"] == "none" else f" ({row['quantization']})")
+
+
+def report_tooltip(report: dict) -> str:
+    lines = [f"Measured on {report.get('eval_tokens')} held-out tokens ({report.get('reason', '')}):"]
+    for r in report.get("rows", []):
+        lines.append(f"{r['method']}: {r['bits_per_weight']:.2f} bits, {mib(r['memory_bytes'])}, ppl "
+                     f"{r['perplexity_change_pct']:+.2f}%, KL {r['mean_kl']:.4f}, top-1 {r['top1_agreement']:.1%}, "
+                     f"decode {r['decode_tokens_per_s']:.1f} tok/s")
+    return "\n".join(lines)
+
+
 class ModelsView(QWidget):
     def __init__(self, bridge: Bridge):
         super().__init__()
@@ -66,6 +84,8 @@ class ModelsView(QWidget):
         self.load_button.clicked.connect(self.load_selected)
         self.pin_box = QComboBox()
         self.pin_box.addItem("any NUMA node", None)
+        self.pin_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.pin_box.setMinimumContentsLength(6)  # keeps the window narrow enough for small screens
         self.pin_box.setToolTip("Run the model's compute on one NUMA node's CPUs (and place its memory there)")
         self.unload_button = QPushButton("Unload")
         self.unload_button.clicked.connect(self.unload_selected)
@@ -133,8 +153,7 @@ class ModelsView(QWidget):
                 state += f" · {row['active_requests']} generating"
             cells = [row["name"], row["architecture"],
                      f"{row['parameters'] / 1e6:.1f} M" if row.get("parameters") else "—",
-                     f"{row.get('stored_dtype') or '?'} → fp32" + (
-                         "" if row["quantization"] == "none" else f" ({row['quantization']})"),
+                     weights_text(row),
                      mib(row["size_bytes"]),
                      f"{mib(estimate.get('load_bytes'))} + KV {mib(estimate.get('kv_cache_bytes'))}",
                      mib(row.get("measured_bytes")) if row["loaded"] else "—",
@@ -142,6 +161,8 @@ class ModelsView(QWidget):
                      state]
             for column, text in enumerate(cells):
                 item = QTableWidgetItem(text)
+                if column == 3 and row.get("quantization_report"):
+                    item.setToolTip(report_tooltip(row["quantization_report"]))
                 if column == 5:
                     item.setToolTip("What loading adds (weights + runtime overhead) + the KV cache reserved at "
                                     "the context length; the budget counts both.")

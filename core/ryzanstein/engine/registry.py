@@ -47,10 +47,11 @@ class Engines:
                 return engine
             if lm.name in self._unsupported:
                 return None
-            from ryzanstein.engine.runner import UnsupportedModel, check_engine_support
+            from ryzanstein import compute
+            from ryzanstein.engine.runner import UnsupportedModel, verify_engine
 
             try:
-                check_engine_support(lm.model)
+                compute.call(lambda: verify_engine(lm.model))  # once per model name
             except UnsupportedModel as exc:
                 log.info("model %s runs one request at a time: %s", lm.name, exc)
                 self._unsupported[lm.name] = str(exc)

@@ -102,6 +102,37 @@ def check_engine_support(model: Any) -> None:
     attentions = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
     if not attentions:
         raise UnsupportedModel("its attention layers do not use transformers' attention interface")
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if getattr(text_config, name, None):
+            raise UnsupportedModel("mixture-of-experts routing makes each expert's row count depend on the batch")
+    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        raise UnsupportedModel("Conv1D projections are not computed in an exact row regime")
+
+
+def verify_engine(model: Any, tolerance: float = 1e-3) -> None:
+    """Run a short prompt through the engine path (a prefill chunk, then two decode rows) and compare with the
+    model's own forward pass: architectures whose code our flat batch does not fit (positions taken from the
+    attention mask, extra attention inputs, …) are found here, once, instead of answering wrongly."""
+    check_engine_support(model)
+    import tempfile
+
+    ids = list(range(5, 17))
+    with torch.inference_mode():
+        reference = model(input_ids=torch.tensor([ids])).logits[0, 9:12].float()
+    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    try:
+        kv = runner.cache("verify")
+        kv.reserve(16)
+        first = runner.forward(build_rows([(kv, ids[:10], 0, False, "last")]), "prefill")
+        second = runner.forward(build_rows([(kv, ids[10:12], 10, True, "all")]), "decode")
+        got = torch.cat([first, second])
+    except Exception as exc:  # the model's code does not accept our inputs
+        raise UnsupportedModel(f"its forward pass fails in the engine ({type(exc).__name__}: {exc})") from exc
+    finally:
+        runner.close()
+    difference = float((got - reference).abs().max())
+    if not difference <= tolerance * max(1.0, float(reference.abs().max())):
+        raise UnsupportedModel(f"the engine's logits differ from transformers' by {difference:.2e}")
 
 
 class BatchRunner:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ryzanstein.models.architectures import Architecture, tiny_config
 
@@ -24,6 +25,8 @@ class CompatRow:
     generates: bool = False
     matches_reference: bool = False
     tokens_compared: int = 0
+    quantizable: list[str] = field(default_factory=list)  # methods that ran and stayed close to fp32
+    batched: bool = False  # runs in the continuous-batching engine (else one request at a time)
     error: str = ""
     seconds: float = 0.0
 
@@ -42,6 +45,43 @@ def save_tiny_model(arch: Architecture, folder: Path, tokenizer_dir: Path, seed:
         if (tokenizer_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, folder / name)
     return folder
+
+
+def engine_supported(model: Any) -> bool:
+    from ryzanstein.engine.runner import UnsupportedModel, verify_engine
+
+    try:
+        verify_engine(model)
+        return True
+    except UnsupportedModel:
+        return False
+
+
+def quantizable_methods(path: str, ids: Any, methods: tuple[str, ...] = ("int8", "int4-g32")) -> list[str]:
+    """Methods that quantize this architecture and keep its next-token distribution close (KL < 0.5)."""
+    import torch
+
+    from ryzanstein.engine.qweights import cpu_supports_kernel
+    from ryzanstein.models.loader import load_model_folder
+    from ryzanstein.quant.methods import apply_method
+
+    if not cpu_supports_kernel():
+        return []
+    reference = load_model_folder("ref", Path(path))
+    with torch.inference_mode():
+        ref = torch.log_softmax(reference.model(input_ids=ids).logits[0].float(), -1)
+    ok = []
+    for method in methods:
+        try:
+            lm = load_model_folder("q", Path(path))
+            apply_method(lm.model, method)
+            with torch.inference_mode():
+                got = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), -1)
+            if float((ref.exp() * (ref - got)).sum(-1).mean()) < 0.5:
+                ok.append(method)
+        except Exception:  # a method that fails on this architecture is simply not listed
+            continue
+    return ok
 
 
 def check_architecture(arch: Architecture, tokenizer_dir: Path, workdir: Path, tokens: int = 24) -> CompatRow:
@@ -75,6 +115,8 @@ def check_architecture(arch: Architecture, tokenizer_dir: Path, workdir: Path, t
         # our stream ends at EOS without yielding it; the reference includes it
         row.matches_reference = ours == [t for t in reference if t != 2][: len(ours)] and (
             len(ours) == len(reference) or reference[len(ours)] == 2)
+        row.batched = engine_supported(lm.model)
+        row.quantizable = quantizable_methods(info.path, ids)
     except Exception as exc:  # a row records the failure instead of stopping the matrix
         row.error = f"{type(exc).__name__}: {exc}"[:300]
     row.seconds = time.perf_counter() - started

@@ -150,7 +150,7 @@ class ModelManager:
             before, started = rss_bytes(), time.perf_counter()
             lm = run_pinned(cpus, lambda: load_and_warm_up(name, Path(info.path), info.trust_remote_code,
                                                            weights))
-            release_freed_memory()
+            gc.collect()
             lm.model.ryzanstein_kv_cache = kv_cache
             entry = LoadedEntry(lm, estimate, max(0, rss_bytes() - before), time.perf_counter() - started,
                                 time.monotonic(), pin_node, cpus, weights, kv_cache)

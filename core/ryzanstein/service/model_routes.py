@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +45,18 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
         row.update(parameters=estimate.parameters, stored_dtype=estimate.stored_dtype, estimate=estimate.to_dict())
     except (OSError, ValueError, KeyError) as exc:
         row.update(parameters=None, stored_dtype=None, estimate=None, estimate_error=str(exc))
+    recipe_path = Path(info.path) / "quantization.json"
+    if recipe_path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            recipe = json.loads(recipe_path.read_text())
+            report = recipe.get("report") or {}
+            chosen = next((r for r in report.get("rows", []) if r["method"] == recipe.get("method")), None)
+            row.update(quantization=recipe.get("method", "quantized"), quantized_from=recipe.get("base_model"),
+                       quantization_report=report,
+                       perplexity_change_pct=chosen["perplexity_change_pct"] if chosen else None)
     entry = manager.entry(name)
     if entry is not None:
-        row.update(loaded=True, quantization="none" if entry.weights == "fp32" else entry.weights,
+        row.update(loaded=True, quantization=row["quantization"] if entry.weights == "fp32" else entry.weights,
                    kv_cache=entry.kv_cache,
                    measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
                    active_requests=entry.active, pin_numa_node=entry.pin_node,
