@@ -204,7 +204,7 @@ def sensitive_layers(model: Any, calibration: list[torch.Tensor] | None, group: 
     if not calibration:
         raise InvalidRequest("Mixed precision needs calibration text.", param="calibration")
     assert group is not None
-    chunk = calibration[0]
+    chunk = calibration[0][:, :64]  # a short chunk ranks the layers; each of ~200 passes is cheap
     layers = {n: m for n, m in linears(model).items() if n != head_name(model)}
     with torch.inference_mode():
         reference = torch.log_softmax(model(input_ids=chunk).logits[0].float(), dim=-1)
