@@ -108,6 +108,25 @@ def run_engine(lm, config: EngineConfig, reqs: list[Req], tmp: Path, drafter=Non
         runner.close()
 
 
+def run_all_at_once(lm, config: EngineConfig, reqs: list[Req], tmp: Path, drafter=None):
+    """Submit every request, step until done: (outcomes, engine, drafted tokens, accepted tokens)."""
+    engine = BatchEngine("tiny", lambda: holding(lm), config=config, swap_dir=tmp, autostart=False)
+    if drafter is not None:
+        engine.drafter = drafter
+    runner = engine.make_runner(lm.model)
+    try:
+        outcomes = [Outcome() for _ in reqs]
+        for req, out in zip(reqs, outcomes, strict=True):
+            engine.submit(req.prompt, params_of(req), out, lm.tokenizer, model_eos(lm))
+        drafted = accepted = 0
+        while engine.step(runner):
+            drafted += engine.last_stats.speculated
+            accepted += engine.last_stats.accepted
+        return outcomes, engine, drafted, accepted
+    finally:
+        runner.close()
+
+
 _alone_cache: dict[tuple, Outcome] = {}
 
 
@@ -163,20 +182,9 @@ def test_preemption_and_speculation_really_happen(tiny_lm, tmp_path):
     drafter = OracleDrafter([(reqs[0].prompt, ref.tokens)])
     engine_outcomes = run_engine(tiny_lm, config, reqs, tmp_path, drafter)
     assert all(o.tokens == ref.tokens for o in engine_outcomes)
-    engine = BatchEngine("tiny", lambda: holding(tiny_lm), config=config, swap_dir=tmp_path, autostart=False)
-    engine.drafter = drafter
-    runner = engine.make_runner(tiny_lm.model)
-    try:
-        outcomes = [Outcome() for _ in reqs]
-        for req, out in zip(reqs, outcomes, strict=True):
-            engine.submit(req.prompt, params_of(req), out, tiny_lm.tokenizer, model_eos(tiny_lm))
-        drafted = 0
-        while engine.step(runner):
-            drafted += engine.last_stats.speculated
-        assert engine.scheduler.preemptions > 0
-        assert drafted > 0 and all(o.tokens == ref.tokens for o in outcomes)
-    finally:
-        runner.close()
+    outcomes, engine, drafted, _ = run_all_at_once(tiny_lm, config, reqs, tmp_path, drafter)
+    assert engine.scheduler.preemptions > 0
+    assert drafted > 0 and all(o.tokens == ref.tokens for o in outcomes)
 
 
 def test_engine_greedy_matches_transformers_generate(tiny_lm, tmp_path):
@@ -230,23 +238,11 @@ def test_draft_model_speculation_gives_the_same_tokens(tiny_lm, tmp_path, tiny_l
     vocab = tiny_lm.tokenizer.get_vocab()
     for draft, expect_all in ((tiny_lm, True), (other, False)):
         drafter = DraftModelDrafter(draft.model, vocab, draft.tokenizer)
-        engine = BatchEngine("tiny", lambda: holding(tiny_lm), config=config, swap_dir=tmp_path, autostart=False)
-        engine.drafter = drafter
-        runner = engine.make_runner(tiny_lm.model)
-        try:
-            outcomes = [Outcome() for _ in reqs]
-            for r, o in zip(reqs, outcomes, strict=True):
-                engine.submit(r.prompt, params_of(r), o, tiny_lm.tokenizer, model_eos(tiny_lm))
-            drafted = accepted = 0
-            while engine.step(runner):
-                drafted += engine.last_stats.speculated
-                accepted += engine.last_stats.accepted
-            assert all(o.tokens == ref.tokens for o in outcomes)
-            assert drafted > 0
-            assert (accepted == drafted) if expect_all else (accepted < drafted)
-            assert not drafter.caches  # released with their requests
-        finally:
-            runner.close()
+        outcomes, _, drafted, accepted = run_all_at_once(tiny_lm, config, reqs, tmp_path, drafter)
+        assert all(o.tokens == ref.tokens for o in outcomes)
+        assert drafted > 0
+        assert (accepted == drafted) if expect_all else (accepted < drafted)
+        assert not drafter.caches  # released with their requests
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(tiny_lm):

@@ -24,12 +24,16 @@ pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason="needs AVX2 + 
 KL_BOUND = {"int8": 0.01, "int4-g32": 0.3, "int4-g64": 0.3, "gptq-g32": 0.3, "awq-g32": 0.3, "mixed-g32": 0.3}
 
 
+def eval_data(folder: Path, max_tokens: int) -> tuple:
+    """(held-out chunks, calibration chunks, fp32 reference logits) for a model folder."""
+    lm = load_model_folder("reference", folder)
+    chunks = token_chunks(lm.tokenizer, heldout_text(), 256, max_tokens)
+    return chunks, token_chunks(lm.tokenizer, calibration_text(), 256), chunk_logits(lm.model, chunks)
+
+
 @pytest.fixture(scope="module")
 def data(tiny_llama_dir):
-    lm = load_model_folder("tiny", tiny_llama_dir)
-    chunks = token_chunks(lm.tokenizer, heldout_text(), 256, 768)
-    calib = token_chunks(lm.tokenizer, calibration_text(), 256)
-    return chunks, calib, chunk_logits(lm.model, chunks)
+    return eval_data(tiny_llama_dir, 768)
 
 
 def test_method_names():
@@ -199,10 +203,7 @@ def test_default_model_int4_g32_stays_within_one_percent(default_model_dir, tmp_
 
 @pytest.fixture(scope="module")
 def default_eval(default_model_dir):
-    ref = load_model_folder("ref", default_model_dir)
-    chunks = token_chunks(ref.tokenizer, heldout_text(), 256, 512)
-    calib = token_chunks(ref.tokenizer, calibration_text(), 256)
-    return chunks, calib, chunk_logits(ref.model, chunks)
+    return eval_data(default_model_dir, 512)
 
 
 @pytest.mark.parametrize("method,kl_bound", [("gptq-g64", 0.4), ("awq-g64", 0.25), ("mixed-g64", 0.2),
