@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ryzanstein.engine.qweights import is_quantized
+
 _mode = threading.local()
 
 
@@ -100,15 +102,11 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _quantized(module: Any) -> bool:
-    return hasattr(module, "weight_int8") or hasattr(module, "weight_int4")
-
-
 def patch_linears(model: Any) -> int:
     """Route the model's nn.Linear layers through `_forward` (a no-op outside a `Mode`). Returns the count."""
     count = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear and not _quantized(module):
+        if type(module) is torch.nn.Linear and not is_quantized(module):
             module.forward = types.MethodType(_forward, module)  # int8 linears are batch-invariant already
             count += 1
     return count
@@ -116,7 +114,7 @@ def patch_linears(model: Any) -> int:
 
 def unpatch_linears(model: Any) -> None:
     for module in model.modules():
-        if type(module) is torch.nn.Linear and "forward" in module.__dict__ and not _quantized(module):
+        if type(module) is torch.nn.Linear and "forward" in module.__dict__ and not is_quantized(module):
             del module.forward
 
 
@@ -169,6 +167,6 @@ def probe_regimes(weights: list[torch.Tensor], anchors: tuple[int, ...] = (4, 8,
 def distinct_linear_weights(model: Any) -> list[torch.Tensor]:
     seen: dict[tuple[int, int], torch.Tensor] = {}
     for module in model.modules():
-        if type(module) is torch.nn.Linear and not _quantized(module):
+        if type(module) is torch.nn.Linear and not is_quantized(module):
             seen.setdefault(tuple(module.weight.shape), module.weight.detach())
     return list(seen.values())
