@@ -163,6 +163,13 @@ class ModelStore:
         base = self.get(base_name)
         return self._import(name, f"quantized:{base_name}:{method}", write, progress, cancel, base.trust_remote_code)
 
+    def import_derived(self, name: str, base_name: str, source: str, write: Callable[[Path], None], *,
+                       progress: ProgressFn = _no_progress, cancel: threading.Event | None = None) -> ModelInfo:
+        """Add a model made from another one in the store (e.g. a merged fine-tune); atomic like every import."""
+        self.check_new_name(name)
+        base = self.get(base_name)
+        return self._import(name, source, write, progress, cancel, base.trust_remote_code)
+
     def delete(self, name: str) -> None:
         info = self.get(name)
         trash = self.root / f".trash-{name}-{time.time_ns()}"

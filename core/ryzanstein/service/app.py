@@ -18,10 +18,11 @@ from ryzanstein.engine.batching import EngineConfig
 from ryzanstein.engine.registry import Engines
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
-from ryzanstein.service import api_routes, model_routes, openai_routes, quant_routes
+from ryzanstein.service import api_routes, finetune_routes, model_routes, openai_routes, quant_routes
 from ryzanstein.service.errors import install_error_handlers
 from ryzanstein.service.jobs import JobRunner
 from ryzanstein.telemetry import EventHub, MetricsSampler, ThroughputMeter
+from ryzanstein.train.adapters import AdapterStore
 
 
 def require_token(request: Request) -> None:
@@ -80,6 +81,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
             tasks.append(asyncio.create_task(unload_idle_models(manager)))
         if settings.parent_pid:
             tasks.append(asyncio.create_task(exit_with_parent(settings.parent_pid)))
+        finetune_routes.resume_unfinished(app)  # jobs a stopped or killed service left behind go on
         if settings.preload_default_model:
             threading.Thread(target=manager.preload_default, name="preload", daemon=True).start()
         yield
@@ -93,6 +95,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     app.state.hub = hub
     app.state.manager = manager
     app.state.jobs = JobRunner(publish=hub.publish_threadsafe)
+    app.state.adapters = AdapterStore(settings.data_dir / "adapters")
     app.state.meter = meter
     app.state.engines = engines
     app.state.sampler = MetricsSampler(meter, lambda: manager.active_generations,
@@ -100,6 +103,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
                                                     "engines": engines.snapshot()})
     install_error_handlers(app)
     app.include_router(api_routes.public_router)
-    for router in (api_routes.router, model_routes.router, openai_routes.router, quant_routes.router):
+    for router in (api_routes.router, model_routes.router, openai_routes.router, quant_routes.router,
+                   finetune_routes.router):
         app.include_router(router, dependencies=[Depends(require_token)])
     return app

@@ -39,7 +39,11 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RyzansteinError)
     async def _core_error(request: Request, exc: RyzansteinError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.error_type, exc.param, exc.code), exc.status_code)
+        body = error_body(exc.message, exc.error_type, exc.param, exc.code)
+        lines = getattr(exc, "errors", None)  # a dataset's bad lines
+        if lines:
+            body["error"]["lines"] = [{"line": e.line, "reason": e.reason} for e in lines]
+        return JSONResponse(body, exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,7 @@
-"""Background jobs of the service (imports today; quantization and training later): progress, cancel,
-events on the stream. A job's function gets `progress(stage, fraction)` and a cancel Event."""
+"""Background jobs of the service (imports, quantization, fine-tuning): progress, cancel, events on the stream.
+
+A job's function gets `progress(stage, fraction, detail=None)` and a cancel Event. Jobs submitted with a `queue`
+name run one at a time per queue, in submission order (state "queued" until their turn; cancellable meanwhile)."""
 
 from __future__ import annotations
 
@@ -22,18 +24,23 @@ class Job:
     id: str
     kind: str
     title: str
-    state: str = "running"  # running | succeeded | failed | cancelled
+    state: str = "running"  # queued | running | succeeded | failed | cancelled
     stage: str = "starting"
     progress: float = 0.0
     error: str | None = None
     result: Any = None
+    detail: dict = field(default_factory=dict)  # the latest progress details (e.g. step, loss, tokens/s)
+    history: list = field(default_factory=list)  # progress points kept for GET /api/jobs/{id}, not streamed
     created: float = field(default_factory=time.time)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("id", "kind", "title", "state", "stage", "progress", "error",
-                                              "result", "created", "finished")}
+    def to_dict(self, with_history: bool = False) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in ("id", "kind", "title", "state", "stage", "progress", "error",
+                                              "result", "detail", "created", "finished")}
+        if with_history:
+            data["history"] = list(self.history)
+        return data
 
 
 class JobRunner:
@@ -42,23 +49,62 @@ class JobRunner:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._turns = threading.Condition()
+        self._waiting: dict[str, list[str]] = {}  # queue name → job ids, first one runs
 
-    def submit(self, kind: str, title: str, fn: JobFn) -> Job:
+    def submit(self, kind: str, title: str, fn: JobFn, *, job_id: str | None = None,
+               queue: str | None = None) -> Job:
         with self._lock:
-            job = Job(id=f"job-{next(self._ids)}-{int(time.time())}", kind=kind, title=title)
+            job = Job(id=job_id or f"job-{next(self._ids)}-{int(time.time())}", kind=kind, title=title,
+                      state="queued" if queue else "running", stage="queued" if queue else "starting")
+            if job.id in self._jobs and self._jobs[job.id].state in ("queued", "running"):
+                raise InvalidRequest(f"Job {job.id} is already {self._jobs[job.id].state}.", param="job_id")
             self._jobs[job.id] = job
             self._forget_old()
-        threading.Thread(target=self._run, args=(job, fn), name=job.id, daemon=True).start()
+        if queue:
+            with self._turns:
+                self._waiting.setdefault(queue, []).append(job.id)
+        threading.Thread(target=self._run, args=(job, fn, queue), name=job.id, daemon=True).start()
         self.publish("job", job.to_dict())
         return job
 
-    def _run(self, job: Job, fn: JobFn) -> None:
-        last_sent = 0.0
+    def _wait_turn(self, job: Job, queue: str) -> bool:
+        """Block until the job is first in its queue; False if it was cancelled while waiting."""
+        with self._turns:
+            while self._waiting[queue][0] != job.id:
+                if job.cancel.is_set():
+                    self._waiting[queue].remove(job.id)
+                    self._turns.notify_all()
+                    return False
+                self._turns.wait(0.2)
+        if job.cancel.is_set():
+            self._leave(queue, job)
+            return False
+        job.state, job.stage = "running", "starting"
+        self.publish("job", job.to_dict())
+        return True
 
-        def progress(stage: str, fraction: float) -> None:
+    def _leave(self, queue: str, job: Job) -> None:
+        with self._turns:
+            if job.id in self._waiting.get(queue, []):
+                self._waiting[queue].remove(job.id)
+            self._turns.notify_all()
+
+    def _run(self, job: Job, fn: JobFn, queue: str | None = None) -> None:
+        last_sent = 0.0
+        if queue and not self._wait_turn(job, queue):
+            job.state, job.stage, job.error = "cancelled", "cancelled", "Cancelled before it started."
+            job.finished = time.time()
+            self.publish("job", job.to_dict())
+            return
+
+        def progress(stage: str, fraction: float, detail: dict | None = None) -> None:
             nonlocal last_sent
             job.stage, job.progress = stage, max(0.0, min(1.0, fraction))
-            if time.monotonic() - last_sent > 0.2 or fraction >= 1.0:  # at most ~5 events a second
+            if detail:
+                job.detail = detail
+                job.history.append(detail)
+            if detail or time.monotonic() - last_sent > 0.2 or fraction >= 1.0:  # ~5 events a second at most
                 last_sent = time.monotonic()
                 self.publish("job", job.to_dict())
 
@@ -72,6 +118,9 @@ class JobRunner:
             job.result = getattr(exc, "result", None)  # e.g. the measurements of a run whose goal was not met
         except Exception as exc:  # reported on the job; the service keeps running
             job.state, job.error, job.stage = "failed", f"{type(exc).__name__}: {exc}", "failed"
+        finally:
+            if queue:
+                self._leave(queue, job)
         job.finished = time.time()
         self.publish("job", job.to_dict())
 
@@ -86,12 +135,12 @@ class JobRunner:
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
-        if job.state != "running":
+        if job.state not in ("running", "queued"):
             raise InvalidRequest(f"Job {job_id} is already {job.state}.", param="job_id")
         job.cancel.set()
         return job
 
     def _forget_old(self) -> None:
-        finished = [j.id for j in self._jobs.values() if j.state != "running"]
+        finished = [j.id for j in self._jobs.values() if j.state not in ("running", "queued")]
         for job_id in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job_id]

@@ -60,6 +60,7 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
                    kv_cache=entry.kv_cache,
                    measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
                    active_requests=entry.active, pin_numa_node=entry.pin_node,
+                   adapter=getattr(entry.lm.model, "ryzanstein_adapter", None),
                    numa_bytes={str(k): v for k, v in manager.numa_bytes(name).items()})
     return row
 
@@ -132,7 +133,7 @@ async def jobs(request: Request) -> dict:
 
 @router.get("/jobs/{job_id}")
 async def job(job_id: str, request: Request) -> dict:
-    return request.app.state.jobs.get(job_id).to_dict()
+    return request.app.state.jobs.get(job_id).to_dict(with_history=True)
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -182,3 +182,42 @@ def apply_adapter(model: Any, folder: Path | None, name: str | None = None) -> s
     model.ryzanstein_adapter_originals = saved
     model.ryzanstein_adapter = name if folder is not None else None
     return model.ryzanstein_adapter
+
+
+def export_merged(store: Any, adapters: AdapterStore, base: str, adapter: str, name: str,
+                  quantize: str | None = None, progress: Callable[[str, float], None] = lambda s, f: None,
+                  cancel: Any = None) -> dict[str, Any]:
+    """Merge an adapter into its fp32 base and add the result to the model store (then quantize it if asked:
+    the adapter is merged into full-precision weights first, never into rounded ones — see FINDINGS)."""
+    from ryzanstein.models.loader import load_model_folder
+
+    info = adapters.get(base, adapter)
+    store.check_new_name(name)
+    if quantize:
+        from ryzanstein.quant.methods import parse_method
+
+        parse_method(quantize)
+        store.check_new_name(f"{name}-{quantize}")
+    base_info = store.get(base)
+    progress("loading the base model", 0.05)
+    lm = load_model_folder(base, Path(base_info.path), trust_remote_code=base_info.trust_remote_code)
+    progress("merging the adapter", 0.3)
+    merge_into(lm.model, Path(info.path))
+
+    def write(tmp: Path) -> None:
+        progress("writing safetensors", 0.5)
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+
+    merged = store.import_derived(name, base, f"finetuned:{base}+{adapter}", write, progress=progress,
+                                  cancel=cancel)
+    result: dict[str, Any] = {"model": merged.name, "adapter": adapter, "base": base}
+    if quantize:
+        from ryzanstein.quant.run import QuantizeRequest, run_quantization
+
+        request = QuantizeRequest(model=name, methods=[quantize], max_loss_pct=1000.0, name=f"{name}-{quantize}")
+        report = run_quantization(store, request, progress=lambda s, f: progress(f"quantize: {s}", 0.6 + 0.4 * f),
+                                  cancel=cancel)
+        result["quantized"] = report.get("saved_as")
+        result["quantization"] = report
+    return result

@@ -108,9 +108,15 @@ def load_base(path: Path, precision: str, trust_remote_code: bool = False) -> to
         raise InvalidRequest("This model is stored quantized by Ryzanstein; fine-tune its fp32 base instead "
                              "(QLoRA quantizes the base to 4 bits itself).", param="base")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
         raise ModelLoadFailed(f"Could not load the base model from {path} ({precision}): {exc}") from exc
+    for module in model.modules():
+        # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 on the first eval-mode forward, after which
+        # backward silently yields no gradients (measured: the adapter never moved). Keep the trainable layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 class LoraTrainer:
