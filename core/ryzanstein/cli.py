@@ -1,4 +1,4 @@
-"""The `ryzanstein` command: serve, chat, models, bench."""
+"""The `ryzanstein` command: serve, chat, models, quantize, finetune, adapters, bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ryzanstein.cli_finetune import adapters_app, finetune
 from ryzanstein.config import DEFAULT_MODEL, Settings
 from ryzanstein.errors import InvalidRequest, RyzansteinError
 
@@ -19,6 +20,8 @@ models_app = typer.Typer(help="The model store.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (print a table and write JSON).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+app.add_typer(adapters_app, name="adapters")
+app.command()(finetune)
 console = Console()
 
 

@@ -208,7 +208,11 @@ class LoraTrainer:
         checkpoint.remove_temporaries(self.ckpt_dir)
         found = checkpoint.latest(self.ckpt_dir)
         if found is not None:
-            state = checkpoint.load(found, model, optimizer)
+            try:
+                state = checkpoint.load(found, model, optimizer)
+            except (ValueError, KeyError, OSError) as exc:
+                raise InvalidRequest(f"The checkpoint {found} cannot be resumed with these settings ({exc}); "
+                                     "start a new job instead.", param="resume") from exc
             start_step, history, base_eval = state["step"], state["history"], state.get("base_eval_loss")
             self.emit({"type": "resumed", "step": start_step, "checkpoint": found.name})
         model.train()
