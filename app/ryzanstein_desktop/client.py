@@ -83,6 +83,30 @@ class ServiceClient:
     def quantize_methods(self) -> dict:
         return self._get("/api/quantize/methods")
 
+    def validate_dataset(self, dataset: str, base: str | None = None, preset: str = "balanced") -> dict:
+        """{ok, format, records, preview, stats} or {ok: false, errors: [{line, reason}]}."""
+        return self._request("POST", "/api/finetune/validate", {"dataset": dataset, "base": base, "preset": preset},
+                             timeout=120)
+
+    def finetune_presets(self) -> dict:
+        return self._get("/api/finetune/presets")
+
+    def finetune_forecast(self, body: dict) -> dict:
+        return self._request("POST", "/api/finetune/forecast", body, timeout=120)
+
+    def finetune(self, body: dict) -> dict:
+        """Start a fine-tune job (queued behind other training jobs); bad data fails here, before any job."""
+        return self._request("POST", "/api/finetune", body, timeout=120)
+
+    def adapters(self, base: str | None = None) -> list[dict]:
+        return self._get("/api/adapters" + (f"?base={base}" if base else ""))["adapters"]
+
+    def set_adapter(self, model: str, adapter: str | None) -> dict:
+        return self._request("POST", f"/api/models/{model}/adapter", {"adapter": adapter}, timeout=600)
+
+    def merge_adapter(self, base: str, adapter: str, name: str, quantize: str | None = None) -> dict:
+        return self._request("POST", f"/api/adapters/{base}/{adapter}/merge", {"name": name, "quantize": quantize})
+
     def job(self, job_id: str) -> dict:
         return self._get(f"/api/jobs/{job_id}")
 

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 )
 
 from ryzanstein_desktop.bridge import Bridge
+from ryzanstein_desktop.views.finetune_wizard import FinetuneWizard
 from ryzanstein_desktop.views.quantize_wizard import QuantizeWizard
 from ryzanstein_desktop.widgets.error_dialog import show_error
 
@@ -44,8 +45,11 @@ def weights_text(row: dict) -> str:
         change = row.get("perplexity_change_pct")
         return f"{row['quantization']} of {row['quantized_from']}" + (
             f" (ppl {change:+.2f}%)" if change is not None else "")
-    return f"{row.get('stored_dtype') or '?'} → fp32" + (
+    text = f"{row.get('stored_dtype') or '?'} → fp32" + (
         "" if row["quantization"] == "none" else f" ({row['quantization']})")
+    if str(row.get("source", "")).startswith("finetuned:"):
+        text = "merged fine-tune of " + row["source"].removeprefix("finetuned:").replace("+", " + ")
+    return text + (f" + adapter {row['adapter']}" if row.get("adapter") else "")
 
 
 def report_tooltip(report: dict) -> str:
@@ -95,11 +99,15 @@ class ModelsView(QWidget):
         self.quantize_button.setToolTip("Make a smaller, faster copy of the selected model, chosen by measured "
                                         "accuracy")
         self.quantize_button.clicked.connect(self.open_quantize_wizard)
+        self.finetune_button = QPushButton("Fine-tune…")
+        self.finetune_button.setToolTip("Teach the selected model your data: a LoRA/QLoRA adapter, trained on this "
+                                        "CPU, with a forecast, a live loss curve and before/after answers.")
+        self.finetune_button.clicked.connect(self.open_finetune_wizard)
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
         buttons = QHBoxLayout()
         for widget in (self.import_folder_button, self.import_gguf_button, self.load_button, self.pin_box,
-                       self.unload_button, self.delete_button, self.quantize_button):
+                       self.unload_button, self.delete_button, self.quantize_button, self.finetune_button):
             buttons.addWidget(widget)
         buttons.addStretch(1)
         buttons.addWidget(self.refresh_button)
@@ -249,6 +257,13 @@ class ModelsView(QWidget):
         self.wizard.finished.connect(lambda _code: self.refresh())
         self.wizard.show()
         return self.wizard
+
+    def open_finetune_wizard(self) -> FinetuneWizard:
+        names = [row["name"] for row in self.rows if not row.get("quantized_from")]  # adapters train on fp32 bases
+        self.finetune_wizard = FinetuneWizard(self.bridge, names, self.selected_name(), self)
+        self.finetune_wizard.finished.connect(lambda _code: self.refresh())
+        self.finetune_wizard.show()
+        return self.finetune_wizard
 
     def _failed(self, title: str, message: str) -> None:
         self.refresh()

@@ -16,7 +16,7 @@ from ryzanstein.errors import InvalidRequest, ModelBusy
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.train import supervisor
 from ryzanstein.train.adapters import AdapterStore, apply_adapter, check_name, export_merged
-from ryzanstein.train.data import DatasetError
+from ryzanstein.train.data import SAMPLE_DATASET, DatasetError
 from ryzanstein.train.spec import PRESETS, FinetuneSpec
 
 router = APIRouter(prefix="/api")
@@ -44,9 +44,11 @@ class FinetuneBody(BaseModel):
     seed: int = 0
 
     def spec(self) -> FinetuneSpec:
-        name = self.name or f"{Path(self.dataset).stem.lower()}-{self.preset}"
         data = self.model_dump()
-        data["name"] = "".join(c if c.isalnum() or c in "._-" else "-" for c in name.lower())[:64]
+        if not self.name:  # a derived name is made valid; a name the user gave is checked as given
+            name = f"{Path(self.dataset).stem.lower()}-{self.preset}"
+            clean = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:64].lstrip("._-")
+            data["name"] = clean or "adapter"
         return FinetuneSpec.from_dict(data)
 
 
@@ -81,7 +83,8 @@ def checked_spec(manager: ModelManager, adapters: AdapterStore, spec: FinetuneSp
 
 @router.get("/finetune/presets")
 async def presets() -> dict[str, Any]:
-    return {"presets": PRESETS, "default": "balanced", "base_precisions": ["nf4", "fp32"]}
+    return {"presets": PRESETS, "default": "balanced", "base_precisions": ["nf4", "fp32"],
+            "sample_dataset": str(SAMPLE_DATASET) if SAMPLE_DATASET.is_file() else None}
 
 
 @router.post("/finetune/validate")

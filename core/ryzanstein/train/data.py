@@ -25,6 +25,8 @@ MAX_REPORTED_ERRORS = 20
 ROLES = ("system", "user", "assistant")
 CSV_ALIASES = {"prompt": "instruction", "response": "output", "completion": "output"}
 IGNORE = -100  # label of tokens that carry no loss
+# Project-written (scripts/make_sample_dataset.py); found relative to the source tree like resources/text.
+SAMPLE_DATASET = Path(__file__).resolve().parents[3] / "resources" / "datasets" / "ryzanstein-assistant.jsonl"
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""The Fine-tune wizard end to end, offscreen, on the tiny model through the real service."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+from PySide6.QtWidgets import QWizard
+
+from tests.conftest import TINY_MODEL
+
+
+def test_wizard_trains_an_adapter_shows_the_result_and_loads_it(qtbot, window, service, tmp_path):
+    view = window.models
+    window.tabs.setCurrentWidget(view)
+    qtbot.waitUntil(lambda: view.row(TINY_MODEL) is not None, timeout=20_000)
+    view.select(TINY_MODEL)
+    wizard = view.open_finetune_wizard()
+    qtbot.addWidget(wizard)
+    qtbot.waitUntil(lambda: bool(wizard.presets), timeout=10_000)
+    assert wizard.base_page.combo.currentText() == TINY_MODEL
+    wizard.base_page.name.setText("gui-adapter")
+    wizard.base_page.lora.setChecked(True)
+    wizard.next()  # → dataset
+
+    page = wizard.dataset_page
+    bad = tmp_path / "bad.jsonl"
+    good_line = json.dumps({"instruction": "Say hi", "output": "hi"})
+    bad.write_text("\n".join([good_line] * 16 + ['{"instruction": "x", "output": ']) + "\n")
+    page.path.setText(str(bad))
+    qtbot.waitUntil(lambda: page.report is not None, timeout=20_000)
+    assert not page.isComplete() and "line 17: invalid JSON" in page.errors.text()
+    page.sample.click()  # the shipped sample dataset
+    qtbot.waitUntil(lambda: page.report is not None, timeout=30_000)
+    assert page.isComplete() and page.errors.text() == ""
+    assert "chat format, 528 records" in page.summary.text() and page.preview.rowCount() == 5
+    wizard.next()  # → preset, with a forecast
+
+    presets = wizard.preset_page
+    presets.buttons["fast"].setChecked(True)
+    presets.max_steps.setValue(4)
+    qtbot.waitUntil(lambda: "Forecast: 4 steps" in presets.forecast.text(), timeout=30_000)
+    assert "peak memory about" in presets.forecast.text()
+    wizard.next()  # → training: the job starts
+
+    train = wizard.train_page
+    qtbot.waitUntil(lambda: wizard.job is not None and wizard.job["state"] not in ("running", "queued"),
+                    timeout=240_000)
+    assert wizard.job["state"] == "succeeded", wizard.job
+    assert [p[0] for p in train.train_points] == [1, 2, 3, 4]
+    assert train.eval_points and train.eval_points[0][0] == 0  # the base model's held-out loss, before step 1
+    assert "step 4 of 4" in train.stats.text() and train.bar.value() == 100
+    wizard.next()  # → result
+
+    result = wizard.result_page
+    assert "gui-adapter" in result.summary.text() and result.metrics.rowCount() == 2
+    assert result.samples.rowCount() >= 1 and result.samples.item(0, 3).text() != ""
+    if os.environ.get("RYZANSTEIN_SCREENSHOT_DIR"):
+        shots = Path(os.environ["RYZANSTEIN_SCREENSHOT_DIR"])
+        assert wizard.grab().save(str(shots / "finetune-result.png"))
+    result.load_in_chat()
+    qtbot.waitUntil(lambda: "now answers with adapter" in result.status.text(), timeout=60_000)
+    models = httpx.get(service.url + "/api/models", headers=service.headers, timeout=30).json()["models"]
+    assert next(m for m in models if m["name"] == TINY_MODEL)["adapter"] == "gui-adapter"
+
+    result.merge_name.setText("gui-merged")
+    result.merge()
+    qtbot.waitUntil(lambda: "Saved model" in result.status.text() or "merge failed" in result.status.text(),
+                    timeout=120_000)
+    assert "gui-merged" in result.status.text(), result.status.text()
+    wizard.done(QWizard.DialogCode.Accepted)
+    qtbot.waitUntil(lambda: view.row("gui-merged") is not None, timeout=20_000)
+    cell = next(view.table.item(i, 3) for i in range(view.table.rowCount())
+                if view.table.item(i, 0).text() == "gui-merged")
+    assert f"merged fine-tune of {TINY_MODEL} + gui-adapter" in cell.text()
+    # Leave the shared service as the other tests expect it.
+    httpx.post(f"{service.url}/api/models/{TINY_MODEL}/adapter", json={"adapter": None}, headers=service.headers,
+               timeout=60).raise_for_status()
+    httpx.delete(f"{service.url}/api/models/gui-merged", headers=service.headers, timeout=30).raise_for_status()
