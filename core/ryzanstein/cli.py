@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ryzanstein.cli_finetune import adapters_app, finetune
+from ryzanstein.cli_finetune import adapters_app, bench_finetune, finetune
 from ryzanstein.config import DEFAULT_MODEL, Settings
 from ryzanstein.errors import InvalidRequest, RyzansteinError
 
@@ -22,6 +22,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(adapters_app, name="adapters")
 app.command()(finetune)
+bench_app.command("finetune")(bench_finetune)
 console = Console()
 
 

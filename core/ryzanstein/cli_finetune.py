@@ -189,3 +189,53 @@ def adapters_delete(base: str = typer.Argument(...), adapter: str = typer.Argume
     except RyzansteinError as exc:
         _fail(exc)
     console.print(f"deleted adapter {adapter} of {base}")
+
+
+def bench_finetune(
+    model: str = typer.Option(DEFAULT_MODEL),
+    steps: int = typer.Option(12, min=2, help="Optimizer steps per contender."),
+    seq_len: int = typer.Option(256, min=16),
+    batch_size: int = typer.Option(4, min=1),
+    precision: str = typer.Option("nf4,fp32", help="Base precisions to compare (comma-separated)."),
+    full_epoch: bool = typer.Option(True, help="Also time one full epoch of the sample dataset."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/finetune-<time>.json)."),
+) -> None:
+    """Training tokens/s and peak RSS: our trainer vs plain peft + transformers Trainer (same data, adapter,
+    batch), then one full epoch of the sample dataset against the 30-minute target."""
+    import time
+
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_finetune import bench_finetune as run
+
+    settings, store, _ = _stores()
+    try:
+        base_path = Path(store.get(model).path)
+    except RyzansteinError as exc:
+        _fail(exc)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    result = run(base_path, settings.data_dir / "bench" / f"finetune-work-{stamp}", steps=steps, seq_len=seq_len,
+                 batch_size=batch_size, precisions=tuple(p.strip() for p in precision.split(",") if p.strip()),
+                 full_epoch=full_epoch, progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+    result["model"] = model
+    table = Table("base", "trainer", "tokens/s", "peak RSS", "final train loss", "speedup",
+                  title=f"bench finetune: {model}, LoRA r=8 q/v, batch {batch_size}, seq ≤ {seq_len}, {steps} steps")
+    for row in result["rows"]:
+        for contender in ("plain-trainer", "ours"):
+            r = row[contender]
+            table.add_row(row["base_precision"], "peft + Trainer" if contender == "plain-trainer" else "ryzanstein",
+                          f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_bytes'] / 2**30:.2f} GiB",
+                          f"{r['final_loss']:.3f}",
+                          f"{row['speedup']:.2f}x" if contender == "ours" else "")
+    console.print(table)
+    if "epoch" in result:
+        e, x = result["epoch"], result["extrapolation_7b_16_cores"]
+        console.print(f"one epoch ({e['epoch_tokens']} tokens, {e['steps']} steps, {e['base_precision']}): "
+                      f"{e['wall_seconds'] / 60:.1f} min (forecast {e['forecast_seconds'] / 60:.1f} min; "
+                      "target 30 min), "
+                      f"{e['tokens_per_s']:.0f} tok/s, peak RSS {e['peak_rss_bytes'] / 2**30:.2f} GiB "
+                      f"(forecast {e['forecast_peak_ram_bytes'] / 2**30:.2f}); held-out loss "
+                      f"{e['base_eval_loss']:.3f} → {e['eval_loss']:.3f}")
+        console.print(f"7B on 16 cores (extrapolated, {x['flops_ratio']:.0f}x the FLOPs, 16/{x['cores_here']} cores): "
+                      f"{x['seconds_same_dataset'] / 3600:.1f} h for the same data")
+    path = output or settings.data_dir / "bench" / f"finetune-{stamp}.json"
+    console.print(f"wrote {write_result(result, path)}")

@@ -107,10 +107,14 @@ class ModelsView(QWidget):
         self.refresh_button.clicked.connect(self.refresh)
         buttons = QHBoxLayout()
         for widget in (self.import_folder_button, self.import_gguf_button, self.load_button, self.pin_box,
-                       self.unload_button, self.delete_button, self.quantize_button, self.finetune_button):
+                       self.unload_button, self.delete_button):
             buttons.addWidget(widget)
         buttons.addStretch(1)
         buttons.addWidget(self.refresh_button)
+        tools = QHBoxLayout()  # a second row: the window stays narrow enough for small screens
+        tools.addWidget(self.quantize_button)
+        tools.addWidget(self.finetune_button)
+        tools.addStretch(1)
 
         self.job_label = QLabel("")
         self.job_bar = QProgressBar()
@@ -126,6 +130,7 @@ class ModelsView(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(self.budget_label)
         layout.addLayout(buttons)
+        layout.addLayout(tools)
         layout.addWidget(self.table, 1)
         layout.addLayout(job_row)
         bridge.sig_connected.connect(lambda _url: self.refresh())

@@ -66,6 +66,26 @@ def lora_weights(shape: dict[str, int], targets: str, rank: int) -> int:
 
 def forecast(spec: FinetuneSpec, config: dict[str, Any], stats: dict[str, Any],
              available_bytes: int | None = None) -> dict[str, Any]:
+    """Time and peak memory of the run; with checkpointing on auto, decided the way the trainer decides."""
+    checkpointing = spec.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = needs_checkpointing(spec, config, stats, available_bytes)
+    return {**_estimate(spec, config, stats, checkpointing, available_bytes),
+            "activation_checkpointing": checkpointing}
+
+
+def needs_checkpointing(spec: FinetuneSpec, config: dict[str, Any], stats: dict[str, Any],
+                        available_bytes: int | None = None) -> bool:
+    """Activation checkpointing costs ~1/3 more compute: worth it when the run without it would take more than
+    half of the memory free now."""
+    import psutil
+
+    free = available_bytes or psutil.virtual_memory().available
+    return _estimate(spec, config, stats, False, free)["peak_ram_bytes"] > 0.5 * free
+
+
+def _estimate(spec: FinetuneSpec, config: dict[str, Any], stats: dict[str, Any], checkpointing: bool,
+              available_bytes: int | None) -> dict[str, Any]:
     from ryzanstein.train.trainer import plan_steps
 
     cfg = spec.resolved()
@@ -74,7 +94,7 @@ def forecast(spec: FinetuneSpec, config: dict[str, Any], stats: dict[str, Any],
     rows = max(1, math.ceil(stats["train_tokens"] / (seq * 0.9))) if spec.packing else stats["train_examples"]
     plan = plan_steps(rows, batch, spec.grad_accum, cfg["epochs"], spec.max_steps)
     tokens = min(stats["train_tokens"] * cfg["epochs"], plan.total_steps * batch * spec.grad_accum * seq)
-    per_weight = 6 if spec.gradient_checkpointing else 4
+    per_weight = 6 if checkpointing else 4
     labelled = min(1.0, 2 * stats["supervised_tokens"] / max(1, stats["train_tokens"]))  # union over a batch's rows
     flops_per_token = per_weight * shape["body_weights"] + 4 * labelled * shape["embedding_weights"]
     rate = machine_gflops() * 1e9 * EFFICIENCY
@@ -90,7 +110,7 @@ def forecast(spec: FinetuneSpec, config: dict[str, Any], stats: dict[str, Any],
     adapter_bytes = lora_weights(shape, cfg["targets"], cfg["rank"]) * 4 * 4  # weights, grads, two Adam moments
     tokens_in_flight = batch * seq
     one_layer = tokens_in_flight * (12 * h + 4 * shape["intermediate"]) * 4 + batch * shape["heads"] * seq * seq * 4
-    stored = tokens_in_flight * h * 4 * layers if spec.gradient_checkpointing else one_layer * layers
+    stored = tokens_in_flight * h * 4 * layers if checkpointing else one_layer * layers
     logits = batch * seq * labelled * vocab * 4 * 3  # logits, softmax, gradient
     peak = int(RUNTIME_BYTES + weight_bytes + adapter_bytes + stored + one_layer + logits)
     return {"steps": plan.total_steps, "train_tokens": int(tokens), "seconds": seconds,

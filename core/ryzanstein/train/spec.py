@@ -44,7 +44,7 @@ class FinetuneSpec:
     checkpoint_every: int = 25
     max_steps: int | None = None  # stop early (tests, trials)
     packing: bool = True
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None  # None: on when memory is tight (it costs ~1/3 more compute)
     seed: int = 0
     threads: int | None = None
 

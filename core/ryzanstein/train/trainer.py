@@ -141,7 +141,7 @@ class LoraTrainer:
         from peft import LoraConfig, get_peft_model
 
         base = load_base(self.base_path, self.spec.base_precision)
-        if self.spec.gradient_checkpointing:
+        if self.checkpointing:
             if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -151,6 +151,16 @@ class LoraTrainer:
         model = get_peft_model(base, config)
         self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         return model
+
+    def decide_checkpointing(self, stats: dict) -> bool:
+        """On or off when asked; on auto, on when memory is tight (see forecast.needs_checkpointing)."""
+        if self.spec.gradient_checkpointing is not None:
+            return self.spec.gradient_checkpointing
+        import json
+
+        from ryzanstein.train.forecast import needs_checkpointing
+
+        return needs_checkpointing(self.spec, json.loads((self.base_path / "config.json").read_text()), stats)
 
     def learning_rate(self, step: int, total: int) -> float:
         """Linear warm-up over 5% of the steps, then cosine down to 10% of the peak."""
@@ -198,8 +208,10 @@ class LoraTrainer:
         train, evals, stats = self.prepare_data(tokenizer)
         plan = plan_steps(len(train), self.spec.batch_size, self.spec.grad_accum, self.cfg["epochs"],
                           self.spec.max_steps)
+        self.checkpointing = self.decide_checkpointing(stats)
         self.emit({"type": "stage", "stage": f"loading {self.spec.base} ({self.spec.base_precision})",
-                   "dataset": stats, "total_steps": plan.total_steps})
+                   "dataset": stats, "total_steps": plan.total_steps,
+                   "activation_checkpointing": self.checkpointing})
         model = self.build_model()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.cfg["lr"], weight_decay=0.0)
