@@ -34,15 +34,18 @@ def render_markdown(matrix: dict) -> str:
         "",
         "*quantizable* lists the methods that quantize the architecture and keep its next-token distribution "
         "close to fp32 (KL < 0.5 on the prompt); *batched* means requests run in the continuous-batching engine "
-        "(the others are served one at a time).",
+        "(the others are served one at a time); *fine-tune* says a LoRA adapter trains on it (the loss falls over "
+        "a few steps) and, with *merge*, that merging the adapter (export, hot-swap) gives peft's own output.",
         "",
-        "| architecture | model class | tiny params | loads | generates | matches reference | quantizable | batched |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| architecture | model class | tiny params | loads | generates | matches reference | quantizable | batched "
+        "| fine-tune |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in matrix["rows"]:
         lines.append(f"| {row['family']} | `{row['model_class']}` | {row['parameters'] / 1e6:.1f} M | "
                      f"{yes(row['loads'])} | {yes(row['generates'])} | {yes(row['matches_reference'])} | "
-                     f"{', '.join(row.get('quantizable', [])) or '**no**'} | {yes(row.get('batched', False))} |")
+                     f"{', '.join(row.get('quantizable', [])) or '**no**'} | {yes(row.get('batched', False))} | "
+                     f"{row.get('finetune') or '**no**'} |")
     passing = sum(r["matches_reference"] for r in matrix["rows"])
     lines += ["", f"{passing} of {len(matrix['rows'])} architectures pass.", ""]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ class CompatRow:
     tokens_compared: int = 0
     quantizable: list[str] = field(default_factory=list)  # methods that ran and stayed close to fp32
     batched: bool = False  # runs in the continuous-batching engine (else one request at a time)
+    finetune: str = ""  # "lora": LoRA trains; "lora+merge": and merge/hot-swap equal peft's output
     error: str = ""
     seconds: float = 0.0
 
@@ -84,6 +85,51 @@ def quantizable_methods(path: str, ids: Any, methods: tuple[str, ...] = ("int8",
     return ok
 
 
+def finetune_support(path: str, ids: Any, steps: int = 4) -> str:
+    """Train a LoRA adapter (attention projections, else every linear layer) for a few steps on the prompt and
+    check the loss falls; then check our merge gives peft's logits. '' when training fails."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ryzanstein.train.adapters import merge_into
+    from ryzanstein.train.trainer import resolve_targets
+
+    def base() -> Any:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    losses: list[float] = []
+    try:
+        model = base()
+        try:
+            targets = resolve_targets(model, "attention")
+        except Exception:
+            targets = "all-linear"
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        losses = []
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        if not losses[-1] < losses[0]:
+            return ""
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            with torch.inference_mode():
+                reference = PeftModel.from_pretrained(base().eval(), folder)(input_ids=ids).logits
+                merged = base().eval()
+                merge_into(merged, Path(folder))
+                same = torch.allclose(merged(input_ids=ids).logits, reference, atol=1e-4, rtol=1e-4)
+        return "lora+merge" if same else "lora"
+    except Exception as exc:  # merge refuses layers that are not plain linear ones (e.g. GPT-2's Conv1D)
+        return "lora" if "InvalidModel" in type(exc).__name__ and losses else ""
+
+
 def check_architecture(arch: Architecture, tokenizer_dir: Path, workdir: Path, tokens: int = 24) -> CompatRow:
     import torch
     from transformers import AutoModelForCausalLM
@@ -117,6 +163,7 @@ def check_architecture(arch: Architecture, tokenizer_dir: Path, workdir: Path, t
             len(ours) == len(reference) or reference[len(ours)] == 2)
         row.batched = engine_supported(lm.model)
         row.quantizable = quantizable_methods(info.path, ids)
+        row.finetune = finetune_support(info.path, ids)
     except Exception as exc:  # a row records the failure instead of stopping the matrix
         row.error = f"{type(exc).__name__}: {exc}"[:300]
     row.seconds = time.perf_counter() - started

@@ -144,11 +144,7 @@ def _parse_jsonl(lines: list[str]) -> tuple[str, list[Record], list[LineError]]:
                                                         f"'output', or 'text' (found {sorted(obj)})"))
                         fmt = "unknown"
                 if fmt != "unknown":
-                    record, problem = _record(fmt, obj, number)
-                    if problem:
-                        errors.append(LineError(number, problem))
-                    else:
-                        records.append(record)
+                    _collect(fmt, obj, number, records, errors)
         if len(errors) >= MAX_REPORTED_ERRORS:
             break
     return fmt or "unknown", records, errors
@@ -175,16 +171,20 @@ def _parse_csv(lines: list[str]) -> tuple[str, list[Record], list[LineError]]:
             if len(row) != len(header):
                 errors.append(LineError(number, f"{len(row)} columns, the header has {len(header)}"))
             else:
-                record, problem = _record(fmt, dict(zip(header, row, strict=True)), number)
-                if problem:
-                    errors.append(LineError(number, problem))
-                else:
-                    records.append(record)
+                _collect(fmt, dict(zip(header, row, strict=True)), number, records, errors)
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
     except csv.Error as exc:
         errors.append(LineError(reader.line_num, f"not valid CSV ({exc})"))
     return fmt, records, errors
+
+
+def _collect(fmt: str, obj: dict, number: int, records: list[Record], errors: list[LineError]) -> None:
+    record, problem = _record(fmt, obj, number)
+    if problem:
+        errors.append(LineError(number, problem))
+    else:
+        records.append(record)
 
 
 def _detect(obj: dict) -> str | None:
