@@ -75,7 +75,14 @@ def test_wizard_trains_an_adapter_shows_the_result_and_loads_it(qtbot, window, s
     cell = next(view.table.item(i, 3) for i in range(view.table.rowCount())
                 if view.table.item(i, 0).text() == "gui-merged")
     assert f"merged fine-tune of {TINY_MODEL} + gui-adapter" in cell.text()
-    # Leave the shared service as the other tests expect it.
-    httpx.post(f"{service.url}/api/models/{TINY_MODEL}/adapter", json={"adapter": None}, headers=service.headers,
-               timeout=60).raise_for_status()
+    # The Models view shows the active adapter and takes it off again (leaving the shared service as it was).
+    view.select(TINY_MODEL)
+    qtbot.waitUntil(lambda: view.adapter_box.count() >= 2 and view.adapter_box.isEnabled(), timeout=20_000)
+    assert view.adapter_box.currentText() == "gui-adapter"
+    weights = next(view.table.item(i, 3) for i in range(view.table.rowCount())
+                   if view.table.item(i, 0).text() == TINY_MODEL)
+    assert weights.text().endswith("+ adapter gui-adapter")
+    view.adapter_box.setCurrentText(view.NO_ADAPTER)
+    view._adapter_chosen(0)
+    qtbot.waitUntil(lambda: (view.row(TINY_MODEL) or {}).get("adapter", "x") is None, timeout=20_000)
     httpx.delete(f"{service.url}/api/models/gui-merged", headers=service.headers, timeout=30).raise_for_status()

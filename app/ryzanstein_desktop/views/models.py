@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shiboken6
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -111,10 +112,17 @@ class ModelsView(QWidget):
             buttons.addWidget(widget)
         buttons.addStretch(1)
         buttons.addWidget(self.refresh_button)
+        self.adapter_box = QComboBox()
+        self.adapter_box.setToolTip("Fine-tuned adapters of the selected model: choosing one puts it on the loaded "
+                                    "model in place (no reload); 'no adapter' restores the base exactly.")
+        self.adapter_box.setMinimumWidth(180)
+        self.adapter_box.activated.connect(self._adapter_chosen)
         tools = QHBoxLayout()  # a second row: the window stays narrow enough for small screens
         tools.addWidget(self.quantize_button)
         tools.addWidget(self.finetune_button)
         tools.addStretch(1)
+        tools.addWidget(QLabel("Adapter:"))
+        tools.addWidget(self.adapter_box)
 
         self.job_label = QLabel("")
         self.job_bar = QProgressBar()
@@ -201,6 +209,36 @@ class ModelsView(QWidget):
         self.load_button.setEnabled(row is not None and not row["loaded"])
         self.unload_button.setEnabled(row is not None and row["loaded"])
         self.delete_button.setEnabled(row is not None and not row["loaded"])
+        self._fill_adapters(row)
+
+    # -- adapters ---------------------------------------------------------------------------------------
+    NO_ADAPTER = "no adapter"
+
+    def _fill_adapters(self, row: dict | None) -> None:
+        self.adapter_box.clear()
+        self.adapter_box.setEnabled(False)
+        if row is None or row.get("quantized_from") or self.bridge.client is None:
+            return
+        name = row["name"]
+
+        def fill(adapters: list[dict]) -> None:
+            if not shiboken6.isValid(self.table) or self.selected_name() != name:
+                return  # the view was closed, or the selection moved on meanwhile
+            self.adapter_box.clear()
+            self.adapter_box.addItems([self.NO_ADAPTER] + [a["name"] for a in adapters])
+            self.adapter_box.setCurrentText(row.get("adapter") or self.NO_ADAPTER)
+            self.adapter_box.setEnabled(bool(adapters))
+
+        self.bridge.call(lambda c: c.adapters(name), fill, lambda _msg: None)
+
+    def _adapter_chosen(self, _index: int) -> None:
+        model, choice = self.selected_name(), self.adapter_box.currentText()
+        if not model:
+            return
+        adapter = None if choice == self.NO_ADAPTER else choice
+        self.adapter_box.setEnabled(False)
+        self.bridge.call(lambda c: c.set_adapter(model, adapter), lambda _r: self.refresh(),
+                         lambda msg: self._failed("Adapter not applied", msg))
 
     # -- actions ----------------------------------------------------------------------------------------
     def _pick_folder(self) -> None:

@@ -85,7 +85,7 @@ def quantizable_methods(path: str, ids: Any, methods: tuple[str, ...] = ("int8",
     return ok
 
 
-def finetune_support(path: str, ids: Any, steps: int = 4) -> str:
+def finetune_support(path: str, ids: Any, steps: int = 8) -> str:
     """Train a LoRA adapter (attention projections, else every linear layer) for a few steps on the prompt and
     check the loss falls; then check our merge gives peft's logits. '' when training fails."""
     import tempfile
@@ -108,7 +108,7 @@ def finetune_support(path: str, ids: Any, steps: int = 4) -> str:
         except Exception:
             targets = "all-linear"
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
         for _ in range(steps):
             loss = model(input_ids=ids, labels=ids).loss
