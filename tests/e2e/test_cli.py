@@ -115,3 +115,30 @@ def test_convert_refuses_a_pickle_that_carries_code(service, session_home, tmp_p
     assert result.returncode == 2 and "cannot be read as plain weights" in result.stdout
     assert not (tmp_path / "pwned").exists()
     assert "evil" not in run_cli("models", "list", home=session_home).stdout
+
+
+def test_finetune_cli_forecasts_trains_saves_and_merges(service, session_home, tmp_path):
+    from tests.core.test_finetune import colour_rows
+    from tests.core.test_finetune_data import write_jsonl
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", colour_rows(16) + ['{"messages": [oops'])
+    refused = run_cli("finetune", TINY_MODEL, str(bad), "--name", "cli-bad", home=session_home)
+    assert refused.returncode == 2 and "line 17: invalid JSON" in refused.stdout, refused.stdout
+    assert not (session_home / "data" / "adapters" / TINY_MODEL / "cli-bad").exists()
+
+    data = write_jsonl(tmp_path / "colours.jsonl", colour_rows(30))
+    output = tmp_path / "result.json"
+    result = run_cli("finetune", TINY_MODEL, str(data), "--name", "cli-colours", "--preset", "fast",
+                     "--base-precision", "fp32", "--max-steps", "4", "--seq-len", "64", "--output", str(output),
+                     home=session_home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "forecast: 4 steps" in result.stdout and "held-out samples" in result.stdout
+    saved = json.loads(output.read_text())
+    assert saved["adapter"] == "cli-colours" and saved["metrics"]["steps"] == 4
+    assert Path(saved["path"], "adapter_model.safetensors").is_file()
+    listed = run_cli("adapters", "list", "--base", TINY_MODEL, home=session_home)
+    assert "cli-colours" in listed.stdout
+    merged = run_cli("adapters", "merge", TINY_MODEL, "cli-colours", "cli-merged", home=session_home)
+    assert merged.returncode == 0 and "saved model cli-merged" in merged.stdout, merged.stdout + merged.stderr
+    for args in (("models", "delete", "cli-merged", "--yes"), ("adapters", "delete", TINY_MODEL, "cli-colours")):
+        assert run_cli(*args, home=session_home).returncode == 0

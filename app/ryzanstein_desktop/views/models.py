@@ -318,6 +318,8 @@ class ModelsView(QWidget):
             self._on_job(data)
         elif kind == "model" and data.get("state") in {"loaded", "unloaded", "imported", "deleted", "failed"}:
             self.refresh()
+        elif kind == "adapter":  # a fine-tune saved one: the selected model's adapter list may grow
+            self._fill_adapters(self.row(self.selected_name() or ""))
 
     def _on_job(self, job: dict) -> None:
         self.last_job = job

@@ -13,6 +13,7 @@ import inspect
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from ryzanstein.train.data import IGNORE, Block, pack, prepare, read_dataset
 from ryzanstein.train.spec import ATTENTION, ATTENTION_QV, FinetuneSpec
 
 EventFn = Callable[[dict[str, Any]], None]
+# peft 0.21 still calls the old transformers name on every forward; the warning says nothing to our users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 SAMPLE_PROMPTS = 3
 SAMPLE_TOKENS = 48
 
