@@ -86,3 +86,32 @@ def test_wizard_trains_an_adapter_shows_the_result_and_loads_it(qtbot, window, s
     view._adapter_chosen(0)
     qtbot.waitUntil(lambda: (view.row(TINY_MODEL) or {}).get("adapter", "x") is None, timeout=20_000)
     httpx.delete(f"{service.url}/api/models/gui-merged", headers=service.headers, timeout=30).raise_for_status()
+
+
+def test_cancel_stops_training_and_keeps_a_checkpoint(qtbot, window, service, session_home):
+    view = window.models
+    qtbot.waitUntil(lambda: view.row(TINY_MODEL) is not None, timeout=20_000)
+    view.select(TINY_MODEL)
+    wizard = view.open_finetune_wizard()
+    qtbot.addWidget(wizard)
+    qtbot.waitUntil(lambda: bool(wizard.sample_dataset), timeout=10_000)
+    wizard.base_page.name.setText("gui-cancelled")
+    wizard.base_page.lora.setChecked(True)
+    wizard.next()
+    wizard.dataset_page.sample.click()
+    qtbot.waitUntil(wizard.dataset_page.isComplete, timeout=30_000)
+    wizard.next()
+    wizard.preset_page.buttons["fast"].setChecked(True)
+    wizard.preset_page.epochs.setValue(50.0)  # long enough to still be running when Cancel is pressed
+    wizard.next()
+    train = wizard.train_page
+    qtbot.waitUntil(lambda: len(train.train_points) >= 2, timeout=120_000)
+    train.cancel.click()
+    assert "writing a checkpoint" in train.stage.text() and not train.cancel.isEnabled()
+    qtbot.waitUntil(lambda: wizard.job["state"] == "cancelled", timeout=120_000)
+    assert "last checkpoint is kept" in wizard.job["error"]
+    folder = session_home / "data" / "finetune" / wizard.job["id"]
+    assert sorted((folder / "checkpoints").glob("step-*")), "no checkpoint kept"
+    assert not (session_home / "data" / "adapters" / TINY_MODEL / "gui-cancelled").exists()
+    wizard.next()
+    assert "cancelled" in wizard.result_page.summary.text() and not wizard.result_page.merge_button.isEnabled()

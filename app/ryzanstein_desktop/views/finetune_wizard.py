@@ -29,11 +29,11 @@ from PySide6.QtWidgets import (
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
-    QWizard,
     QWizardPage,
 )
 
 from ryzanstein_desktop.bridge import Bridge
+from ryzanstein_desktop.views.job_wizard import ACTIVE, JobWizard
 
 PRESET_TEXT = {
     "fast": "Fast — small adapter on queries and values, one pass",
@@ -369,13 +369,11 @@ class ResultPage(QWizardPage):
             self.status.setText(f"<span style='color:#d33'>merge {job['state']}: {job.get('error')}</span>")
 
 
-class FinetuneWizard(QWizard):
+class FinetuneWizard(JobWizard):
     def __init__(self, bridge: Bridge, models: list[str], preselect: str | None = None,
                  parent: QWidget | None = None):
-        super().__init__(parent)
-        self.bridge = bridge
+        super().__init__(bridge, parent)
         self.setWindowTitle("Fine-tune a model")
-        self.job: dict | None = None
         self.presets: dict[str, dict] = {}
         self.sample_dataset: str | None = None
         self.base_page = BasePage()
@@ -389,7 +387,6 @@ class FinetuneWizard(QWizard):
         if preselect in models:
             self.base_page.combo.setCurrentText(preselect)
         bridge.call(lambda c: c.finetune_presets(), self._got_presets, lambda _m: None)
-        bridge.sig_event.connect(self._on_event)
         self.resize(900, 640)
 
     def _got_presets(self, data: dict) -> None:
@@ -406,27 +403,20 @@ class FinetuneWizard(QWizard):
                 "max_steps": max_steps or None}
 
     def start_job(self) -> None:
-        self.job = None
         body = self.body()
-        self.bridge.call(lambda c: c.finetune(body), self._on_job, self._refused)
+        self.submit(lambda c: c.finetune(body), "fine-tune")
 
-    def _refused(self, message: str) -> None:
-        self._on_job({"id": None, "state": "failed", "stage": "refused", "progress": 0.0, "error": message,
-                      "result": None, "title": "fine-tune", "detail": {}})
+    def cancel_button(self) -> QPushButton:
+        return self.train_page.cancel
 
     def cancel_job(self) -> None:
-        if self.job and self.job.get("id") and self.job["state"] in ("running", "queued"):
-            job_id = self.job["id"]
-            self.train_page.cancel.setEnabled(False)
+        if self.job and self.job.get("state") in ACTIVE:
             self.train_page.stage.setText("cancelling: writing a checkpoint…")
-            self.bridge.call(lambda c: c.cancel_job(job_id), lambda _j: None, lambda _m: None)
+        super().cancel_job()
 
-    def _on_event(self, kind: str, data: dict) -> None:
-        if kind != "job":
-            return
-        if self.job is not None and data.get("id") == self.job.get("id"):
-            self._on_job(data)
-        elif data.get("id") and data.get("id") == self.result_page.merge_job:
+    def on_job_event(self, data: dict) -> None:
+        super().on_job_event(data)
+        if data.get("id") and data.get("id") == self.result_page.merge_job:
             self.result_page.on_merge_job(data)
 
     def _on_job(self, job: dict) -> None:

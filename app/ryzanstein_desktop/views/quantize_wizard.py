@@ -28,11 +28,11 @@ from PySide6.QtWidgets import (
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
-    QWizard,
     QWizardPage,
 )
 
 from ryzanstein_desktop.bridge import Bridge
+from ryzanstein_desktop.views.job_wizard import JobWizard
 
 RESULT_COLUMNS = ["method", "bits/weight", "memory", "perplexity", "Δ ppl", "mean KL", "top-1", "prefill tok/s",
                   "decode tok/s"]
@@ -229,13 +229,11 @@ class ResultsPage(QWizardPage):
                 self.plot.addItem(label)
 
 
-class QuantizeWizard(QWizard):
+class QuantizeWizard(JobWizard):
     def __init__(self, bridge: Bridge, models: list[str], preselect: str | None = None,
                  parent: QWidget | None = None):
-        super().__init__(parent)
-        self.bridge = bridge
+        super().__init__(bridge, parent)
         self.setWindowTitle("Quantize a model")
-        self.job: dict | None = None
         self.model_page = ModelPage()
         self.goal_page = GoalPage()
         self.methods_page = MethodsPage()
@@ -248,7 +246,6 @@ class QuantizeWizard(QWizard):
             self.model_page.combo.setCurrentText(preselect)
         bridge.call(lambda c: c.quantize_methods(), lambda m: self.methods_page.set_methods(m["methods"]),
                     lambda msg: self.methods_page.error.setText(msg))
-        bridge.sig_event.connect(self._on_event)
         self.resize(760, 560)
 
     def body(self) -> dict:
@@ -259,23 +256,11 @@ class QuantizeWizard(QWizard):
                 "name": name, "calibration": self.methods_page.calibration_text()}
 
     def start_job(self) -> None:
-        self.job = None
         body = self.body()
-        self.bridge.call(lambda c: c.quantize(body), self._on_job, self._refused)
+        self.submit(lambda c: c.quantize(body), "quantize")
 
-    def _refused(self, message: str) -> None:
-        self._on_job({"id": None, "state": "failed", "stage": "refused", "progress": 0.0, "error": message,
-                      "result": None, "title": "quantize"})
-
-    def cancel_job(self) -> None:
-        if self.job and self.job.get("id") and self.job["state"] == "running":
-            job_id = self.job["id"]
-            self.run_page.cancel.setEnabled(False)
-            self.bridge.call(lambda c: c.cancel_job(job_id), lambda _j: None, lambda _m: None)
-
-    def _on_event(self, kind: str, data: dict) -> None:
-        if kind == "job" and self.job is not None and data.get("id") == self.job.get("id"):
-            self._on_job(data)
+    def cancel_button(self) -> QPushButton:
+        return self.run_page.cancel
 
     def _on_job(self, job: dict) -> None:
         self.job = job
