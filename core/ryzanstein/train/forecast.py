@@ -11,6 +11,7 @@ activations + logits + the Python/torch runtime.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from functools import lru_cache
 from typing import Any
@@ -30,7 +31,18 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per 64 weigh
 
 @lru_cache(maxsize=1)
 def machine_gflops() -> float:
-    """fp32 matrix-multiply rate of this process's torch threads, measured over ~0.3 s."""
+    """fp32 matrix-multiply rate of this process's torch threads, measured over ~0.3 s.
+
+    Measured on a thread of its own that ends right after: in the service, a long-lived pool thread that ran
+    torch would keep a second OpenMP team alive and slow every engine step (see compute.py)."""
+    result: list[float] = []
+    thread = threading.Thread(target=lambda: result.append(_measure_gflops()), name="gflops")
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def _measure_gflops() -> float:
     import torch
 
     a, b = torch.randn(1024, 576), torch.randn(576, 1536)
