@@ -98,6 +98,10 @@ class ServiceClient:
         """Start a fine-tune job (queued behind other training jobs); bad data fails here, before any job."""
         return self._request("POST", "/api/finetune", body, timeout=120)
 
+    def resume_finetune(self, job_id: str) -> dict:
+        """Put a cancelled or failed fine-tune back in the queue; it continues from its last checkpoint."""
+        return self._request("POST", f"/api/finetune/{job_id}/resume")
+
     def adapters(self, base: str | None = None) -> list[dict]:
         return self._get("/api/adapters" + (f"?base={base}" if base else ""))["adapters"]
 

@@ -88,7 +88,7 @@ def test_wizard_trains_an_adapter_shows_the_result_and_loads_it(qtbot, window, s
     httpx.delete(f"{service.url}/api/models/gui-merged", headers=service.headers, timeout=30).raise_for_status()
 
 
-def test_cancel_stops_training_and_keeps_a_checkpoint(qtbot, window, service, session_home):
+def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_job(qtbot, window, service, session_home):
     view = window.models
     qtbot.waitUntil(lambda: view.row(TINY_MODEL) is not None, timeout=20_000)
     view.select(TINY_MODEL)
@@ -103,6 +103,7 @@ def test_cancel_stops_training_and_keeps_a_checkpoint(qtbot, window, service, se
     wizard.next()
     wizard.preset_page.buttons["fast"].setChecked(True)
     wizard.preset_page.epochs.setValue(50.0)  # long enough to still be running when Cancel is pressed
+    wizard.preset_page.max_steps.setValue(120)
     wizard.next()
     train = wizard.train_page
     qtbot.waitUntil(lambda: len(train.train_points) >= 2, timeout=120_000)
@@ -114,4 +115,17 @@ def test_cancel_stops_training_and_keeps_a_checkpoint(qtbot, window, service, se
     assert sorted((folder / "checkpoints").glob("step-*")), "no checkpoint kept"
     assert not (session_home / "data" / "adapters" / TINY_MODEL / "gui-cancelled").exists()
     wizard.next()
-    assert "cancelled" in wizard.result_page.summary.text() and not wizard.result_page.merge_button.isEnabled()
+    result = wizard.result_page
+    assert "cancelled" in result.summary.text() and not result.merge_button.isEnabled()
+    assert result.resume_button.isVisible()
+    stopped_at = train.train_points[-1][0]
+    result.resume_button.click()  # back to the training page, same job, from its checkpoint
+    assert wizard.currentPage() is train
+    qtbot.waitUntil(lambda: wizard.job["state"] == "succeeded", timeout=240_000)
+    steps = [p[0] for p in train.train_points]
+    resumed = steps[steps.index(stopped_at) + 1:]  # the curve goes on where it stopped
+    assert resumed[0] == stopped_at + 1 and resumed[-1] == 120
+    wizard.next()
+    assert "gui-cancelled" in result.summary.text() and result.merge_button.isEnabled()
+    httpx.delete(f"{service.url}/api/adapters/{TINY_MODEL}/gui-cancelled", headers=service.headers,
+                 timeout=30).raise_for_status()

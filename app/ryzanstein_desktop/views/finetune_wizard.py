@@ -295,9 +295,14 @@ class ResultPage(QWizardPage):
         self.merge_quantize.addItems(MERGE_QUANTIZE)
         self.merge_button = QPushButton("Merge and save as model")
         self.merge_button.clicked.connect(self.merge)
+        self.resume_button = QPushButton("Resume training")
+        self.resume_button.setToolTip("Continue from the last checkpoint, with the same data order.")
+        self.resume_button.clicked.connect(wizard.resume_job)
+        self.resume_button.setVisible(False)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         actions = QHBoxLayout()
+        actions.addWidget(self.resume_button)
         actions.addWidget(self.load_button)
         actions.addStretch(1)
         actions.addWidget(self.merge_name)
@@ -317,6 +322,7 @@ class ResultPage(QWizardPage):
         done = job["state"] == "succeeded"
         for widget in (self.load_button, self.merge_button, self.merge_name, self.merge_quantize):
             widget.setEnabled(done)
+        self.resume_button.setVisible(job["state"] in ("cancelled", "failed") and bool(job.get("id")))
         if not done:
             self.summary.setText(f"<b>{job['state']}</b>: {job.get('error') or ''}")
             fill_rows(self.metrics, [])
@@ -413,6 +419,17 @@ class FinetuneWizard(JobWizard):
         if self.job and self.job.get("state") in ACTIVE:
             self.train_page.stage.setText("cancelling: writing a checkpoint…")
         super().cancel_job()
+
+    def resume_job(self) -> None:
+        """Back to the training page, following the same job as it continues from its checkpoint."""
+        job_id = (self.job or {}).get("id")
+        if not job_id:
+            return
+        previous = dict(self.job or {})
+        self.submit(lambda c: c.resume_finetune(job_id), "fine-tune")
+        self.job = {**previous, "state": "queued", "error": None}  # follow its events before the reply lands
+        self.train_page.cancel.setEnabled(True)
+        self.back()
 
     def on_job_event(self, data: dict) -> None:
         super().on_job_event(data)
