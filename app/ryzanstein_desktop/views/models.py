@@ -120,6 +120,9 @@ class ModelsView(QWidget):
         tools = QHBoxLayout()  # a second row: the window stays narrow enough for small screens
         tools.addWidget(self.quantize_button)
         tools.addWidget(self.finetune_button)
+        self.training_label = QLabel("")  # background fine-tunes, also when their wizard was closed
+        self.training_label.setStyleSheet("color: #6a6")
+        tools.addWidget(self.training_label)
         tools.addStretch(1)
         tools.addWidget(QLabel("Adapter:"))
         tools.addWidget(self.adapter_box)
@@ -318,6 +321,10 @@ class ModelsView(QWidget):
             self._on_job(data)
         elif kind == "model" and data.get("state") in {"loaded", "unloaded", "imported", "deleted", "failed"}:
             self.refresh()
+        elif kind == "job" and data.get("kind") == "finetune":
+            active = data["state"] in ("running", "queued")
+            self.training_label.setText(f"{data['title']}: {data['stage']}" if active else "")
+            self.training_label.setToolTip(data["title"])
         elif kind == "adapter":  # a fine-tune saved one: the selected model's adapter list may grow
             self._fill_adapters(self.row(self.selected_name() or ""))
 
