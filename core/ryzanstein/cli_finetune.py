@@ -10,6 +10,7 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -23,7 +24,7 @@ adapters_app = typer.Typer(help="Fine-tuned adapters (peft format), per base mod
 console = Console()
 
 
-def _fail(exc: RyzansteinError) -> None:
+def _fail(exc: RyzansteinError) -> NoReturn:
     console.print(f"[red]error:[/red] {exc.message}")
     for line in getattr(exc, "errors", [])[:20]:
         console.print(f"  {line}")
@@ -127,7 +128,6 @@ def _run_with_progress(folder: Path) -> dict:
         _fail(exc)
     finally:
         signal.signal(signal.SIGINT, previous)
-    raise AssertionError("unreachable")
 
 
 def _print_result(result: dict) -> None:

@@ -159,9 +159,8 @@ class ModelStore:
     def import_quantized(self, name: str, base_name: str, method: str, write: Callable[[Path], None], *,
                          progress: ProgressFn = _no_progress, cancel: threading.Event | None = None) -> ModelInfo:
         """Add a quantized model written by `write(temp folder)`; atomic like every import."""
-        self.check_new_name(name)
-        base = self.get(base_name)
-        return self._import(name, f"quantized:{base_name}:{method}", write, progress, cancel, base.trust_remote_code)
+        return self.import_derived(name, base_name, f"quantized:{base_name}:{method}", write, progress=progress,
+                                   cancel=cancel)
 
     def import_derived(self, name: str, base_name: str, source: str, write: Callable[[Path], None], *,
                        progress: ProgressFn = _no_progress, cancel: threading.Event | None = None) -> ModelInfo:

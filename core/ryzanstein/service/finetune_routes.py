@@ -15,7 +15,7 @@ from ryzanstein import compute
 from ryzanstein.errors import InvalidRequest, ModelBusy
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.train import supervisor
-from ryzanstein.train.adapters import AdapterStore, apply_adapter, check_name, export_merged
+from ryzanstein.train.adapters import AdapterStore, apply_adapter, export_merged
 from ryzanstein.train.data import SAMPLE_DATASET, DatasetError
 from ryzanstein.train.spec import PRESETS, FinetuneSpec
 
@@ -75,9 +75,8 @@ def paths(request: Request) -> tuple[Path, AdapterStore]:
 
 def checked_spec(manager: ModelManager, adapters: AdapterStore, spec: FinetuneSpec) -> Path:
     spec.validate()
-    check_name(spec.name)
     base_path = Path(manager.store.get(spec.base).path)
-    adapters.check_new(spec.base, spec.name)
+    adapters.check_new(spec.base, spec.name)  # a valid, free adapter name
     return base_path
 
 
@@ -132,9 +131,9 @@ async def forecast(body: FinetuneBody, request: Request) -> dict[str, Any]:
     return await asyncio.to_thread(run)
 
 
-def submit(request: Request, folder: Path) -> dict[str, Any]:
-    jobs = request.app.state.jobs
-    manager: ModelManager = request.app.state.manager
+def submit(app: Any, folder: Path, title_suffix: str = "") -> dict[str, Any]:
+    """Queue a job folder's training behind the others; a new, resumed or restarted job alike."""
+    manager: ModelManager = app.state.manager
     spec = supervisor.job_spec(folder)
 
     def run(progress, cancel) -> dict[str, Any]:
@@ -142,8 +141,8 @@ def submit(request: Request, folder: Path) -> dict[str, Any]:
         manager.publish("adapter", {"base": spec.base, "name": spec.name, "state": "saved"})
         return result
 
-    job = jobs.submit("finetune", f"fine-tune {spec.base} on {Path(spec.dataset).name} → {spec.name}", run,
-                      job_id=folder.name, queue=TRAIN_QUEUE)
+    title = f"fine-tune {spec.base} on {Path(spec.dataset).name} → {spec.name}{title_suffix}"
+    job = app.state.jobs.submit("finetune", title, run, job_id=folder.name, queue=TRAIN_QUEUE)
     return job.to_dict()
 
 
@@ -165,7 +164,7 @@ async def start(body: FinetuneBody, request: Request) -> dict[str, Any]:
 
     await asyncio.to_thread(check_dataset)
     folder = supervisor.new_job_dir(root, spec, base_path, adapters.root)
-    return submit(request, folder)
+    return submit(request.app, folder)
 
 
 @router.post("/finetune/{job_id}/resume", status_code=202)
@@ -177,24 +176,17 @@ async def resume(job_id: str, request: Request) -> dict[str, Any]:
     state = supervisor.read_status(folder)["state"]
     if state == "succeeded":
         raise InvalidRequest(f"Job {job_id} already finished; its adapter is saved.", param="job_id")
+    active = [j for j in request.app.state.jobs.list() if j.id == job_id and j.state in supervisor.UNFINISHED]
+    if active:  # checked before status.json is touched
+        raise InvalidRequest(f"Job {job_id} is already {active[0].state}.", param="job_id")
     supervisor.set_status(folder, "queued")
-    return submit(request, folder)
+    return submit(request.app, folder)
 
 
 def resume_unfinished(app: Any) -> list[str]:
     """At service start: jobs that were queued or running when the service stopped go back in the queue."""
-    root = app.state.settings.data_dir / "finetune"
-    started = []
-    for folder in supervisor.unfinished_jobs(root):
-        spec = supervisor.job_spec(folder)
-
-        def run(progress, cancel, folder: Path = folder) -> dict[str, Any]:
-            return supervisor.run_worker(folder, progress, cancel)
-
-        app.state.jobs.submit("finetune", f"fine-tune {spec.base} → {spec.name} (resumed)", run, job_id=folder.name,
-                              queue=TRAIN_QUEUE)
-        started.append(folder.name)
-    return started
+    folders = supervisor.unfinished_jobs(app.state.settings.data_dir / "finetune")
+    return [submit(app, folder, " (resumed)")["id"] for folder in folders]
 
 
 @router.get("/adapters")
@@ -239,7 +231,9 @@ async def set_adapter(name: str, body: AdapterBody, request: Request) -> dict[st
     adapters: AdapterStore = request.app.state.adapters
     manager: ModelManager = request.app.state.manager
     folder = Path(adapters.get(name, body.adapter).path) if body.adapter else None
-    entry = manager.entry(name) or await asyncio.to_thread(manager.load, name)
+    entry = manager.entry(name)
+    if entry is None:
+        entry = await asyncio.to_thread(manager.load, name)
     if entry.weights != "fp32":
         raise ModelBusy(f"Model {name!r} is loaded with {entry.weights} weights; adapters go on fp32 weights. "
                         "Unload it and load it again with fp32 weights.")

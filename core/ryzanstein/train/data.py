@@ -162,7 +162,8 @@ def _parse_csv(lines: list[str]) -> tuple[str, list[Record], list[LineError]]:
     if fmt is None or fmt == "chat":
         return "unknown", [], [LineError(1, f"header {header} needs columns 'instruction' and 'output' (or "
                                             "'prompt' and 'response'), or 'text'")]
-    records, errors = [], []
+    records: list[Record] = []
+    errors: list[LineError] = []
     try:
         for row in reader:
             number = reader.line_num

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,8 +72,6 @@ def unfinished_jobs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     for tmp in root.glob(".new-*"):
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     jobs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / JOB_FILE).is_file()]
     return sorted((p for p in jobs if read_status(p)["state"] in UNFINISHED), key=lambda p: p.stat().st_mtime)

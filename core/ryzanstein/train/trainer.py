@@ -94,7 +94,7 @@ def resolve_targets(model: torch.nn.Module, choice: str) -> list[str] | str:
     return found
 
 
-def load_base(path: Path, precision: str, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_base(path: Path, precision: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True, "local_files_only": True,
@@ -118,7 +118,7 @@ def load_base(path: Path, precision: str, trust_remote_code: bool = False) -> to
         # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 on the first eval-mode forward, after which
         # backward silently yields no gradients (measured: the adapter never moved). Keep the trainable layout.
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (a bitsandbytes-only attribute)
     return model
 
 
@@ -266,13 +266,12 @@ class LoraTrainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             train_seconds += time.perf_counter() - t0
-            elapsed = train_seconds
-            rate = tokens_done / elapsed if elapsed > 0 else 0.0
+            rate = tokens_done / train_seconds if train_seconds > 0 else 0.0
             done = step + 1
             point = {"step": done, "loss": total_loss / max(1, n_labels), "lr": lr, "grad_norm": grad_norm,
                      "epoch": step / plan.steps_per_epoch, "tokens_per_s": rate}
             history.append(point)
-            steps_per_s = (done - start_step) / elapsed if elapsed > 0 else 0.0
+            steps_per_s = (done - start_step) / train_seconds if train_seconds > 0 else 0.0
             self.emit({"type": "step", **point, "total_steps": plan.total_steps, "blocks": micro,
                        "eta_s": (plan.total_steps - done) / steps_per_s if steps_per_s else None})
             if done % self.spec.eval_every == 0 and done < plan.total_steps and evals:

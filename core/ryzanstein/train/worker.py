@@ -31,7 +31,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def run_job(job_dir: Path, emit: Callable[[dict], None], should_stop: Callable[[], bool]) -> dict[str, Any]:
     """Train (or resume) the job in `job_dir`, save its adapter, write result.json and return the result."""
-    from ryzanstein.train.adapters import AdapterStore
+    from ryzanstein.train.adapters import AdapterStore, check_name
     from ryzanstein.train.spec import FinetuneSpec
     from ryzanstein.train.trainer import LoraTrainer
 
@@ -44,8 +44,7 @@ def run_job(job_dir: Path, emit: Callable[[dict], None], should_stop: Callable[[
 
         torch.set_num_threads(spec.threads)
     adapters = AdapterStore(Path(job["adapters_dir"]))
-    if not adapters.exists(spec.base, spec.name):
-        adapters.check_new(spec.base, spec.name)
+    check_name(spec.name)  # may already exist: a rerun after the adapter was saved just reports again
     out = LoraTrainer(spec, Path(job["base_path"]), job_dir, emit, should_stop).run()
     meta = {"dataset": spec.dataset, "format": out["dataset"].get("format"), "spec": spec.resolved(),
             "metrics": out["metrics"], "samples": out["samples"], "job": job_dir.name}
