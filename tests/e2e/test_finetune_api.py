@@ -99,6 +99,11 @@ def test_a_job_trains_an_adapter_that_hot_swaps_and_merges(service, tmp_path):
     with_adapter = chat(service, TINY_MODEL)
     busy = api(service, "DELETE", f"/api/adapters/{TINY_MODEL}/api-colours")
     assert busy.status_code == 409
+    for name, text in (("Bad Name", "not allowed"), (TINY_MODEL, "already in the store")):
+        refused = api(service, "POST", f"/api/adapters/{TINY_MODEL}/api-colours/merge", {"name": name})
+        assert refused.status_code == 400 and text in refused.text, refused.text
+    unknown = api(service, "POST", f"/api/adapters/{TINY_MODEL}/nope/merge", {"name": "never-merged"})
+    assert unknown.status_code == 404
     merge = api(service, "POST", f"/api/adapters/{TINY_MODEL}/api-colours/merge", {"name": "api-merged"})
     assert merge.status_code == 202
     assert wait_job(service, merge.json()["id"])["state"] == "succeeded"
