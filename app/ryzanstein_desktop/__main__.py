@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QApplication
 from ryzanstein_desktop.bridge import Bridge, Call
 from ryzanstein_desktop.launcher import ServiceLauncher
 from ryzanstein_desktop.main_window import MainWindow
+from ryzanstein_desktop.syslibs import check_message
 from ryzanstein_desktop.widgets.error_dialog import show_error
 
 ICON = Path(__file__).parent / "icons" / "ryzanstein.svg"
@@ -52,6 +53,10 @@ def run() -> None:
     """Entry point. Everything is saved and the service stopped when main() returns; skipping interpreter
     finalization avoids a crash in PySide6's teardown seen once at exit ("bool_dealloc" during the final
     garbage collection, exit status -6)."""
+    missing = check_message()
+    if missing:  # Qt would abort with a list of plugin names that does not say what to install
+        print(missing, file=sys.stderr)
+        sys.exit(1)
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
