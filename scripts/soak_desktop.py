@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from PySide6.QtCore import QSettings, QTimer
+    from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
     import PySide6
@@ -50,9 +50,7 @@ def main() -> int:
 
     app = QApplication(sys.argv)
     bridge = Bridge()
-    home = os.environ.get("RYZANSTEIN_HOME", "")
-    settings = QSettings(os.path.join(home or ".", "soak-gui.ini"), QSettings.Format.IniFormat)
-    window = MainWindow(bridge, settings)
+    window = MainWindow(bridge)  # settings and conversations under RYZANSTEIN_HOME, as the app keeps them
     window.show()
 
     launcher = None

@@ -6,20 +6,24 @@ from PySide6.QtCore import QSettings
 from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import QLabel, QMainWindow, QTabWidget
 
+from ryzanstein_desktop import paths
 from ryzanstein_desktop.bridge import Bridge
+from ryzanstein_desktop.conversations import ConversationStore
 from ryzanstein_desktop.views.chat import ChatView
 from ryzanstein_desktop.views.models import ModelsView
 from ryzanstein_desktop.views.monitor import MonitorView
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, bridge: Bridge, settings: QSettings | None = None):
+    def __init__(self, bridge: Bridge, settings: QSettings | None = None,
+                 conversations: ConversationStore | None = None):
         super().__init__()
         self.bridge = bridge
-        self.qsettings = settings or QSettings("Ryzanstein", "Ryzanstein")
+        self.qsettings = settings or QSettings(str(paths.settings_path()), QSettings.Format.IniFormat)
+        self.conversations = conversations or ConversationStore(paths.conversations_path())
         self.setWindowTitle("Ryzanstein")
         self.resize(1100, 720)
-        self.chat = ChatView(bridge)
+        self.chat = ChatView(bridge, self.conversations)
         self.models = ModelsView(bridge)
         self.monitor = MonitorView(bridge)
         self.tabs = QTabWidget()
@@ -79,14 +83,14 @@ class MainWindow(QMainWindow):
         geometry = self.qsettings.value("main/geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
-        splitter = self.qsettings.value("chat/splitter")
+        splitter = self.qsettings.value("chat/splitter3")
         if splitter is not None:
             self.chat.splitter.restoreState(splitter)
         self.tabs.setCurrentIndex(int(self.qsettings.value("main/tab", 0)))
 
     def save_state(self) -> None:
         self.qsettings.setValue("main/geometry", self.saveGeometry())
-        self.qsettings.setValue("chat/splitter", self.chat.splitter.saveState())
+        self.qsettings.setValue("chat/splitter3", self.chat.splitter.saveState())
         self.qsettings.setValue("main/tab", self.tabs.currentIndex())
         self.qsettings.sync()
 

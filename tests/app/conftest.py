@@ -7,13 +7,15 @@ from PySide6.QtCore import QSettings
 
 from ryzanstein_desktop.bridge import Bridge
 from ryzanstein_desktop.client import Connection
+from ryzanstein_desktop.conversations import ConversationStore
 from ryzanstein_desktop.main_window import MainWindow
 
 
 @pytest.fixture
 def window(qtbot, service, tmp_path):
     bridge = Bridge()
-    win = MainWindow(bridge, QSettings(str(tmp_path / "gui.ini"), QSettings.Format.IniFormat))
+    win = MainWindow(bridge, QSettings(str(tmp_path / "gui.ini"), QSettings.Format.IniFormat),
+                     ConversationStore(tmp_path / "conversations.sqlite3"))
     qtbot.addWidget(win)
     win.show()
     bridge.attach(Connection(service.url, service.token))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -20,6 +21,7 @@ from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
 from ryzanstein.service import api_routes, finetune_routes, model_routes, openai_routes, quant_routes
 from ryzanstein.service.errors import install_error_handlers
+from ryzanstein.service.request_log import RequestLog
 from ryzanstein.service.jobs import JobRunner
 from ryzanstein.telemetry import EventHub, MetricsSampler, ThroughputMeter
 from ryzanstein.train.adapters import AdapterStore
@@ -48,12 +50,17 @@ async def unload_idle_models(manager: ModelManager) -> None:
         await asyncio.to_thread(manager.unload_idle_expired)
 
 
-async def exit_with_parent(parent_pid: int) -> None:
-    """A service started by the desktop app ends with it, even if the app was killed."""
+async def exit_with_parent(parent_pid: int, manager: ModelManager) -> None:
+    """A service started by the desktop app ends with it, even if the app was killed. It says so in its log,
+    with the requests it drops (the app keeps what it received of them)."""
     import psutil
 
     while psutil.pid_exists(parent_pid):
         await asyncio.sleep(1.0)
+    in_flight = manager.active_generations
+    logging.getLogger("ryzanstein.service").warning(
+        "the desktop app (PID %d) exited; stopping the service it started, with %d request(s) in flight%s",
+        parent_pid, in_flight, " (their partial answers are kept in the app's saved chats)" if in_flight else "")
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -80,7 +87,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
         if settings.idle_ttl_s > 0:
             tasks.append(asyncio.create_task(unload_idle_models(manager)))
         if settings.parent_pid:
-            tasks.append(asyncio.create_task(exit_with_parent(settings.parent_pid)))
+            tasks.append(asyncio.create_task(exit_with_parent(settings.parent_pid, manager)))
         finetune_routes.resume_unfinished(app)  # jobs a stopped or killed service left behind go on
         if settings.preload_default_model:
             threading.Thread(target=manager.preload_default, name="preload", daemon=True).start()
@@ -102,6 +109,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
                                        extra=lambda: {"models": model_numa_samples(manager),
                                                     "engines": engines.snapshot()})
     install_error_handlers(app)
+    app.add_middleware(RequestLog)
     app.include_router(api_routes.public_router)
     for router in (api_routes.router, model_routes.router, openai_routes.router, quant_routes.router,
                    finetune_routes.router):

@@ -86,6 +86,7 @@ class Run:
         self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), body.model
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.stats = GenerationStats()
+        request.state.generation_stats = self.stats  # read by the request log when the response ends
         state = request.app.state
         self.chunks = start_generation(state.manager, state.engines, lm, prompt_ids, params, state.meter,
                                        self.stats, speculation_class=prefix)

@@ -40,6 +40,10 @@ def serve(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not sys.stderr.isatty():
+        # A log file gets one line per request, not thousands of progress-bar redraws (tqdm, hub, transformers).
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     configure_threads(settings)
     token = load_or_create_token()
     sock = bind_socket(settings.host, settings.port)
