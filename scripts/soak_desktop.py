@@ -39,11 +39,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    import pyqtgraph
+    import PySide6
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
-    import PySide6
-    import pyqtgraph
     from ryzanstein_desktop.bridge import Bridge
     from ryzanstein_desktop.client import Connection
     from ryzanstein_desktop.main_window import MainWindow

@@ -33,6 +33,7 @@ def main() -> int:
     launcher = ServiceLauncher()
     connect = Call(launcher.connect)
     connect.sig_result.connect(bridge.attach)
+    connect.sig_result.connect(lambda _c: launcher.note and window.statusBar().showMessage(launcher.note, 20_000))
     connect.sig_error.connect(bridge.sig_connection_failed.emit)
     connect.sig_error.connect(lambda msg: show_error(window, "Service failed to start", msg))
     connect.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import httpx
 
-from ryzanstein.config import config_dir, load_or_create_token, read_service_info, service_info_path
+from ryzanstein.config import (
+    Settings,
+    config_dir,
+    load_or_create_token,
+    port_in_use_message,
+    read_service_info,
+    service_info_path,
+)
 from ryzanstein_desktop.client import Connection
 
 
@@ -21,6 +29,30 @@ def _alive(connection: Connection) -> bool:
     except httpx.HTTPError:
         return False
     return response.status_code == 200
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def last_error_line(log_path: Path) -> str | None:
+    """The service's own one-line reason ("error: …") from the end of its log, if it wrote one."""
+    try:
+        tail = log_path.read_bytes()[-4000:].decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lower().startswith("error:"):
+            return " ".join(lines[i:])[6:].strip()  # rich may have wrapped the sentence over lines
+    return None
 
 
 def find_running() -> Connection | None:
@@ -37,6 +69,7 @@ class ServiceLauncher:
     def __init__(self, log_path: Path | None = None):
         self.process: subprocess.Popen | None = None
         self.log_path = log_path or config_dir() / "service.log"
+        self.note = ""  # what the app decided by itself, for the status bar (e.g. another port)
 
     def connect(self, timeout: float = 180.0) -> Connection:
         running = find_running()
@@ -50,12 +83,20 @@ class ServiceLauncher:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
         # The service watches this pid and exits if the app dies without stopping it (e.g. kill -9).
         env = dict(os.environ, RYZANSTEIN_PARENT_PID=str(os.getpid()))
+        settings = Settings()
+        if settings.port and not port_is_free(settings.host, settings.port):
+            # Another program holds the usual port: the app finds its own service through service.json, so any
+            # free port will do.
+            self.note = f"{port_in_use_message(settings.port).split(';')[0]}; the service uses a free port instead"
+            env["RYZANSTEIN_PORT"] = "0"
         self.process = subprocess.Popen([sys.executable, "-m", "ryzanstein", "serve"], env=env,
                                         stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"The service exited at start (code {self.process.returncode}); "
+                reason = last_error_line(self.log_path)
+                raise RuntimeError(reason[0].upper() + reason[1:] if reason else
+                                   f"The service exited at start (code {self.process.returncode}); "
                                    f"see {self.log_path}")
             connection = find_running()
             if connection:

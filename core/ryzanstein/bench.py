@@ -9,6 +9,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,25 @@ def run_transformers_generate(lm: Any, prompt_ids: list[int], tokens: int) -> tu
     return time.perf_counter() - started, out.shape[1] - ids.shape[1]
 
 
-def bench_decode(lm: Any, tokens: int = 128, runs: int = 3, threads: int | None = None) -> dict:
+def bench_decode(lm: Any, tokens: int = 128, runs: int = 3, threads: int | None = None,
+                 progress: Callable[[str, float], None] = lambda stage, fraction: None) -> dict:
+    """`progress(stage, fraction)` is told before each part, so a long run under load is never silent."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     prompt_ids = chat_prompt_ids(lm.tokenizer, BENCH_MESSAGES)
+    parts = 1 + 2 * runs
+    progress("warm-up", 0.0)
     run_ours(lm, prompt_ids, 8)  # warm-up: first calls allocate and pick kernels
     ours, reference = [], []
-    for _ in range(runs):
+    for i in range(runs):
+        progress(f"run {i + 1}/{runs}: ours, {tokens} tokens", (1 + 2 * i) / parts)
         ours.append(run_ours(lm, prompt_ids, tokens))
+        progress(f"run {i + 1}/{runs}: transformers generate (baseline), {tokens} tokens", (2 + 2 * i) / parts)
         seconds, generated = run_transformers_generate(lm, prompt_ids, tokens)
         reference.append(generated / seconds)
+    progress("done", 1.0)
     return {
         "model": lm.name,
         "prompt_tokens": len(prompt_ids),

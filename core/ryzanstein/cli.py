@@ -9,8 +9,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
+from ryzanstein import __version__
 from ryzanstein.cli_finetune import adapters_app, bench_finetune, finetune
 from ryzanstein.config import DEFAULT_MODEL, Settings
 from ryzanstein.errors import InvalidRequest, RyzansteinError
@@ -24,6 +25,37 @@ app.add_typer(adapters_app, name="adapters")
 app.command()(finetune)
 bench_app.command("finetune")(bench_finetune)
 console = Console()
+# Every quantization method name (ryzanstein.quant.methods.known_methods(), kept equal by a test); written out
+# here so `--help` does not import torch.
+METHOD_NAMES = ("int8, int4-g32, int4-g64, int4-g128, gptq-g32, gptq-g64, gptq-g128, awq-g32, awq-g64, awq-g128, "
+                "mixed-g32, mixed-g64, mixed-g128, bitnet")
+
+
+def _hide_flag_types() -> None:
+    """typer prints `<bool>` after every on/off flag (--yes, --help); a flag takes no value, so show none."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"ryzanstein {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Ryzanstein: a CPU-first LLM workstation."""
 
 
 def fail(exc: RyzansteinError) -> None:
@@ -65,8 +97,10 @@ def serve(
         settings.host = host
     if port is not None:
         settings.port = port
-    console.print(f"Ryzanstein service on {settings.host}:{settings.port} (token in {settings.config_dir})")
-    run_server(settings)
+    try:
+        run_server(settings)
+    except RyzansteinError as exc:  # e.g. the port is taken: one sentence, not a traceback
+        fail(exc)
 
 
 @app.command()
@@ -119,8 +153,12 @@ def models_list() -> None:
     from ryzanstein.models.estimate import estimate_memory
 
     store = model_store()
-    table = Table("name", "architecture", "parameters", "on disk", "load memory (est.)", "+ KV cache (8K)", "source")
-    for m in store.list():
+    models = store.list()
+    # A name is shown whole, on one line: users copy it into other commands. Other columns give way.
+    widest = max((len(m.name) for m in models), default=4)
+    table = Table(Column("name", no_wrap=True, min_width=widest), "architecture", "parameters", "on disk",
+                  "load memory (est.)", "+ KV cache (8K)", Column("source", overflow="fold"))
+    for m in models:
         try:
             est = estimate_memory(Path(m.path), 8192)
             params, load, kv = f"{est.parameters / 1e6:.1f} M", f"{est.load_bytes / 2**20:.0f} MiB", \
@@ -128,8 +166,9 @@ def models_list() -> None:
         except (OSError, ValueError, KeyError):
             params = load = kv = "?"
         table.add_row(m.name, m.architecture, params, f"{m.size_bytes / 2**20:.0f} MiB", load, kv, m.source)
-    console.print(table)
-    if not store.list():
+    # Piped into a file or grep: no terminal width to respect, so nothing is wrapped or cut.
+    (console if console.is_terminal else Console(width=250)).print(table)
+    if not models:
         console.print(f"The store ({store.root}) is empty; `ryzanstein serve` imports the default model.")
 
 
@@ -220,7 +259,8 @@ def models_convert(
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="A model in the store."),
-    methods: str = typer.Option("auto", help="Comma-separated methods, or 'auto' (all of them)."),
+    methods: str = typer.Option("auto", help=f"Comma-separated methods, or 'auto' (all of them). Methods: "
+                                f"{METHOD_NAMES}."),
     goal: str = typer.Option("accuracy", help="accuracy (smallest within --max-loss), fastest, or fits."),
     max_loss: float = typer.Option(1.0, help="Largest perplexity increase allowed, in percent."),
     max_gb: float = typer.Option(None, help="With --goal fits: the memory the model must fit in."),
@@ -305,8 +345,11 @@ def bench_decode(
     lm = open_model(model)
     from ryzanstein import compute
 
-    result = compute.call(lambda: run(lm, tokens=tokens, runs=runs,
-                                      threads=threads or psutil.cpu_count(logical=False) or 1))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=1.0)
+        result = compute.call(lambda: run(lm, tokens=tokens, runs=runs,
+                                          threads=threads or psutil.cpu_count(logical=False) or 1,
+                                          progress=lambda stage, f: bar.update(task, completed=f, description=stage)))
     table = Table("run", "prompt tok", "new tok", "prefill tok/s", "decode tok/s", "transformers generate tok/s",
                   title=f"bench decode: {model}, {result['threads']} threads")
     for i in range(runs):

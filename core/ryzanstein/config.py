@@ -122,6 +122,31 @@ def load_or_create_token() -> str:
     return token
 
 
+def port_owner(port: int) -> str | None:
+    """'PID 1234 (name)' of the process listening on `port`, or None when unknown (no permission, no owner)."""
+    import psutil
+
+    try:
+        connections = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for conn in connections:
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            if (read_service_info() or {}).get("pid") == conn.pid:
+                return f"a running Ryzanstein service (PID {conn.pid})"
+            try:
+                return f"PID {conn.pid} ({psutil.Process(conn.pid).name()})"
+            except psutil.Error:
+                return f"PID {conn.pid}"
+    return None
+
+
+def port_in_use_message(port: int) -> str:
+    owner = port_owner(port)
+    return (f"port {port} is in use by {owner or 'another program'}; set RYZANSTEIN_PORT (0 = any free port) "
+            "or stop it.")
+
+
 def read_service_info() -> dict | None:
     """Address of a running service as it wrote it (url, port, pid), or None."""
     try:

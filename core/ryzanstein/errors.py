@@ -94,3 +94,9 @@ class GenerationFailed(RyzansteinError):
     status_code = 500
     error_type = "server_error"
     code = "generation_failed"
+
+
+class PortInUse(RyzansteinError):
+    """The service's port is taken by another process (another service, or any other program)."""
+
+    code = "port_in_use"

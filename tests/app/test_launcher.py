@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from ryzanstein_desktop.client import ServiceClient
-from ryzanstein_desktop.launcher import ServiceLauncher, find_running
+from ryzanstein_desktop.launcher import ServiceLauncher, find_running, last_error_line
 
 
 def test_finds_the_running_service(service, monkeypatch):
@@ -91,3 +93,50 @@ def test_terminating_the_desktop_app_stops_the_service_it_started(tmp_path):
         assert wait_gone(info["pid"]), "the app's service outlived it"
     finally:
         app.kill()
+
+
+def listening_socket() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock, sock.getsockname()[1]
+
+
+def test_serve_on_a_taken_port_says_so_in_one_sentence(tmp_path):
+    sock, port = listening_socket()
+    with sock:
+        env = dict(os.environ, RYZANSTEIN_HOME=str(tmp_path), RYZANSTEIN_PORT=str(port),
+                   RYZANSTEIN_PRELOAD_DEFAULT_MODEL="0", COLUMNS="200")
+        proc = subprocess.run([sys.executable, "-m", "ryzanstein", "serve"], env=env, capture_output=True,
+                              text=True, timeout=120)
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2
+    assert "Traceback" not in output
+    assert output == (f"error: port {port} is in use by PID {os.getpid()} ({psutil.Process().name()}); set "
+                      "RYZANSTEIN_PORT (0 = any free port) or stop it.")
+
+
+def test_the_app_picks_a_free_port_when_the_usual_one_is_taken(tmp_path, monkeypatch):
+    sock, port = listening_socket()
+    monkeypatch.setenv("RYZANSTEIN_HOME", str(tmp_path))
+    monkeypatch.setenv("RYZANSTEIN_PORT", str(port))
+    monkeypatch.setenv("RYZANSTEIN_PRELOAD_DEFAULT_MODEL", "0")
+    launcher = ServiceLauncher()
+    with sock:
+        connection = launcher.connect(timeout=120)
+        try:
+            assert not connection.url.endswith(f":{port}")
+            assert ServiceClient(connection).health()["status"] == "ok"
+            assert launcher.note.startswith(f"port {port} is in use by PID {os.getpid()}")
+        finally:
+            launcher.stop()
+
+
+def test_a_service_that_cannot_start_is_explained_by_its_own_error_line(tmp_path):
+    log = tmp_path / "service.log"
+    log.write_text("INFO something\nerror: port 8765 is in use by PID 12 (nginx); set RYZANSTEIN_PORT (0 = any\n"
+                   "free port) or stop it.\n")
+    assert last_error_line(log) == ("port 8765 is in use by PID 12 (nginx); set RYZANSTEIN_PORT (0 = any free "
+                                    "port) or stop it.")
+    log.write_text("Traceback (most recent call last):\n  boom\n")
+    assert last_error_line(log) is None

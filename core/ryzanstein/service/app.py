@@ -21,8 +21,8 @@ from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
 from ryzanstein.service import api_routes, finetune_routes, model_routes, openai_routes, quant_routes
 from ryzanstein.service.errors import install_error_handlers
-from ryzanstein.service.request_log import RequestLog
 from ryzanstein.service.jobs import JobRunner
+from ryzanstein.service.request_log import RequestLog
 from ryzanstein.telemetry import EventHub, MetricsSampler, ThroughputMeter
 from ryzanstein.train.adapters import AdapterStore
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -9,7 +10,14 @@ import signal
 import socket
 import sys
 
-from ryzanstein.config import Settings, load_or_create_token, service_info_path, write_private_file
+from ryzanstein.config import (
+    Settings,
+    load_or_create_token,
+    port_in_use_message,
+    service_info_path,
+    write_private_file,
+)
+from ryzanstein.errors import PortInUse
 
 
 def configure_threads(settings: Settings) -> int:
@@ -26,7 +34,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(port_in_use_message(port)) from None
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -50,6 +64,7 @@ def serve(settings: Settings | None = None) -> None:
     port = sock.getsockname()[1]
     url_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     info = {"url": f"http://{url_host}:{port}", "host": settings.host, "port": port, "pid": os.getpid()}
+    print(f"Ryzanstein service on {info['url']} (token in {settings.config_dir})", flush=True)
     write_private_file(service_info_path(), json.dumps(info))
     app = create_app(settings, token)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
