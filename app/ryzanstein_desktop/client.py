@@ -123,6 +123,10 @@ class ServiceClient:
     def models(self) -> list[str]:
         return [m["id"] for m in self._get("/v1/models")["data"]]
 
+    def metrics_history(self) -> list[dict]:
+        """The service's metrics samples of the last five minutes, oldest first."""
+        return self._get("/api/metrics/history")["samples"]
+
     def hardware(self) -> dict:
         return self._get("/api/hardware")
 

@@ -19,6 +19,13 @@ class NumaNode:
     cpus: list[int]
     memory_total_bytes: int
     memory_free_bytes: int
+    # Page cache and reclaimable slab: memory the kernel gives back on demand. Subtracted from "used" so that a
+    # node's used memory means what the system's does (total - available), not total - free.
+    memory_cache_bytes: int = 0
+
+    @property
+    def memory_used_bytes(self) -> int:
+        return max(0, self.memory_total_bytes - self.memory_free_bytes - self.memory_cache_bytes)
 
 
 @dataclass
@@ -80,7 +87,9 @@ def numa_nodes(root: Path = NODE_ROOT) -> list[NumaNode]:
             cpus = parse_cpu_list((node_dir / "cpulist").read_text())
         except OSError:
             cpus = []
-        nodes.append(NumaNode(int(node_dir.name[4:]), cpus, info.get("MemTotal", 0), info.get("MemFree", 0)))
+        cache = info.get("FilePages", 0) + info.get("SReclaimable", 0) - info.get("Shmem", 0)
+        nodes.append(NumaNode(int(node_dir.name[4:]), cpus, info.get("MemTotal", 0), info.get("MemFree", 0),
+                              max(0, cache)))
     if not nodes:
         vm = psutil.virtual_memory()
         nodes.append(NumaNode(0, list(range(os.cpu_count() or 1)), vm.total, vm.available))

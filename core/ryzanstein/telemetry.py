@@ -37,7 +37,7 @@ class ThroughputMeter:
 
 def numa_memory() -> list[dict[str, int]]:
     return [{"node": n.node_id, "total_bytes": n.memory_total_bytes,
-             "used_bytes": n.memory_total_bytes - n.memory_free_bytes} for n in numa_nodes()]
+             "used_bytes": n.memory_used_bytes} for n in numa_nodes()]
 
 
 class MetricsSampler:

@@ -53,3 +53,14 @@ def test_home_override_and_private_token(tmp_path, monkeypatch):
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("RYZANSTEIN_PORT", "9001")
     assert config.Settings().port == 9001
+
+
+def test_numa_used_memory_excludes_cache_like_system_used(tmp_path):
+    folder = tmp_path / "node0"
+    folder.mkdir()
+    (folder / "cpulist").write_text("0-1\n")
+    (folder / "meminfo").write_text("Node 0 MemTotal: 1000 kB\nNode 0 MemFree: 300 kB\nNode 0 FilePages: 250 kB\n"
+                                    "Node 0 SReclaimable: 60 kB\nNode 0 Shmem: 10 kB\n")
+    (node,) = numa_nodes(tmp_path)
+    # total - free - (file pages + reclaimable slab - shared memory, which cannot be dropped)
+    assert node.memory_used_bytes == (1000 - 300 - 300) * 1024

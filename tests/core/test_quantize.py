@@ -13,6 +13,7 @@ from ryzanstein.engine.generate import generate_text
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.engine.qweights import cpu_supports_kernel, dequantize, int4_params, unpack_int4
 from ryzanstein.errors import Cancelled, InvalidRequest, ModelNotFound
+from ryzanstein.models.estimate import count_parameters
 from ryzanstein.models.loader import load_model_folder
 from ryzanstein.models.store import ModelStore
 from ryzanstein.quant.evaluate import calibration_text, chunk_logits, evaluate, heldout_text, token_chunks
@@ -57,6 +58,8 @@ def test_method_stays_close_and_survives_save_and_reload(method, tiny_llama_dir,
     out.mkdir()
     save_quantized(lm.model, tiny_llama_dir, out, recipe, {"method": method})
     assert (out / "model.safetensors").stat().st_size < (tiny_llama_dir / "model.safetensors").stat().st_size
+    # the quantized copy reports its base's parameter count (it once said 163.0 M for a 134.5 M model)
+    assert count_parameters(out)[0] == count_parameters(tiny_llama_dir)[0]
     again = load_model_folder("q", out)
     assert generate_text(again.model, again.tokenizer, prompt, GenerationParams(max_tokens=12))[0] == before
     names = dict(again.model.named_modules())

@@ -1,5 +1,9 @@
 """Monitor: live plots of the last 5 minutes: memory, memory per NUMA node, tokens/s, CPU %, and each model's
-batching engine (requests decoding together, queue depth, KV-cache use)."""
+batching engine (requests decoding together, queue depth, KV-cache use). The service keeps the last five minutes
+of samples, so the plots are full as soon as the app connects.
+
+"Used" memory means the same everywhere: total minus what the kernel can hand out now (free memory plus page
+cache and reclaimable slab), for the system and for each NUMA node."""
 
 from __future__ import annotations
 
@@ -14,16 +18,14 @@ GB = 1024**3
 class MonitorView(QWidget):
     def __init__(self, bridge: Bridge):
         super().__init__()
-        self.memory = LivePlot("Memory", "GiB")
-        self.numa = LivePlot("Memory used per NUMA node", "GiB")
-        self.tokens = LivePlot("Generation speed", "tokens/s")
-        self.cpu = LivePlot("CPU", "%")
-        self.cpu.setYRange(0, 100)
+        self.bridge = bridge
+        self.memory = LivePlot("Memory used (excluding cache)", "GiB")
+        self.numa = LivePlot("Memory used per NUMA node (excluding cache)", "GiB")
+        self.tokens = LivePlot("Generation speed", "tokens/s", y_min_span=10)
+        self.cpu = LivePlot("CPU", "%", y_max=100)
         self.model_numa = LivePlot("Model memory per NUMA node", "GiB")
-        self.batch = LivePlot("Batching: requests per step / waiting", "requests")
-        self.batch.setYRange(0, 16)
-        self.kv = LivePlot("KV cache in use", "%")
-        self.kv.setYRange(0, 100)
+        self.batch = LivePlot("Batching: requests per step / waiting", "requests", y_min_span=4)
+        self.kv = LivePlot("KV cache in use", "%", y_max=100)
         grid = QGridLayout(self)
         grid.addWidget(self.memory, 0, 0)
         grid.addWidget(self.numa, 0, 1)
@@ -33,11 +35,25 @@ class MonitorView(QWidget):
         grid.addWidget(self.kv, 1, 2)
         grid.addWidget(self.batch, 2, 0, 1, 3)
         bridge.sig_metrics.connect(self.add_sample)
+        bridge.sig_connected.connect(lambda _url: self.load_history())
+
+    def load_history(self) -> None:
+        """The service's last five minutes, plotted at once (samples the live stream also sends are skipped)."""
+        def fill(samples: list[dict]) -> None:
+            first_live = min((p.buffers[k].times[0] for p in self.plots() for k in p.buffers), default=None)
+            for sample in samples:
+                if first_live is None or sample["time"] < first_live:
+                    self.add_sample(sample)
+
+        self.bridge.call(lambda c: c.metrics_history(), fill, lambda _msg: None)
+
+    def plots(self) -> list[LivePlot]:
+        return [self.memory, self.numa, self.tokens, self.cpu, self.model_numa, self.batch, self.kv]
 
     def add_sample(self, sample: dict) -> None:
         t = sample["time"]
         self.memory.add_point("service process (RSS)", t, sample["process_rss_bytes"] / GB)
-        self.memory.add_point("system used", t, sample["system_used_bytes"] / GB)
+        self.memory.add_point("system", t, sample["system_used_bytes"] / GB)
         for node in sample.get("numa", []):
             self.numa.add_point(f"node {node['node']}", t, node["used_bytes"] / GB)
         self.tokens.add_point("tokens/s", t, sample["tokens_per_s"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -31,17 +32,34 @@ class RingBuffer:
         return self.times[: self.size], self.values[: self.size]
 
 
-class LivePlot(pg.PlotWidget):
-    """Named series against seconds-ago; the window is `window_s` long (default 5 minutes)."""
+def nice_ceiling(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k at or above `value`: an axis top a person reads at a glance."""
+    if value <= 0 or not math.isfinite(value):
+        return 1.0
+    scale = 10 ** math.floor(math.log10(value))
+    return next(step * scale for step in (1, 2, 2.5, 5, 10) if step * scale >= value * (1 - 1e-9))
 
-    def __init__(self, title: str, unit: str, window_s: float = 300.0, capacity: int = 600):
+
+class LivePlot(pg.PlotWidget):
+    """Named series against seconds-ago; the window is `window_s` long (default 5 minutes).
+
+    The y axis starts at 0 and ends at a round number above the visible data (or `y_max` when fixed), in the
+    plot's own unit: no SI-prefix rescaling ("x0.001") and no symmetric range around an idle zero line."""
+
+    def __init__(self, title: str, unit: str, window_s: float = 300.0, capacity: int = 600,
+                 y_max: float | None = None, y_min_span: float = 1.0):
         super().__init__()
         self.window_s = window_s
         self.capacity = capacity
+        self.y_max = y_max
+        self.y_min_span = y_min_span
         self.setTitle(title)
         self.setLabel("left", unit)
         self.setLabel("bottom", "seconds ago")
+        for side in ("left", "bottom"):
+            self.getAxis(side).enableAutoSIPrefix(False)
         self.setXRange(-window_s, 0, padding=0)
+        self.setYRange(0, y_max or y_min_span, padding=0)
         self.showGrid(x=True, y=True, alpha=0.2)
         self.addLegend(offset=(5, 5))
         self.setClipToView(True)
@@ -65,6 +83,15 @@ class LivePlot(pg.PlotWidget):
 
     def refresh(self) -> None:
         now = time.time()
+        top = 0.0
         for name, buffer in self.buffers.items():
             times, values = buffer.view()
+            if times.size > 1 and np.any(np.diff(times) < 0):  # history arrived after the first live samples
+                order = np.argsort(times, kind="stable")
+                times, values = times[order], values[order]
             self.curves[name].setData(times - now, values)
+            visible = values[times >= now - self.window_s]
+            if visible.size:
+                top = max(top, float(np.nanmax(visible)))
+        if self.y_max is None:
+            self.setYRange(0, nice_ceiling(max(top * 1.05, self.y_min_span)), padding=0)

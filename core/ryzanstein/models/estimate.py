@@ -56,9 +56,27 @@ def stored_bytes(folder: Path) -> int:
     return total
 
 
+# Packed weights of our quantized formats (engine/qweights.py): the side tensors are not parameters, and an int4
+# byte holds two weights.
+QUANT_SIDE_TENSORS = (".weight_scale", ".weight_min", ".input_scale")
+WEIGHTS_PER_ELEMENT = {".weight_int4": 2}
+
+
+def ties_head_to_embeddings(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("text_config", config).get("tie_word_embeddings", config.get("tie_word_embeddings")))
+
+
 def count_parameters(folder: Path) -> tuple[int, str]:
-    """Element count of every tensor in the folder's safetensors files, and the most common stored dtype."""
+    """The model's parameter count from its safetensors headers (a quantized copy counts what its base has:
+    packed weights unpacked, scales left out, a head tied to the embeddings counted once), and the most common
+    stored dtype."""
     elements, dtype_elements = 0, dict[str, int]()
+    quantized = (folder / "quantization.json").is_file()
+    tied = quantized and ties_head_to_embeddings(folder)
     for file in sorted(folder.glob("*.safetensors")):
         for name, tensor in safetensors_header(file).items():
             if name == "__metadata__":
@@ -66,8 +84,12 @@ def count_parameters(folder: Path) -> tuple[int, str]:
             n = 1
             for dim in tensor["shape"]:
                 n *= dim
-            elements += n
             dtype_elements[tensor["dtype"]] = dtype_elements.get(tensor["dtype"], 0) + n
+            if quantized:
+                if name.endswith(QUANT_SIDE_TENSORS) or (tied and name.startswith("lm_head.")):
+                    continue  # the saved head of a tied model is a quantized copy of the embeddings
+                n *= next((k for suffix, k in WEIGHTS_PER_ELEMENT.items() if name.endswith(suffix)), 1)
+            elements += n
     dtype = max(dtype_elements, key=lambda k: dtype_elements[k]) if dtype_elements else "unknown"
     return elements, dtype
 

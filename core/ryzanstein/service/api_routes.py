@@ -33,6 +33,12 @@ async def metrics(request: Request) -> dict:
     return await asyncio.to_thread(request.app.state.sampler.sample)
 
 
+@router.get("/metrics/history")
+async def metrics_history(request: Request) -> dict:
+    """The samples of the last five minutes, oldest first (what the event stream sent meanwhile)."""
+    return {"samples": list(request.app.state.metrics_history)}
+
+
 @router.get("/events")
 async def events(request: Request) -> EventSourceResponse:
     hub = request.app.state.hub

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -37,9 +38,13 @@ def require_token(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+HISTORY_SECONDS = 300  # what Monitor shows at once when the app opens
+
+
 async def publish_metrics(app: FastAPI) -> None:
     while True:
         sample = await asyncio.to_thread(app.state.sampler.sample)
+        app.state.metrics_history.append(sample)
         app.state.hub.publish("metrics", sample)
         await asyncio.sleep(app.state.settings.metrics_interval_s)
 
@@ -104,6 +109,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     app.state.jobs = JobRunner(publish=hub.publish_threadsafe)
     app.state.adapters = AdapterStore(settings.data_dir / "adapters")
     app.state.meter = meter
+    app.state.metrics_history = deque(maxlen=max(1, int(HISTORY_SECONDS / settings.metrics_interval_s)))
     app.state.engines = engines
     app.state.sampler = MetricsSampler(meter, lambda: manager.active_generations,
                                        extra=lambda: {"models": model_numa_samples(manager),
