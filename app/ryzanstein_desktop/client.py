@@ -111,6 +111,10 @@ class ServiceClient:
     def merge_adapter(self, base: str, adapter: str, name: str, quantize: str | None = None) -> dict:
         return self._request("POST", f"/api/adapters/{base}/{adapter}/merge", {"name": name, "quantize": quantize})
 
+    def jobs(self) -> list[dict]:
+        """Every background job the service knows (imports, quantizations, fine-tunes, merges)."""
+        return self._get("/api/jobs")["jobs"]
+
     def job(self, job_id: str) -> dict:
         return self._get(f"/api/jobs/{job_id}")
 

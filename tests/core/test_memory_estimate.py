@@ -46,3 +46,23 @@ def test_estimate_is_within_25_percent_of_measured(store, default_model_dir, med
     ratio = result["measured"] / result["estimate"]
     assert 0.75 <= ratio <= 1.25, result
 
+
+
+def test_a_quantized_copy_of_a_tied_model_counts_its_base_parameters(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ryzanstein.models.estimate import count_parameters
+
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    (tmp_path / "quantization.json").write_text("{}")
+    save_file({"model.embed_tokens.weight": torch.zeros(10, 4),
+               "lm_head.weight_int8": torch.zeros(10, 4, dtype=torch.int8),  # the tied head, quantized
+               "lm_head.weight_scale": torch.zeros(10),
+               "model.layers.0.mlp.up_proj.weight_int4": torch.zeros(6, 2, dtype=torch.uint8),  # 6 x 4 weights
+               "model.layers.0.mlp.up_proj.weight_scale": torch.zeros(6, 1),
+               "model.layers.0.mlp.up_proj.weight_min": torch.zeros(6, 1),
+               "model.norm.weight": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    assert count_parameters(tmp_path)[0] == 10 * 4 + 6 * 4 + 4

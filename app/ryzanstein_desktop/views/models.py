@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -28,6 +29,11 @@ from ryzanstein_desktop.widgets.error_dialog import show_error
 MIB = 2**20
 COLUMNS = ["Name", "Architecture", "Parameters", "Weights", "On disk", "Estimated memory", "Measured", "NUMA",
            "State"]
+
+
+DTYPE_NAMES = {"f32": "fp32", "float32": "fp32", "f16": "fp16", "float16": "fp16", "bf16": "bf16",
+               "bfloat16": "bf16", "f64": "fp64"}
+BACKGROUND_KINDS = {"quantize": "quantizing", "finetune": "fine-tuning", "merge": "merging"}
 
 
 def mib(value: float | None) -> str:
@@ -46,7 +52,8 @@ def weights_text(row: dict) -> str:
         change = row.get("perplexity_change_pct")
         return f"{row['quantization']} of {row['quantized_from']}" + (
             f" (ppl {change:+.2f}%)" if change is not None else "")
-    text = f"{row.get('stored_dtype') or '?'} → fp32" + (
+    stored = DTYPE_NAMES.get(str(row.get("stored_dtype") or "").lower(), row.get("stored_dtype") or "?")
+    text = (stored if stored == "fp32" else f"{stored} (runs in fp32)") + (
         "" if row["quantization"] == "none" else f" ({row['quantization']})")
     if str(row.get("source", "")).startswith("finetuned:"):
         text = "merged fine-tune of " + row["source"].removeprefix("finetuned:").replace("+", " + ")
@@ -90,7 +97,7 @@ class ModelsView(QWidget):
         self.pin_box = QComboBox()
         self.pin_box.addItem("any NUMA node", None)
         self.pin_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.pin_box.setMinimumContentsLength(6)  # keeps the window narrow enough for small screens
+        self.pin_box.setMinimumContentsLength(12)  # keeps the window narrow enough for small screens
         self.pin_box.setToolTip("Run the model's compute on one NUMA node's CPUs (and place its memory there)")
         self.unload_button = QPushButton("Unload")
         self.unload_button.clicked.connect(self.unload_selected)
@@ -120,20 +127,27 @@ class ModelsView(QWidget):
         tools = QHBoxLayout()  # a second row: the window stays narrow enough for small screens
         tools.addWidget(self.quantize_button)
         tools.addWidget(self.finetune_button)
-        self.training_label = QLabel("")  # background fine-tunes, also when their wizard was closed
+        # Background jobs (quantizations, fine-tunes, merges), also when their wizard was closed or the app was
+        # restarted while the service kept running.
+        self.training_label = QLabel("")
         self.training_label.setStyleSheet("color: #6a6")
-        tools.addWidget(self.training_label)
+        tools.addWidget(self.training_label, 1)
+        self.background_jobs: dict[str, dict] = {}
         tools.addStretch(1)
         tools.addWidget(QLabel("Adapter:"))
         tools.addWidget(self.adapter_box)
 
         self.job_label = QLabel("")
+        for label in (self.budget_label, self.training_label, self.job_label):
+            # Long text (an error, a job title) is cut to the window, never widens it; the tooltip has it whole.
+            label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+            label.setMinimumWidth(50)
         self.job_bar = QProgressBar()
         self.job_bar.setRange(0, 100)
         self.cancel_button = QPushButton("Cancel import")
         self.cancel_button.clicked.connect(self.cancel_import)
         job_row = QHBoxLayout()
-        job_row.addWidget(self.job_label)
+        job_row.addWidget(self.job_label, 2)
         job_row.addWidget(self.job_bar, 1)
         job_row.addWidget(self.cancel_button)
         self._show_job(False)
@@ -146,13 +160,28 @@ class ModelsView(QWidget):
         layout.addLayout(job_row)
         bridge.sig_connected.connect(lambda _url: self.refresh())
         bridge.sig_connected.connect(lambda _url: self._load_numa_nodes())
+        bridge.sig_connected.connect(lambda _url: self._load_background_jobs())
         bridge.sig_event.connect(self._on_event)
+        bridge.sig_metrics.connect(self._on_metrics)
+        self._refreshing = False
         self._update_buttons()
 
     # -- data -------------------------------------------------------------------------------------------
     def refresh(self) -> None:
         if self.bridge.client is not None:
-            self.bridge.call(lambda c: c.model_table(), self._fill, lambda msg: self.budget_label.setText(msg))
+            self._refreshing = True
+            self.bridge.call(lambda c: c.model_table(), self._fill, self._fill_failed)
+
+    def _fill_failed(self, message: str) -> None:
+        self._refreshing = False
+        self.budget_label.setText(message)
+
+    def _on_metrics(self, sample: dict) -> None:
+        """Requests end without a model event: when the service's count of running generations differs from
+        what the table shows, the table is out of date."""
+        shown = sum(row.get("active_requests") or 0 for row in self.rows)
+        if not self._refreshing and sample.get("active_generations", shown) != shown:
+            self.refresh()
 
     def _load_numa_nodes(self) -> None:
         def fill(hw: dict) -> None:
@@ -162,9 +191,12 @@ class ModelsView(QWidget):
         self.bridge.call(lambda c: c.hardware(), fill, lambda msg: None)
 
     def _fill(self, table: dict) -> None:
+        self._refreshing = False
         selected = self.selected_name()
         memory = table["memory"]
         self.budget_label.setText(f"Memory budget: {mib(memory['reserved_bytes'])} reserved of "
+                                  f"{mib(memory['budget_bytes'])}")
+        self.budget_label.setToolTip(f"Memory budget: {mib(memory['reserved_bytes'])} reserved of "
                                   f"{mib(memory['budget_bytes'])} · over budget: "
                                   f"{'evict least recently used' if memory['evict'] == 'lru' else 'refuse'} · "
                                   f"KV cache reserved for {memory['context_tokens']} tokens")
@@ -321,12 +353,29 @@ class ModelsView(QWidget):
             self._on_job(data)
         elif kind == "model" and data.get("state") in {"loaded", "unloaded", "imported", "deleted", "failed"}:
             self.refresh()
-        elif kind == "job" and data.get("kind") == "finetune":
-            active = data["state"] in ("running", "queued")
-            self.training_label.setText(f"{data['title']}: {data['stage']}" if active else "")
-            self.training_label.setToolTip(data["title"])
+        elif kind == "job" and data.get("kind") in BACKGROUND_KINDS:
+            self._track_background_job(data)
         elif kind == "adapter":  # a fine-tune saved one: the selected model's adapter list may grow
             self._fill_adapters(self.row(self.selected_name() or ""))
+
+    def _load_background_jobs(self) -> None:
+        def fill(jobs: list[dict]) -> None:
+            for job in jobs:
+                if job.get("kind") in BACKGROUND_KINDS:
+                    self._track_background_job(job)
+
+        self.bridge.call(lambda c: c.jobs(), fill, lambda _msg: None)
+
+    def _track_background_job(self, job: dict) -> None:
+        if job["state"] in ("running", "queued"):
+            self.background_jobs[job["id"]] = job
+        else:
+            self.background_jobs.pop(job["id"], None)
+        parts = [f"{BACKGROUND_KINDS[j['kind']]} {j['title'].split(' ', 1)[-1]}: {j['stage']}"
+                 + (f" ({100 * j['progress']:.0f}%)" if j["state"] == "running" and j.get("progress") else "")
+                 for j in self.background_jobs.values()]
+        self.training_label.setText(" · ".join(parts))
+        self.training_label.setToolTip("\n".join(f"{j['title']}: {j['stage']}" for j in self.background_jobs.values()))
 
     def _on_job(self, job: dict) -> None:
         self.last_job = job
@@ -339,6 +388,7 @@ class ModelsView(QWidget):
             return
         self.job_id = None
         self.job_label.setText(f"{job['title']}: {job['state']}" + (f" — {job['error']}" if job["error"] else ""))
+        self.job_label.setToolTip(self.job_label.text())
         self.cancel_button.setEnabled(False)
         self.refresh()
         if job["state"] == "failed":

@@ -19,11 +19,11 @@ class MonitorView(QWidget):
     def __init__(self, bridge: Bridge):
         super().__init__()
         self.bridge = bridge
-        self.memory = LivePlot("Memory used (excluding cache)", "GiB")
-        self.numa = LivePlot("Memory used per NUMA node (excluding cache)", "GiB")
+        self.memory = LivePlot("Memory used (excl. cache)", "GiB")
+        self.numa = LivePlot("Used per NUMA node (excl. cache)", "GiB")
         self.tokens = LivePlot("Generation speed", "tokens/s", y_min_span=10)
         self.cpu = LivePlot("CPU", "%", y_max=100)
-        self.model_numa = LivePlot("Model memory per NUMA node", "GiB")
+        self.model_numa = LivePlot("Models per NUMA node", "GiB")
         self.batch = LivePlot("Batching: requests per step / waiting", "requests", y_min_span=4)
         self.kv = LivePlot("KV cache in use", "%", y_max=100)
         grid = QGridLayout(self)
