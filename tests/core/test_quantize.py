@@ -12,7 +12,7 @@ import torch
 from ryzanstein.engine.generate import generate_text
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.engine.qweights import cpu_supports_kernel, dequantize, int4_params, unpack_int4
-from ryzanstein.errors import Cancelled, InvalidRequest, ModelNotFound
+from ryzanstein.errors import Cancelled, InvalidRequest, ModelNotFound, RyzansteinError
 from ryzanstein.models.estimate import count_parameters
 from ryzanstein.models.loader import load_model_folder
 from ryzanstein.models.store import ModelStore
@@ -228,3 +228,63 @@ def test_each_method_on_the_default_model_reloads_and_generates(method, kl_bound
     save_quantized(lm.model, default_model_dir, out, recipe, {"method": method})
     again = load_model_folder("again", out)
     assert generate_text(again.model, again.tokenizer, prompt, GenerationParams(max_tokens=8))[0] == before
+
+
+def test_a_taken_default_name_gets_a_number_instead_of_failing_at_the_end(qstore):
+    first = run_quantization(qstore, request(methods=["int8"], max_loss_pct=1000))
+    second = run_quantization(qstore, request(methods=["int8"], max_loss_pct=1000))
+    assert (first["saved_as"], second["saved_as"]) == ("tiny-int8", "tiny-int8-2")
+    assert qstore.has("tiny-int8") and qstore.has("tiny-int8-2")
+
+
+def test_a_failed_run_keeps_its_measured_table(qstore, monkeypatch):
+    import ryzanstein.quant.run as run_module
+
+    real_apply = run_module.apply_method
+
+    def broken_for_int4(model, method, *args, **kwargs):
+        if method.startswith("int4"):
+            raise RuntimeError("simulated failure while quantizing")
+        return real_apply(model, method, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "apply_method", broken_for_int4)
+    with pytest.raises(RyzansteinError) as failed:
+        run_quantization(qstore, request(max_loss_pct=1000))
+    assert "simulated failure" in failed.value.message
+    assert [r["method"] for r in failed.value.result["rows"]] == ["none", "int8"]
+    assert not qstore.has("tiny-int4-g32")
+
+    def failing_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "apply_method", real_apply)
+    monkeypatch.setattr(qstore, "import_quantized", failing_save)
+    with pytest.raises(RyzansteinError) as no_space:
+        run_quantization(qstore, request(methods=["int8"], max_loss_pct=1000))
+    report = no_space.value.result
+    assert "No space left" in no_space.value.message and report["saved_as"] is None
+    assert [r["method"] for r in report["rows"]] == ["none", "int8"] and report["selected"] == "int8"
+
+
+def test_stages_name_the_base_evaluation_and_a_first_kernel_build(qstore, monkeypatch):
+    import ryzanstein.quant.run as run_module
+
+    built = []
+    monkeypatch.setattr(run_module, "kernel_needs_build", lambda: True)
+    monkeypatch.setattr(run_module, "kernel", lambda: built.append(True))
+    stages: list[tuple[str, float]] = []
+    run_quantization(qstore, request(methods=["int8"], max_loss_pct=1000, save=False),
+                     progress=lambda stage, f: stages.append((stage, f)))
+    names = [s for s, _ in stages]
+    assert names[0] == "evaluating the unquantized model: loading"
+    assert any(s.startswith("evaluating the unquantized model: reference logits 1/") for s in names)
+    assert any(s.startswith("evaluating the unquantized model: perplexity") for s in names)
+    assert "compiling kernels (first use, about 2 min)" in names and built == [True]
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions)  # the bar never goes backwards
+
+
+def test_cli_help_lists_every_method():
+    from ryzanstein.cli import METHOD_NAMES
+
+    assert METHOD_NAMES.split(", ") == known_methods()

@@ -37,15 +37,25 @@ def cpu_supports_kernel() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+def kernel_build_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("ryzanstein")) / "kernels" / f"torch-{torch.__version__}"
+
+
+def kernel_needs_build() -> bool:
+    """True before the first use on this machine: building takes about two minutes, worth saying so."""
+    return kernel.cache_info().currsize == 0 and not (kernel_build_dir() / "ryzanstein_kernels.so").exists()
+
+
 @cache
 def kernel() -> Any:
     """The compiled extension (built on first use, then loaded from the cache)."""
     if not cpu_supports_kernel():
         raise InvalidRequest("Quantized weights need a CPU with AVX2 and FMA.", param="weights")
-    from platformdirs import user_cache_dir
     from torch.utils.cpp_extension import load
 
-    build = Path(user_cache_dir("ryzanstein")) / "kernels" / f"torch-{torch.__version__}"
+    build = kernel_build_dir()
     build.mkdir(parents=True, exist_ok=True)
     with _build_lock:
         return load(name="ryzanstein_kernels", sources=[str(SOURCE)], build_directory=str(build),

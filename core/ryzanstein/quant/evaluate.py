@@ -8,6 +8,7 @@ method). The reference logits are computed once and reused for every candidate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,15 +51,23 @@ class Accuracy:
 
 
 @torch.inference_mode()
-def chunk_logits(model: Any, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=c).logits[0, :-1].float() for c in chunks]
+def chunk_logits(model: Any, chunks: list[torch.Tensor],
+                 on_chunk: Callable[[int, int], None] = lambda done, total: None) -> list[torch.Tensor]:
+    out = []
+    for chunk in chunks:
+        out.append(model(input_ids=chunk).logits[0, :-1].float())
+        on_chunk(len(out), len(chunks))
+    return out
 
 
 @torch.inference_mode()
-def evaluate(model: Any, chunks: list[torch.Tensor], reference: list[torch.Tensor] | None = None) -> Accuracy:
+def evaluate(model: Any, chunks: list[torch.Tensor], reference: list[torch.Tensor] | None = None,
+             on_chunk: Callable[[int, int], None] = lambda done, total: None) -> Accuracy:
     """`reference`: logits of the unquantized model on the same chunks (from `chunk_logits`)."""
     nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
     for i, chunk in enumerate(chunks):
+        if i:
+            on_chunk(i, len(chunks))
         logits = model(input_ids=chunk).logits[0, :-1].float()
         targets = chunk[0, 1:]
         log_probs = torch.log_softmax(logits, dim=-1)

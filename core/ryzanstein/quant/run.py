@@ -21,7 +21,7 @@ import torch
 
 from ryzanstein.engine.generate import GenerationStats, stream_tokens
 from ryzanstein.engine.params import GenerationParams
-from ryzanstein.engine.qweights import linear_bytes
+from ryzanstein.engine.qweights import cpu_supports_kernel, kernel, kernel_needs_build, linear_bytes
 from ryzanstein.errors import Cancelled, InvalidRequest, RyzansteinError
 from ryzanstein.models.loader import load_model_folder
 from ryzanstein.models.store import ModelStore
@@ -171,7 +171,12 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
         if cancel is not None and cancel.is_set():
             raise Cancelled("Quantization was cancelled; nothing was saved.")
 
-    progress("evaluating the unquantized model", 0.0)
+    first_step = 1 / (len(req.methods) + 1)
+
+    def base_stage(label: str, done: float) -> None:  # the unquantized model's share of the bar, in parts
+        progress(f"evaluating the unquantized model: {label}", first_step * done)
+
+    base_stage("loading", 0.0)
     base = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
     chunks = token_chunks(base.tokenizer, heldout_text(), 512, req.eval_tokens)
     calibration_source = req.calibration if req.calibration is not None else calibration_text()
@@ -180,9 +185,13 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
         raise InvalidRequest(f"The calibration text has {calibration_count} tokens; at least {MIN_EVAL_TOKENS} "
                              "are needed.", param="calibration")
     calibration = token_chunks(base.tokenizer, calibration_source, 256)
-    reference_logits = chunk_logits(base.model, chunks)
-    reference = evaluate(base.model, chunks, reference_logits)
+    reference_logits = chunk_logits(base.model, chunks, lambda i, n: base_stage(
+        f"reference logits {i}/{n}", 0.4 * i / n))
+    reference = evaluate(base.model, chunks, reference_logits, lambda i, n: base_stage(
+        f"perplexity {i}/{n}", 0.4 + 0.3 * i / n))
+    base_stage("decode speed", 0.7)
     rows = [row_for("none", base, reference, reference, measure_speed(base, req.speed_tokens), 0.0)]
+    base_stage("KV-cache formats", 0.8)
     kv_rows = measure_kv_cache(base, chunks, reference_logits, reference)
     skipped = {m: why for m in req.methods if (why := unsuitable(base.model, m))}
     if skipped and not req.auto:
@@ -191,7 +200,89 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
     methods = [m for m in req.methods if m not in skipped]
     del base
     gc.collect()
+    if methods and cpu_supports_kernel() and kernel_needs_build():
+        progress("compiling kernels (first use, about 2 min)", first_step)
+        kernel()
     recipes: dict[str, dict] = {}
+    try:
+        measure_methods(req, methods, base_path, info, chunks, calibration, reference_logits, reference, rows,
+                        recipes, progress, check_cancel, cancel)
+    except Cancelled:
+        raise
+    except Exception as exc:  # keep what was measured: the table of a failed run is still worth showing
+        raise with_partial_report(exc, partial_report(req, rows, skipped, kv_rows, reference)) from exc
+    report = finish_report(req, rows, skipped, kv_rows, reference)
+    chosen, closest, why = select(rows, req)
+    report.update(selected=chosen["method"] if chosen else None, reason=why)
+    if chosen is None:
+        error = GoalNotMet(f"{why.capitalize()}. Closest: {closest['method']} (perplexity "
+                           f"{closest['perplexity_change_pct']:+.2f}%, {closest['memory_bytes'] / 2**20:.0f} MiB). "
+                           "Relax the goal or try other methods.", param="goal")
+        error.result = report  # the table is still worth showing
+        raise error
+    if chosen["method"] == "none" or not req.save:
+        return report
+    check_cancel()
+    method = chosen["method"]
+    # A default name already taken (the same method run before) gets a number: the work is never wasted on it.
+    name = req.name or free_name(store, f"{req.model}-{method}"[:60])
+    report["saved_as"] = name
+    progress(f"saving {name}", 0.97)
+    try:
+        lm = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
+        recipe = apply_method(lm.model, method, calibration, cancel=cancel)
+
+        def write(tmp: Path) -> None:
+            save_quantized(lm.model, base_path, tmp, recipe, {"method": method, "base_model": req.model,
+                                                              "report": report})
+
+        store.import_quantized(name, req.model, method, write, cancel=cancel)
+    except Cancelled:
+        raise
+    except Exception as exc:
+        report["saved_as"] = None
+        raise with_partial_report(exc, report) from exc
+    progress("done", 1.0)
+    return report
+
+
+def free_name(store: ModelStore, name: str) -> str:
+    if not store.has(name):
+        return name
+    return next(f"{name}-{i}" for i in range(2, 10_000) if not store.has(f"{name}-{i}"))
+
+
+def partial_report(req: QuantizeRequest, rows: list[dict], skipped: dict, kv_rows: list, reference: Accuracy) -> dict:
+    report = finish_report(req, rows, skipped, kv_rows, reference)
+    report.update(selected=None, reason="the run failed; these are the measurements made before it did")
+    return report
+
+
+def with_partial_report(exc: Exception, report: dict) -> RyzansteinError:
+    """The error the job reports, carrying the measured table (`result`) so the wizard can still show it."""
+    error = exc if isinstance(exc, RyzansteinError) else RyzansteinError(f"{type(exc).__name__}: {exc}")
+    error.result = report  # type: ignore[attr-defined]
+    return error
+
+
+def finish_report(req: QuantizeRequest, rows: list[dict], skipped: dict, kv_rows: list,
+                  reference: Accuracy) -> dict:
+    fp32_decode = rows[0]["decode_tokens_per_s"]
+    for row in rows[1:]:
+        row["decodes_at_least_as_fast_as_fp32"] = row["decode_tokens_per_s"] >= fp32_decode
+        if row["method"] == "bitnet" and row["perplexity_change_pct"] > 100:
+            row["note"] = ("Ternary weights applied after training wreck an ordinary model; BitNet needs a model "
+                           "trained (or fine-tuned) for ternary weights.")
+    return {"model": req.model, "goal": req.goal, "max_loss_pct": req.max_loss_pct, "max_gb": req.max_gb,
+            "eval_tokens": reference.tokens, "rows": rows, "skipped": skipped, "kv_cache": kv_rows,
+            "selected": None, "reason": "", "saved_as": None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def measure_methods(req: QuantizeRequest, methods: list[str], base_path: Path, info: Any, chunks: list,
+                    calibration: list, reference_logits: list, reference: Accuracy, rows: list[dict],
+                    recipes: dict[str, dict], progress: Progress, check_cancel: Callable[[], None],
+                    cancel: threading.Event | None) -> None:
+    """Quantize with each method and measure it; rows are appended as they are measured."""
     for i, method in enumerate(methods):
         check_cancel()
         step = (i + 1) / (len(methods) + 1)
@@ -206,38 +297,4 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
         rows.append(row_for(method, lm, accuracy, reference, measure_speed(lm, req.speed_tokens), seconds))
         del lm
         gc.collect()
-    fp32_decode = rows[0]["decode_tokens_per_s"]
-    for row in rows[1:]:
-        row["decodes_at_least_as_fast_as_fp32"] = row["decode_tokens_per_s"] >= fp32_decode
-        if row["method"] == "bitnet" and row["perplexity_change_pct"] > 100:
-            row["note"] = ("Ternary weights applied after training wreck an ordinary model; BitNet needs a model "
-                           "trained (or fine-tuned) for ternary weights.")
-    chosen, closest, why = select(rows, req)
-    report = {"model": req.model, "goal": req.goal, "max_loss_pct": req.max_loss_pct, "max_gb": req.max_gb,
-              "eval_tokens": reference.tokens, "rows": rows, "skipped": skipped, "kv_cache": kv_rows,
-              "selected": chosen["method"] if chosen else None, "reason": why, "saved_as": None,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if chosen is None:
-        error = GoalNotMet(f"{why.capitalize()}. Closest: {closest['method']} (perplexity "
-                           f"{closest['perplexity_change_pct']:+.2f}%, {closest['memory_bytes'] / 2**20:.0f} MiB). "
-                           "Relax the goal or try other methods.", param="goal")
-        error.result = report  # the table is still worth showing
-        raise error
-    if chosen["method"] == "none" or not req.save:
-        return report
-    check_cancel()
-    method = chosen["method"]
-    name = req.name or f"{req.model}-{method}"[:64]
-    report["saved_as"] = name
-    progress(f"saving {name}", 0.97)
-    lm = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
-    recipe = apply_method(lm.model, method, calibration, cancel=cancel)
-
-    def write(tmp: Path) -> None:
-        save_quantized(lm.model, base_path, tmp, recipe, {"method": method, "base_model": req.model,
-                                                          "report": report})
-
-    store.import_quantized(name, req.model, method, write, cancel=cancel)
-    progress("done", 1.0)
-    return report
 

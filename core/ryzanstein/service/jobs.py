@@ -17,6 +17,7 @@ from ryzanstein.errors import Cancelled, InvalidRequest, ModelNotFound, Ryzanste
 
 JobFn = Callable[[Callable[[str, float], None], threading.Event], Any]
 KEEP_FINISHED = 100
+THROTTLE_S = 0.2
 
 
 @dataclass
@@ -98,15 +99,29 @@ class JobRunner:
             self.publish("job", job.to_dict())
             return
 
-        def progress(stage: str, fraction: float, detail: dict | None = None) -> None:
+        trailing: list[threading.Timer] = []
+
+        def send() -> None:
             nonlocal last_sent
+            last_sent = time.monotonic()
+            if job.state in ("running", "queued"):
+                self.publish("job", job.to_dict())
+
+        def progress(stage: str, fraction: float, detail: dict | None = None) -> None:
             job.stage, job.progress = stage, max(0.0, min(1.0, fraction))
             if detail:
                 job.detail = detail
                 job.history.append(detail)
-            if detail or time.monotonic() - last_sent > 0.2 or fraction >= 1.0:  # ~5 events a second at most
-                last_sent = time.monotonic()
-                self.publish("job", job.to_dict())
+            wait = THROTTLE_S - (time.monotonic() - last_sent)
+            if detail or wait <= 0 or fraction >= 1.0:  # ~5 events a second at most
+                send()
+            elif not any(t.is_alive() for t in trailing):
+                # Throttled: the latest stage still goes out a moment later, so a long last stage (e.g.
+                # "generating samples") is never hidden behind the step before it.
+                timer = threading.Timer(wait, send)
+                timer.daemon = True
+                trailing[:] = [timer]
+                timer.start()
 
         try:
             job.result = fn(progress, job.cancel)

@@ -109,7 +109,8 @@ def run_worker(folder: Path, progress: Progress, cancel: threading.Event,
             kind = event.get("type")
             total = event.get("total_steps", total) or total
             if kind == "stage":
-                progress(event["stage"], last.get("fraction", 0.0))
+                last["fraction"] = event.get("fraction", last.get("fraction", 0.0))
+                progress(event["stage"], last["fraction"])
             elif kind == "resumed":
                 progress(f"resumed from the checkpoint at step {event['step']}", last.get("fraction", 0.0))
             elif kind == "step":

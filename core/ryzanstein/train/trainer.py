@@ -300,7 +300,10 @@ class LoraTrainer:
         """Greedy answers of the base (adapter off) and the tuned model to a few held-out prompts."""
         model.eval()
         out = []
-        for example in self.eval_examples[:SAMPLE_PROMPTS]:
+        prompts = self.eval_examples[:SAMPLE_PROMPTS]
+        for i, example in enumerate(prompts):
+            self.emit({"type": "stage", "stage": f"generating samples ({i + 1}/{len(prompts)}): base and tuned answers",
+                       "fraction": 0.95 + 0.045 * i / max(1, len(prompts))})
             first = next((i for i, label in enumerate(example.labels) if label != IGNORE), None)
             if not first:
                 continue
