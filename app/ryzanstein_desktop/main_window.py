@@ -55,6 +55,8 @@ class MainWindow(QMainWindow):
         state = health.get("default_model_state")
         if state == "failed":
             self.model_label.setText(f"default model failed: {health.get('default_model_error')}")
+        elif state == "importing" and health.get("default_model_progress"):
+            self._show_import(health["default_model"], health["default_model_progress"])
         elif health.get("loaded_models"):
             self.model_label.setText("loaded: " + ", ".join(health["loaded_models"]))
         else:
@@ -74,10 +76,16 @@ class MainWindow(QMainWindow):
         if kind != "model":
             return
         if data.get("state") == "importing":
-            self.model_label.setText(f"importing {data['name']}: {data.get('stage', '')} "
-                                     f"({100 * data.get('progress', 0):.0f}%)")
+            self._show_import(data["name"], data)
+        elif data.get("state") == "loading":
+            self.model_label.setText(f"loading {data['name']}…")
         else:
             self.bridge.call(lambda c: c.health(), self._on_health, lambda msg: None)
+
+    def _show_import(self, name: str, progress: dict) -> None:
+        """First start: the default model is imported from its GGUF (~20-60 s); the user guide promises a %."""
+        self.model_label.setText(f"first start: importing {name}: {progress.get('stage', '')} "
+                                 f"({100 * progress.get('progress', 0):.0f}%)")
 
     def restore_state(self) -> None:
         geometry = self.qsettings.value("main/geometry")

@@ -85,6 +85,7 @@ class ModelManager:
         self._import_lock = threading.Lock()
         self._active = 0
         self.default_state = "idle"  # idle | importing | loading | ready | failed
+        self.default_progress: dict[str, Any] = {}  # stage + fraction of the first-start import
         self.default_error: str | None = None
 
     # -- queries -------------------------------------------------------------------------------------
@@ -249,6 +250,7 @@ class ModelManager:
             self.default_state = "importing"
 
             def progress(stage: str, fraction: float) -> None:
+                self.default_progress = {"stage": stage, "progress": fraction}  # for /api/health
                 self.publish("model", {"name": DEFAULT_MODEL, "state": "importing", "stage": stage,
                                        "progress": fraction})
 

@@ -6,6 +6,7 @@ failed or cancelled import leaves the store exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,14 +14,16 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound, RyzansteinError
 from ryzanstein.models.loader import check_architecture_known, check_model_folder
 
 METADATA_FILE = "ryzanstein.json"
+_GGUF_PATCH_LOCK = threading.Lock()  # one GGUF dequantization reports through the patched loop at a time
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ProgressFn = Callable[[str, float], None]
 
@@ -46,6 +49,34 @@ def folder_size(path: Path) -> int:
 
 def _no_progress(stage: str, fraction: float) -> None:
     pass
+
+
+@contextlib.contextmanager
+def per_tensor_progress(report: Callable[[int, int], None], cancel: threading.Event | None) -> Iterator[None]:
+    """Progress (and cancel) tensor by tensor while transformers dequantizes a GGUF file: its loop over the
+    tensors is the long part of an import and otherwise reports only to a terminal progress bar."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+
+    def counting(iterable: Any = None, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable) if iterable is not None else []
+        for i, item in enumerate(items):
+            _check_cancel(cancel)
+            if i % 8 == 0:
+                report(i, len(items))
+            yield item
+        report(len(items), max(1, len(items)))
+
+    if original is None:  # another transformers version: no per-tensor progress, the import still works
+        yield
+        return
+    with _GGUF_PATCH_LOCK:
+        gguf_utils.tqdm = counting
+        try:
+            yield
+        finally:
+            gguf_utils.tqdm = original
 
 
 class ModelStore:
@@ -116,9 +147,11 @@ class ModelStore:
                 tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
                 _check_cancel(cancel)
                 progress("dequantizing weights", 0.15)
-                model = AutoModelForCausalLM.from_pretrained(
-                    gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-                )
+                with per_tensor_progress(lambda done, total: progress(
+                        f"dequantizing weights ({done}/{total} tensors)", 0.15 + 0.5 * done / total), cancel):
+                    model = AutoModelForCausalLM.from_pretrained(
+                        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+                    )
             except RyzansteinError:
                 raise
             except Exception as exc:  # gguf/transformers raise many types for damaged or unsupported files

@@ -20,7 +20,8 @@ async def health(request: Request) -> dict:
     manager = request.app.state.manager
     return {"status": "ok", "version": __version__, "loaded_models": manager.loaded_names(),
             "default_model": request.app.state.settings.default_model,
-            "default_model_state": manager.default_state, "default_model_error": manager.default_error}
+            "default_model_state": manager.default_state, "default_model_error": manager.default_error,
+            "default_model_progress": manager.default_progress if manager.default_state == "importing" else None}
 
 
 @router.get("/hardware")
