@@ -109,16 +109,26 @@ def chat(
     system: str = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     max_tokens: int = typer.Option(512, min=1),
+    local: bool = typer.Option(False, "--local", help="Load the model in this process even when a service runs."),
 ) -> None:
-    """Interactive terminal chat with streaming output (Ctrl+C stops an answer, Ctrl+D quits)."""
-    from ryzanstein.engine.chat import chat_prompt_ids
-    from ryzanstein.engine.generate import stream_tokens
-    from ryzanstein.engine.params import GenerationParams
+    """Interactive terminal chat with streaming output (Ctrl+C stops an answer, Ctrl+D quits). Talks to the
+    running service when there is one, so the model is not loaded twice."""
+    from ryzanstein.cli_chat import RunningService, answer, local_stream
 
-    lm = open_model(model)
+    params = {"temperature": temperature, "max_tokens": max_tokens}
+    service = None if local else RunningService.find()
+    try:
+        if service is not None:
+            service.check_model(model)
+            stream = service.stream(model, params)
+            where = f"via the service at {service.url}"
+        else:
+            stream = local_stream(model, params, open_model)
+            where = "in this process"
+    except RyzansteinError as exc:
+        fail(exc)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    params = GenerationParams(max_tokens=max_tokens, temperature=temperature)
-    console.print(f"[bold]{model}[/bold] ready. Empty line = nothing, Ctrl+C = stop answer, Ctrl+D = quit.")
+    console.print(f"[bold]{model}[/bold] ready ({where}). Ctrl+C = stop answer, Ctrl+D = quit.")
     while True:
         try:
             question = console.input("[bold cyan]you> [/bold cyan]")
@@ -128,17 +138,20 @@ def chat(
         if not question.strip():
             continue
         messages.append({"role": "user", "content": question})
-        cancel, answer = threading.Event(), []
         try:
-            for chunk in stream_tokens(lm.model, lm.tokenizer, chat_prompt_ids(lm.tokenizer, messages), params,
-                                       cancel=cancel):
-                answer.append(chunk.text)
-                console.print(chunk.text, end="", markup=False, highlight=False, soft_wrap=True)
-        except KeyboardInterrupt:
-            cancel.set()
-            console.print(" [stopped]", style="yellow", end="")
-        console.print()
-        messages.append({"role": "assistant", "content": "".join(answer)})
+            text, stopped = answer(stream, messages, lambda t: console.print(t, end="", markup=False,
+                                                                              highlight=False, soft_wrap=True))
+        except RyzansteinError as exc:
+            messages.pop()
+            console.print(f"\n[red]error:[/red] {exc.message}")
+            continue
+        except Exception as exc:  # the service went away mid-answer: say so, keep the chat going
+            messages.pop()
+            console.print(f"\n[red]error:[/red] the answer broke off: {exc}")
+            continue
+        # markup=False: rich would take "[stopped]" for a style tag and print nothing
+        console.print(" [stopped]" if stopped else "", style="yellow", markup=False)
+        messages.append({"role": "assistant", "content": text})
 
 
 def model_store():

@@ -142,3 +142,37 @@ def test_finetune_cli_forecasts_trains_saves_and_merges(service, session_home, t
     assert merged.returncode == 0 and "saved model cli-merged" in merged.stdout, merged.stdout + merged.stderr
     for args in (("models", "delete", "cli-merged", "--yes"), ("adapters", "delete", TINY_MODEL, "cli-colours")):
         assert run_cli(*args, home=session_home).returncode == 0
+
+
+def test_chat_uses_the_running_service_and_ctrl_c_says_stopped(service, session_home):
+    import signal
+    import time
+
+    import httpx
+
+    env = dict(os.environ, RYZANSTEIN_HOME=str(session_home), COLUMNS="200", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ryzanstein", "chat", "--model", TINY_MODEL, "--temperature", "0",
+                             "--max-tokens", "4000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    assert proc.stdin is not None and proc.stdout is not None
+    banner = proc.stdout.readline()
+    assert f"via the service at {service.url}" in banner  # no second copy of the model in this process
+    proc.stdin.write("Talk for a long time.\n")
+    proc.stdin.flush()
+
+    def active() -> int:
+        return httpx.get(service.url + "/api/metrics", headers=service.headers, timeout=5).json()["active_generations"]
+
+    deadline = time.monotonic() + 60
+    while active() == 0:
+        assert time.monotonic() < deadline, "the answer never started in the service"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate("", timeout=60)
+    assert proc.returncode == 0
+    assert "[stopped]" in out
+    deadline = time.monotonic() + 20
+    while active():
+        assert time.monotonic() < deadline, "the service kept generating after Ctrl+C"
+        time.sleep(0.2)
