@@ -70,7 +70,10 @@ def test_service_exits_when_its_parent_app_is_killed(tmp_path):
     parent = subprocess.Popen(["sleep", "60"])
     env = dict(os.environ, RYZANSTEIN_HOME=str(tmp_path), RYZANSTEIN_PORT="0",
                RYZANSTEIN_PRELOAD_DEFAULT_MODEL="0", RYZANSTEIN_PARENT_PID=str(parent.pid))
-    service = subprocess.Popen([sys.executable, "-m", "ryzanstein", "serve"], env=env)
+    log = tmp_path / "service.log"
+    with open(log, "w") as out:
+        service = subprocess.Popen([sys.executable, "-m", "ryzanstein", "serve"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
     try:
         wait_for_file(tmp_path / "config" / "service.json")
         assert service.poll() is None
@@ -79,6 +82,9 @@ def test_service_exits_when_its_parent_app_is_killed(tmp_path):
         assert service.wait(timeout=30) == 0
     finally:
         service.kill()
+    # it says why it stopped, and what it dropped
+    assert f"the desktop app (PID {parent.pid}) exited; stopping the service it started, with 0 request(s) in " \
+           "flight" in log.read_text()
 
 
 def test_terminating_the_desktop_app_stops_the_service_it_started(tmp_path):
