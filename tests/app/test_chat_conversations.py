@@ -16,11 +16,11 @@ from PySide6.QtCore import QSettings, Qt
 from PySide6.QtWidgets import QTextBrowser
 
 from ryzanstein_desktop.bridge import Bridge
-from ryzanstein_desktop.client import Connection
 from ryzanstein_desktop.conversations import ConversationStore, to_json, to_markdown
 from ryzanstein_desktop.main_window import MainWindow
 from ryzanstein_desktop.widgets.markdown import to_html
 from tests.app.test_desktop import ask, save_screenshot
+from tests.app.windows import open_window
 from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,17 +102,6 @@ def test_rename_refuses_an_empty_title_and_delete_cascades(tmp_path):
     assert store.list() == []
     with sqlite3.connect(tmp_path / "c.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
-
-
-def open_window(qtbot, service, tmp_path) -> MainWindow:
-    bridge = Bridge()
-    win = MainWindow(bridge, QSettings(str(tmp_path / "gui.ini"), QSettings.Format.IniFormat),
-                     ConversationStore(tmp_path / "conversations.sqlite3"))
-    qtbot.addWidget(win)
-    win.show()
-    bridge.attach(Connection(service.url, service.token))
-    qtbot.waitUntil(lambda: win.chat.model_box.count() >= 2, timeout=20_000)
-    return win
 
 
 def test_a_restarted_app_shows_the_saved_chat_with_its_settings(qtbot, service, tmp_path):

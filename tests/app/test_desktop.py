@@ -83,7 +83,9 @@ def test_chat_error_is_shown_and_history_kept_clean(qtbot, window):
 def test_monitor_plots_receive_metrics_samples(qtbot, window):
     window.tabs.setCurrentWidget(window.monitor)
     start = time.time()
-    qtbot.waitUntil(lambda: window.monitor.memory.sample_count("system") >= 3, timeout=20_000)
+    # history fills the plots at once; wait for live samples too
+    qtbot.waitUntil(lambda: "tok/s" in window.speed_label.text(), timeout=20_000)
+    qtbot.waitUntil(lambda: window.monitor.memory.buffers["system"].view()[0].max() >= start, timeout=20_000)
     monitor = window.monitor
     times, values = monitor.memory.buffers["service process (RSS)"].view()
     assert (values > 0.05).all() and times[-1] >= start - 1

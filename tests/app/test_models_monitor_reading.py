@@ -56,13 +56,13 @@ def test_models_fit_the_default_window_and_long_text_never_widens_it(qtbot, wind
     QApplication.processEvents()
     header = view.table.horizontalHeader()
     assert header.length() <= view.table.viewport().width() + 2, "columns run past the table"
+    save_screenshot(window, "models.png")
     view._show_job(True)
     view.job_label.setText("import failed: " + "a very long error message " * 20)
     view.training_label.setText("quantizing something: " + "stage " * 60)
     QApplication.processEvents()
     assert window.minimumSizeHint().width() <= 1100
     assert window.width() == 1100
-    save_screenshot(window, "models.png")
 
 
 def test_monitor_shows_the_last_minutes_at_once_in_plain_units(qtbot, service, tmp_path):
@@ -93,3 +93,23 @@ def test_monitor_shows_the_last_minutes_at_once_in_plain_units(qtbot, service, t
     assert win.monitor.cpu.viewRange()[1] == [0, 100]
     bridge.shutdown()
     save_screenshot(win, "monitor.png")
+
+
+def test_background_jobs_show_in_models_until_they_end(qtbot, window):
+    view = window.models
+    job = {"id": "job-7", "kind": "quantize", "title": "quantize tiny-llama", "state": "running",
+           "stage": "int8: measuring", "progress": 0.4}
+    view._track_background_job(job)
+    assert view.training_label.text() == "quantizing tiny-llama: int8: measuring (40%)"
+    view._track_background_job({**job, "state": "succeeded", "stage": "done", "progress": 1.0})
+    assert view.training_label.text() == ""
+
+
+def test_the_app_keeps_its_own_files_under_ryzanstein_home(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("RYZANSTEIN_HOME", str(tmp_path))
+    win = MainWindow(Bridge())
+    qtbot.addWidget(win)
+    assert win.qsettings.fileName() == str(tmp_path / "config" / "desktop.ini")
+    assert win.conversations.path == tmp_path / "data" / "desktop" / "conversations.sqlite3"
+    win.save_state()
+    assert (tmp_path / "config" / "desktop.ini").exists()

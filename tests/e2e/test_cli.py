@@ -176,3 +176,18 @@ def test_chat_uses_the_running_service_and_ctrl_c_says_stopped(service, session_
     while active():
         assert time.monotonic() < deadline, "the service kept generating after Ctrl+C"
         time.sleep(0.2)
+
+
+def test_version_help_and_listing_read_cleanly(service, session_home):
+    from ryzanstein import __version__
+
+    version = run_cli("--version", home=session_home)
+    assert version.returncode == 0 and version.stdout.strip() == f"ryzanstein {__version__}"
+    helps = run_cli("quantize", "--help", home=session_home).stdout + \
+        run_cli("models", "delete", "--help", home=session_home).stdout
+    assert "<bool>" not in helps and "--dry-run" in helps and "--yes" in helps
+    assert "gptq-g64" in helps and "bitnet" in helps  # the method names a user can pass
+    env = dict(os.environ, RYZANSTEIN_HOME=str(session_home), COLUMNS="60")
+    narrow = subprocess.run([sys.executable, "-m", "ryzanstein", "models", "list"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert "smollm2-135m-instruct" in narrow.stdout  # whole, on one line, even in a narrow terminal

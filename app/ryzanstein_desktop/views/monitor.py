@@ -7,6 +7,8 @@ cache and reclaimable slab), for the system and for each NUMA node."""
 
 from __future__ import annotations
 
+from collections import deque
+
 from PySide6.QtWidgets import QGridLayout, QWidget
 
 from ryzanstein_desktop.bridge import Bridge
@@ -19,6 +21,7 @@ class MonitorView(QWidget):
     def __init__(self, bridge: Bridge):
         super().__init__()
         self.bridge = bridge
+        self.received: deque[dict] = deque(maxlen=600)  # the raw samples plotted, to merge history in order
         self.memory = LivePlot("Memory used (excl. cache)", "GiB")
         self.numa = LivePlot("Used per NUMA node (excl. cache)", "GiB")
         self.tokens = LivePlot("Generation speed", "tokens/s", y_min_span=10)
@@ -40,10 +43,12 @@ class MonitorView(QWidget):
     def load_history(self) -> None:
         """The service's last five minutes, plotted at once (samples the live stream also sends are skipped)."""
         def fill(samples: list[dict]) -> None:
-            first_live = min((p.buffers[k].times[0] for p in self.plots() for k in p.buffers), default=None)
-            for sample in samples:
-                if first_live is None or sample["time"] < first_live:
-                    self.add_sample(sample)
+            live = list(self.received)
+            first_live = live[0]["time"] if live else float("inf")
+            for plot in self.plots():
+                plot.clear_points()
+            for sample in [s for s in samples if s["time"] < first_live] + live:  # oldest first, as if live
+                self.add_sample(sample)
 
         self.bridge.call(lambda c: c.metrics_history(), fill, lambda _msg: None)
 
@@ -51,6 +56,7 @@ class MonitorView(QWidget):
         return [self.memory, self.numa, self.tokens, self.cpu, self.model_numa, self.batch, self.kv]
 
     def add_sample(self, sample: dict) -> None:
+        self.received.append(sample)
         t = sample["time"]
         self.memory.add_point("service process (RSS)", t, sample["process_rss_bytes"] / GB)
         self.memory.add_point("system", t, sample["system_used_bytes"] / GB)

@@ -78,6 +78,11 @@ class LivePlot(pg.PlotWidget):
             self.curves[series] = self.plot([], [], name=series, pen=pg.mkPen(color, width=2))
         self.buffers[series].append(t, value)
 
+    def clear_points(self) -> None:
+        """Empty every series (kept, with its colour), e.g. to re-add points in time order."""
+        for buffer in self.buffers.values():
+            buffer.size = 0
+
     def sample_count(self, series: str) -> int:
         return self.buffers[series].size if series in self.buffers else 0
 
@@ -86,9 +91,6 @@ class LivePlot(pg.PlotWidget):
         top = 0.0
         for name, buffer in self.buffers.items():
             times, values = buffer.view()
-            if times.size > 1 and np.any(np.diff(times) < 0):  # history arrived after the first live samples
-                order = np.argsort(times, kind="stable")
-                times, values = times[order], values[order]
             self.curves[name].setData(times - now, values)
             visible = values[times >= now - self.window_s]
             if visible.size:
