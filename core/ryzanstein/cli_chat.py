@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import httpx
@@ -13,7 +13,7 @@ import httpx
 from ryzanstein.config import load_or_create_token, read_service_info
 from ryzanstein.errors import ModelNotFound, RyzansteinError
 
-Stream = Callable[[list[dict], threading.Event], Iterator[str]]
+Stream = Callable[[list[dict], threading.Event], Generator[str, None, None]]
 
 
 class RunningService:
@@ -43,7 +43,7 @@ class RunningService:
                                 param="model")
 
     def stream(self, model: str, params: dict[str, Any]) -> Stream:
-        def chat(messages: list[dict], cancel: threading.Event) -> Iterator[str]:
+        def chat(messages: list[dict], cancel: threading.Event) -> Generator[str, None, None]:
             body = {"model": model, "messages": messages, "stream": True, **params}
             timeout = httpx.Timeout(30.0, read=600.0)
             with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, headers=self.headers,
@@ -76,7 +76,7 @@ def local_stream(model: str, params: dict[str, Any], open_model: Callable[[str],
     lm = open_model(model)
     generation = GenerationParams(max_tokens=params["max_tokens"], temperature=params["temperature"])
 
-    def chat(messages: list[dict], cancel: threading.Event) -> Iterator[str]:
+    def chat(messages: list[dict], cancel: threading.Event) -> Generator[str, None, None]:
         for chunk in stream_tokens(lm.model, lm.tokenizer, chat_prompt_ids(lm.tokenizer, messages), generation,
                                    cancel=cancel):
             yield chunk.text
