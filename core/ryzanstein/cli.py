@@ -219,14 +219,13 @@ def models_import(
 def loaded_in_running_service(name: str) -> bool:
     import httpx
 
-    from ryzanstein.config import load_or_create_token, read_service_info
+    from ryzanstein.cli_chat import RunningService
 
-    info = read_service_info()
-    if not info:
+    service = RunningService.find()
+    if service is None:
         return False
     try:
-        response = httpx.get(f"{info['url']}/api/models/{name}", timeout=5,
-                             headers={"Authorization": f"Bearer {load_or_create_token()}"})
+        response = httpx.get(f"{service.url}/api/models/{name}", timeout=5, headers=service.headers)
     except httpx.HTTPError:
         return False
     return response.status_code == 200 and bool(response.json().get("loaded"))

@@ -66,8 +66,6 @@ def evaluate(model: Any, chunks: list[torch.Tensor], reference: list[torch.Tenso
     """`reference`: logits of the unquantized model on the same chunks (from `chunk_logits`)."""
     nll, count, kl_sum, agree = 0.0, 0, 0.0, 0
     for i, chunk in enumerate(chunks):
-        if i:
-            on_chunk(i, len(chunks))
         logits = model(input_ids=chunk).logits[0, :-1].float()
         targets = chunk[0, 1:]
         log_probs = torch.log_softmax(logits, dim=-1)
@@ -77,5 +75,6 @@ def evaluate(model: Any, chunks: list[torch.Tensor], reference: list[torch.Tenso
             ref_log_probs = torch.log_softmax(reference[i], dim=-1)
             kl_sum += float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum())
             agree += int((reference[i].argmax(-1) == logits.argmax(-1)).sum())
+        on_chunk(i + 1, len(chunks))
     return Accuracy(count, math.exp(nll / count), kl_sum / count if reference is not None else 0.0,
                     agree / count if reference is not None else 1.0)

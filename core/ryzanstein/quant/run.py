@@ -203,10 +203,21 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
     if methods and cpu_supports_kernel() and kernel_needs_build():
         progress("compiling kernels (first use, about 2 min)", first_step)
         kernel()
-    recipes: dict[str, dict] = {}
-    try:
-        measure_methods(req, methods, base_path, info, chunks, calibration, reference_logits, reference, rows,
-                        recipes, progress, check_cancel, cancel)
+    try:  # each candidate: quantize, measure; rows are appended as they are measured
+        for i, method in enumerate(methods):
+            check_cancel()
+            step = (i + 1) / (len(methods) + 1)
+            progress(f"{method}: quantizing", step)
+            lm = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
+            started = time.perf_counter()
+            apply_method(lm.model, method, calibration, cancel=cancel,
+                         progress=lambda stage, f, s=step: progress(stage, s))
+            seconds = time.perf_counter() - started
+            progress(f"{method}: measuring", step)
+            accuracy = evaluate(lm.model, chunks, reference_logits)
+            rows.append(row_for(method, lm, accuracy, reference, measure_speed(lm, req.speed_tokens), seconds))
+            del lm
+            gc.collect()
     except Cancelled:
         raise
     except Exception as exc:  # keep what was measured: the table of a failed run is still worth showing
@@ -276,25 +287,4 @@ def finish_report(req: QuantizeRequest, rows: list[dict], skipped: dict, kv_rows
     return {"model": req.model, "goal": req.goal, "max_loss_pct": req.max_loss_pct, "max_gb": req.max_gb,
             "eval_tokens": reference.tokens, "rows": rows, "skipped": skipped, "kv_cache": kv_rows,
             "selected": None, "reason": "", "saved_as": None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def measure_methods(req: QuantizeRequest, methods: list[str], base_path: Path, info: Any, chunks: list,
-                    calibration: list, reference_logits: list, reference: Accuracy, rows: list[dict],
-                    recipes: dict[str, dict], progress: Progress, check_cancel: Callable[[], None],
-                    cancel: threading.Event | None) -> None:
-    """Quantize with each method and measure it; rows are appended as they are measured."""
-    for i, method in enumerate(methods):
-        check_cancel()
-        step = (i + 1) / (len(methods) + 1)
-        progress(f"{method}: quantizing", step)
-        lm = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
-        started = time.perf_counter()
-        recipes[method] = apply_method(lm.model, method, calibration, cancel=cancel,
-                                       progress=lambda stage, f, s=step: progress(stage, s))
-        seconds = time.perf_counter() - started
-        progress(f"{method}: measuring", step)
-        accuracy = evaluate(lm.model, chunks, reference_logits)
-        rows.append(row_for(method, lm, accuracy, reference, measure_speed(lm, req.speed_tokens), seconds))
-        del lm
-        gc.collect()
 
