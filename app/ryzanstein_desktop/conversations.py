@@ -82,11 +82,28 @@ class ConversationStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self.set_aside: Path | None = None  # an unreadable database, kept under this name
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError:
+            # Not a database we can read (damaged, or another file under this name): keep it, start afresh.
+            self.set_aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(self.set_aside)
+            for suffix in ("-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            self._db = self._open()
         self.interrupted_at_open = self._mark_interrupted()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(SCHEMA)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def _write(self, sql: str, args: tuple = (), *more: tuple[str, tuple]) -> _Result:
         """Run one statement (and any `more` (sql, args) pairs) in one transaction; return the first cursor."""

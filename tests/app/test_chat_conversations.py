@@ -192,3 +192,17 @@ def test_killing_the_app_mid_answer_keeps_what_arrived_and_says_so(qtbot, servic
     assert len(cut) == 1 and len(cut[0].content) > 10
     assert "cut off" in win.chat.transcript.toPlainText()
     assert "cut off when the app last stopped" in win.chat.status.text()
+
+
+def test_an_unreadable_chat_database_is_kept_aside_and_the_app_starts(qtbot, tmp_path):
+    database = tmp_path / "conversations.sqlite3"
+    garbage = b"this is not a database\x00\xff" * 100
+    database.write_bytes(garbage)
+    store = ConversationStore(database)
+    assert store.set_aside is not None and store.set_aside.read_bytes() == garbage  # nothing of it is lost
+    assert store.list() == []
+    cid = store.create(title="fresh")
+    assert [c.id for c in store.list()] == [cid]
+    win = MainWindow(Bridge(), QSettings(str(tmp_path / "gui.ini"), QSettings.Format.IniFormat), store)
+    qtbot.addWidget(win)
+    assert "could not be read" in win.chat.status.text() and store.set_aside.name in win.chat.status.text()

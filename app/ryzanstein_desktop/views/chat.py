@@ -153,7 +153,10 @@ class ChatView(QWidget):
         latest = self.store.list()
         if latest:
             self.open_conversation(latest[0].id)
-        if self.store.interrupted_at_open:
+        if self.store.set_aside is not None:
+            self.status.setText(f"the saved chats could not be read; the file is kept as {self.store.set_aside.name} "
+                                "and a new one was started")
+        elif self.store.interrupted_at_open:
             count = self.store.interrupted_at_open
             self.status.setText(f"{count} answer{'s' if count > 1 else ''} cut off when the app last stopped "
                                 "(marked in the chat)")
