@@ -206,3 +206,13 @@ def test_an_unreadable_chat_database_is_kept_aside_and_the_app_starts(qtbot, tmp
     win = MainWindow(Bridge(), QSettings(str(tmp_path / "gui.ini"), QSettings.Format.IniFormat), store)
     qtbot.addWidget(win)
     assert "could not be read" in win.chat.status.text() and store.set_aside.name in win.chat.status.text()
+
+
+def test_saved_settings_of_the_wrong_type_are_ignored(qtbot):
+    from ryzanstein_desktop.widgets.generation_settings import GenerationSettings
+
+    panel = GenerationSettings()
+    qtbot.addWidget(panel)
+    before = panel.values()
+    panel.set_values({"temperature": "hot", "max_tokens": True, "system_prompt": 42, "seed": 7, "unknown": 1})
+    assert panel.values() == {**before, "seed": 7}
