@@ -100,3 +100,27 @@ class PortInUse(RyzansteinError):
     """The service's port is taken by another process (another service, or any other program)."""
 
     code = "port_in_use"
+
+
+class ClusterError(RyzansteinError):
+    """A cluster operation cannot be done as asked (unknown node, not paired, no plan fits)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "cluster_error"
+
+
+class PairingFailed(RyzansteinError):
+    """Pairing was refused: wrong, expired or used-up PIN, too many tries, or a tampered exchange."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "pairing_failed"
+
+
+class NodeLost(RyzansteinError):
+    """A cluster node stopped answering during a split model's step; the request fails, the cluster re-plans."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "node_lost"

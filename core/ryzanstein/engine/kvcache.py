@@ -22,7 +22,8 @@ Fields = dict[str, torch.Tensor]
 
 
 class SequenceKV:
-    def __init__(self, layers: int, bits: int = 32):
+    def __init__(self, layers: int, bits: int = 32, name: str = ""):
+        self.name = name  # the request id (a split model's remote stages key their caches by it)
         self.layers: list[Fields | None] = [None] * layers
         self.bits = bits
         self.length = 0  # rows holding valid entries (set by the runner after each step)

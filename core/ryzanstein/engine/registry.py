@@ -51,7 +51,8 @@ class Engines:
             from ryzanstein.engine.runner import UnsupportedModel, verify_engine
 
             try:
-                compute.call(lambda: verify_engine(lm.model))  # once per model name
+                if getattr(lm.model, "ryzanstein_split", None) is None:  # a split model was checked at start
+                    compute.call(lambda: verify_engine(lm.model))  # once per model name
             except UnsupportedModel as exc:
                 log.info("model %s runs one request at a time: %s", lm.name, exc)
                 self._unsupported[lm.name] = str(exc)

@@ -143,7 +143,10 @@ class BatchRunner:
         self.model = model
         self.layers = model.config.get_text_config().num_hidden_layers
         self.swap_dir = swap_dir
-        self.regimes = regimes or probe_regimes(distinct_linear_weights(model))
+        # a split model carries the regimes probed on the whole model's shapes (cluster/stage.py)
+        self.regimes = regimes or getattr(model, "ryzanstein_regimes", None) \
+            or probe_regimes(distinct_linear_weights(model))
+        self.split = getattr(model, "ryzanstein_split", None)  # remote stages of a split model, or None
         self.previous_attention = model.config._attn_implementation
         patch_linears(model)
         model.set_attn_implementation(ATTENTION_NAME)
@@ -165,21 +168,27 @@ class BatchRunner:
     def cache(self, request_id: str) -> SequenceKV:
         kv = self.caches.get(request_id)
         if kv is None:
-            kv = self.caches[request_id] = SequenceKV(self.layers, self.kv_bits)
+            kv = self.caches[request_id] = SequenceKV(self.layers, self.kv_bits, request_id)
         return kv
 
     def release(self, request_id: str) -> None:
         kv = self.caches.pop(request_id, None)
         if kv is not None:
             kv.discard_swap()
+        if self.split is not None:
+            self.split.release(request_id)
 
     def swap_out(self, request_id: str) -> None:
         self.cache(request_id).swap_out(self.swap_dir, request_id)
+        if self.split is not None:
+            self.split.swap_out(request_id)
 
     def swap_in(self, request_id: str, capacity: int) -> None:
         kv = self.cache(request_id)
         kv.reserve(capacity)
         kv.swap_in()
+        if self.split is not None:
+            self.split.swap_in(request_id, capacity)
 
     @property
     def cache_bytes(self) -> int:

@@ -49,6 +49,8 @@ class LoadedEntry:
     kv_cache: str = "fp32"  # fp32 | int8 | int4 (the batching engine's cache)
     active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_unload: Callable[[], None] | None = None  # a split model closes its links to the workers
+    split: dict[str, Any] | None = None  # which node runs which layers, for a split model
 
     @property
     def idle(self) -> bool:
@@ -84,6 +86,7 @@ class ModelManager:
         self._load_lock = threading.Lock()  # one load at a time: clean RSS measurements, honest budget
         self._import_lock = threading.Lock()
         self._active = 0
+        self._external: dict[str, tuple[int, str]] = {}  # memory held outside loaded models (cluster stages)
         self.default_state = "idle"  # idle | importing | loading | ready | failed
         self.default_progress: dict[str, Any] = {}  # stage + fraction of the first-start import
         self.default_error: str | None = None
@@ -96,7 +99,37 @@ class ModelManager:
         return self._loaded.get(name)
 
     def reserved_bytes(self) -> int:
-        return sum(e.estimate.total_bytes for e in self._loaded.values())
+        return (sum(e.estimate.total_bytes for e in self._loaded.values())
+                + sum(n for n, _ in self._external.values()))
+
+    def reserve_external(self, key: str, nbytes: int, what: str) -> None:
+        """Count memory this process holds for others (a cluster stage) against the budget, or refuse it."""
+        with self._guard:
+            self._external.pop(key, None)
+            free = self.budget_bytes - self.reserved_bytes()
+            if nbytes > free:
+                raise OutOfMemoryBudget(f"{what} needs ~{nbytes / MB:.0f} MiB, but only {max(0, free) / MB:.0f} "
+                                        f"of this node's {self.budget_bytes / MB:.0f} MiB budget is free.")
+            self._external[key] = (nbytes, what)
+
+    def release_external(self, key: str) -> None:
+        with self._guard:
+            self._external.pop(key, None)
+        release_freed_memory()
+
+    def adopt(self, lm: LoadedModel, estimate: MemoryEstimate, on_unload: Callable[[], None],
+              split: dict[str, Any]) -> LoadedEntry:
+        """Take a model built elsewhere (a split model's coordinator part) as the loaded model of its name."""
+        with self._load_lock:
+            if lm.name in self._loaded:
+                self.unload(lm.name, reason="replaced by its split across the cluster")
+            self._make_room(lm.name, estimate)
+            entry = LoadedEntry(lm, estimate, estimate.load_bytes, 0.0, time.monotonic())
+            entry.on_unload, entry.split = on_unload, split
+            with self._guard:
+                self._loaded[lm.name] = entry
+        self.publish("model", {"name": lm.name, "state": "loaded", "split": split})
+        return entry
 
     def estimate(self, name: str) -> MemoryEstimate:
         return estimate_memory(Path(self.store.get(name).path), self.context_tokens)
@@ -187,6 +220,8 @@ class ModelManager:
             if not entry.idle:
                 raise ModelBusy(f"Model {name!r} is generating ({entry.active} request(s)); try again when idle.")
             del self._loaded[name]
+        if entry.on_unload is not None:
+            entry.on_unload()
         del entry
         release_freed_memory()
         self.publish("model", {"name": name, "state": "unloaded", "reason": reason})
