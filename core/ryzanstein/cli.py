@@ -88,11 +88,15 @@ def open_model(name: str):
 def serve(
     host: str = typer.Option(None, help="Address to bind (default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port (default 8765; 0 = any free port)."),
+    cluster: bool = typer.Option(False, "--cluster", help="Join the LAN cluster: a TLS listener for paired "
+                                 "nodes (port 8766) and discovery; the API stays on --host."),
 ) -> None:
     """Run the core service (OpenAI-compatible API + management API)."""
     from ryzanstein.service.server import serve as run_server
 
     settings = Settings()
+    if cluster:
+        settings.cluster = True
     if host is not None:
         settings.host = host
     if port is not None:

@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     max_queued: int = Field(256, ge=1, description="Requests waiting per model; more are refused with HTTP 429.")
     speculation: Literal["auto", "off", "always"] = Field("auto", description="Speculative decoding: auto "
                                                           "turns it off where it measures a loss.")
+    cluster: bool = Field(False, description="Join a LAN cluster: open the TLS cluster listener and announce "
+                          "this node (the user API stays on `host`).")
+    cluster_host: str = Field("0.0.0.0", description="Address of the cluster's TLS listener.")
+    cluster_port: int = Field(8766, ge=0, le=65535, description="Port of the cluster's TLS listener; 0 = any.")
+    cluster_interfaces: str = Field("all", description="Where discovery announces and listens: all, or "
+                                    "comma-separated addresses (127.0.0.1 keeps it on this machine).")
+    cluster_discovery: bool = Field(True, description="Find other nodes by mDNS (zeroconf); off = add them "
+                                    "by host:port only.")
+    node_name: str = Field("", description="This node's name in other nodes' lists; empty = the host name.")
     draft_model: str = Field("", description="A store model with the same vocabulary that drafts tokens for "
                              "speculative decoding; empty = prompt lookup (drafts copied from the context).")
 

@@ -20,7 +20,7 @@ from ryzanstein.engine.batching import EngineConfig
 from ryzanstein.engine.registry import Engines
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
-from ryzanstein.service import api_routes, finetune_routes, model_routes, openai_routes, quant_routes
+from ryzanstein.service import api_routes, cluster_routes, finetune_routes, model_routes, openai_routes, quant_routes
 from ryzanstein.service.errors import install_error_handlers
 from ryzanstein.service.jobs import JobRunner
 from ryzanstein.service.request_log import RequestLog
@@ -96,9 +96,12 @@ def create_app(settings: Settings, token: str) -> FastAPI:
         finetune_routes.resume_unfinished(app)  # jobs a stopped or killed service left behind go on
         if settings.preload_default_model:
             threading.Thread(target=manager.preload_default, name="preload", daemon=True).start()
+        if settings.cluster:
+            await asyncio.to_thread(cluster_routes.start_cluster, app)
         yield
         for task in tasks:
             task.cancel()
+        await asyncio.to_thread(cluster_routes.stop_cluster, app)
         await asyncio.to_thread(engines.close)
 
     app = FastAPI(title="Ryzanstein", version=__version__, lifespan=lifespan)
@@ -111,6 +114,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     app.state.meter = meter
     app.state.metrics_history = deque(maxlen=max(1, int(HISTORY_SECONDS / settings.metrics_interval_s)))
     app.state.engines = engines
+    app.state.cluster = None
     app.state.sampler = MetricsSampler(meter, lambda: manager.active_generations,
                                        extra=lambda: {"models": model_numa_samples(manager),
                                                     "engines": engines.snapshot()})
@@ -118,6 +122,6 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     app.add_middleware(RequestLog)
     app.include_router(api_routes.public_router)
     for router in (api_routes.router, model_routes.router, openai_routes.router, quant_routes.router,
-                   finetune_routes.router):
+                   finetune_routes.router, cluster_routes.router):
         app.include_router(router, dependencies=[Depends(require_token)])
     return app
