@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 from ryzanstein import __version__
+from ryzanstein.cli_cluster import cluster_app
 from ryzanstein.cli_finetune import adapters_app, bench_finetune, finetune
 from ryzanstein.config import DEFAULT_MODEL, Settings
 from ryzanstein.errors import InvalidRequest, RyzansteinError
@@ -22,6 +23,7 @@ bench_app = typer.Typer(help="Benchmarks (print a table and write JSON).", no_ar
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(cluster_app, name="cluster")
 app.command()(finetune)
 bench_app.command("finetune")(bench_finetune)
 console = Console()

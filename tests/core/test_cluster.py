@@ -190,7 +190,8 @@ def test_split_model_answers_like_one_node_alone_and_batched(pair_of_nodes, tiny
     reference = load_model_folder("tiny", tiny_llama_dir)
     split = a.manager.get("tiny")
     for prompt in PROMPTS:  # alone
-        assert run_requests(split, [prompt], tmp_path)[0].tokens == run_requests(reference, [prompt], tmp_path)[0].tokens
+        expected = run_requests(reference, [prompt], tmp_path)[0].tokens
+        assert run_requests(split, [prompt], tmp_path)[0].tokens == expected
     together = run_requests(split, PROMPTS, tmp_path)  # 4 concurrent
     assert [o.tokens for o in together] == [o.tokens for o in run_requests(reference, PROMPTS, tmp_path)]
     assert all(o.error is None and len(o.tokens) == 16 for o in together)
