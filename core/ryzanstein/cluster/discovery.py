@@ -55,7 +55,7 @@ class Discovery:
         self.zeroconf.register_service(self.info)
         self.found: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self.browser = ServiceBrowser(self.zeroconf, SERVICE_TYPE, self)
+        self.browser = ServiceBrowser(self.zeroconf, SERVICE_TYPE, self)  # type: ignore[arg-type]
 
     # ServiceBrowser listener interface
     def add_service(self, zc: Any, type_: str, name: str) -> None:

@@ -132,7 +132,7 @@ class Listener:
         with self._lock:
             for sock in list(self._connections):
                 with contextlib.suppress(OSError, ValueError):
-                    der = sock.getpeercert(binary_form=True)
+                    der = sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
                     if der and der_fingerprint(der) == fingerprint:
                         sock.shutdown(socket.SHUT_RDWR)
                         dropped += 1
