@@ -60,6 +60,10 @@ class ServiceClient:
     def _get(self, path: str) -> Any:
         return self._request("GET", path)
 
+    def cluster(self, method: str = "GET", suffix: str = "", body: dict | None = None) -> Any:
+        """/api/cluster{suffix}: status, nodes, pairing, plan and run (plans and starts can take minutes)."""
+        return self._request(method, "/api/cluster" + suffix, body, timeout=None if method == "GET" else 900.0)
+
     def model_table(self) -> dict:
         """Every stored model with estimates and loaded state, plus the memory budget."""
         return self._get("/api/models")

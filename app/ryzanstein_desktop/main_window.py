@@ -10,6 +10,7 @@ from ryzanstein_desktop import paths
 from ryzanstein_desktop.bridge import Bridge
 from ryzanstein_desktop.conversations import ConversationStore
 from ryzanstein_desktop.views.chat import ChatView
+from ryzanstein_desktop.views.cluster import ClusterView
 from ryzanstein_desktop.views.models import ModelsView
 from ryzanstein_desktop.views.monitor import MonitorView
 
@@ -26,10 +27,12 @@ class MainWindow(QMainWindow):
         self.chat = ChatView(bridge, self.conversations)
         self.models = ModelsView(bridge)
         self.monitor = MonitorView(bridge)
+        self.cluster = ClusterView(bridge)
         self.tabs = QTabWidget()
         self.tabs.addTab(self.chat, "Chat")
         self.tabs.addTab(self.models, "Models")
         self.tabs.addTab(self.monitor, "Monitor")
+        self.tabs.addTab(self.cluster, "Cluster")
         self.setCentralWidget(self.tabs)
 
         self.service_label = QLabel("Service: starting…")
