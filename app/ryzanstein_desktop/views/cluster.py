@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QComboBox,
     QGridLayout,
     QHBoxLayout,
+    QHeaderView,
     QInputDialog,
     QLabel,
     QPushButton,
@@ -30,6 +31,11 @@ from ryzanstein_desktop.widgets.live_plot import LivePlot
 GB = 1024**3
 NODE_COLUMNS = ["Name", "Address", "Version", "Cores", "RAM GB", "Free GB", "Paired", "Online"]
 PLAN_COLUMNS = ["Nodes", "Split (layers)", "Predicted tokens/s", "Measured tokens/s"]
+
+
+def layout_of(stages: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Which node runs which layers: how a plan option is matched with the split that runs now."""
+    return [(str(s["node_id"]), tuple(s["layers"])) for s in stages or []]
 
 
 def _gb(value: Any) -> str:
@@ -60,6 +66,7 @@ class ClusterView(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.pair_button = QPushButton("Pair…")
         self.pair_button.clicked.connect(self.pair_selected)
         self.unpair_button = QPushButton("Unpair")
@@ -74,7 +81,10 @@ class ClusterView(QWidget):
         self.plan_table = QTableWidget(0, len(PLAN_COLUMNS))
         self.plan_table.setHorizontalHeaderLabels(PLAN_COLUMNS)
         self.plan_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.plan_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.plan_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.plan_table.horizontalHeader().setStretchLastSection(True)
+        self.plan_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.message = QLabel("")
         self.message.setWordWrap(True)
         self.step_plot = LivePlot("Per-node step time", "ms", y_min_span=2)
@@ -178,7 +188,7 @@ class ClusterView(QWidget):
             self.message.setText(f"{run['state']}: {split}" + (f" · {run['error']}" if run.get("error") else ""))
         self.plot_links(run.get("links") or [])
         if self.plan:
-            self.show_plan(self.plan)
+            self.fill_plan_table(self.plan)
 
     def _name(self, node_id: str) -> str:
         if node_id == "local":
@@ -266,41 +276,68 @@ class ClusterView(QWidget):
         paired = {n["node_id"] for n in self.nodes if n["paired"]}
         return [n for n in self.selected_ids() if n in paired]
 
-    def make_plan(self) -> None:
+    def chosen_model(self) -> str | None:
         model = self.model_box.currentText()
         if not model:
             self.show_error("Pick a model first.")
+            return None
+        return model
+
+    def make_plan(self) -> None:
+        model = self.chosen_model()
+        if model is None:
             return
         self.message.setText(f"Measuring {1 + len(self._chosen())} node(s) for {model}…")
         self._call(lambda c: c.cluster("POST", "/plan", {"model": model, "nodes": self._chosen()}), self.show_plan)
 
     def show_plan(self, plan: dict) -> None:
         self.plan = plan
+        self.fill_plan_table(plan)
+        proposed = plan.get("proposed")
+        if proposed:
+            self.plan_table.selectRow(proposed["nodes"] - 1)
+        warnings = plan.get("warnings") or []
+        text = (f"Proposed: {proposed['nodes']} node(s), {proposed['predicted_tokens_s']:.1f} tokens/s predicted. "
+                "Select another row to start that split instead." if proposed else plan.get("error", ""))
+        self.message.setText(" ".join([text, *[f"⚠ {w}." for w in warnings]]))
+
+    def fill_plan_table(self, plan: dict) -> None:
+        """The options with predicted tokens/s, and the measured speed beside the one that runs now."""
         options = plan.get("options") or []
+        selected = self.plan_table.currentRow()
         self.plan_table.setRowCount(len(options))
         running = (self.status.get("run") or {}).get("run") or {}
         for row, option in enumerate(options):
             split = ", ".join(f"{s['name']} {s['layers'][0]}–{s['layers'][1] - 1}" for s in option.get("stages", []))
             predicted = f"{option['predicted_tokens_s']:.1f}" if option.get("fits") else "does not fit"
             measured = ""
-            if running and len(running.get("stages", [])) == len(option.get("stages", [])) and self.measured_tokens_s:
+            if self.measured_tokens_s and running.get("model") == plan.get("model") \
+                    and layout_of(running.get("stages")) == layout_of(option.get("stages")):
                 measured = f"{self.measured_tokens_s:.1f}"
             for col, value in enumerate([str(option["nodes"]), split or option.get("reason", ""), predicted, measured]):
                 self.plan_table.setItem(row, col, QTableWidgetItem(value))
-        warnings = plan.get("warnings") or []
-        proposed = plan.get("proposed")
-        text = (f"Proposed: {proposed['nodes']} node(s), {proposed['predicted_tokens_s']:.1f} tokens/s predicted."
-                if proposed else plan.get("error", ""))
-        self.message.setText(" ".join([text, *[f"⚠ {w}." for w in warnings]]))
+        if 0 <= selected < len(options):
+            self.plan_table.selectRow(selected)
+
+    def chosen_option(self) -> dict | None:
+        """The plan row the user selected (the proposal is preselected), if it fits."""
+        row = self.plan_table.currentRow()
+        options = (self.plan or {}).get("options") or []
+        if 0 <= row < len(options) and options[row].get("fits"):
+            return options[row]
+        return None
 
     def start_run(self) -> None:
-        model = self.model_box.currentText()
-        if not model:
-            self.show_error("Pick a model first.")
+        model = self.chosen_model()
+        if model is None:
             return
-        self.message.setText(f"Starting {model} across {1 + len(self._chosen())} node(s)…")
-        self._call(lambda c: c.cluster("POST", "/run", {"model": model, "nodes": self._chosen()}),
-                   lambda _r: self.poll())
+        body: dict = {"model": model, "nodes": self._chosen()}
+        option = self.chosen_option() if self.plan and self.plan.get("model") == model else None
+        if option is not None:  # the split the user picked in the plan table, as planned
+            body["stages"] = [{"node_id": s["node_id"], "layers": s["layers"]} for s in option["stages"]]
+            body["nodes"] = [s["node_id"] for s in option["stages"] if s["node_id"] != "local"]
+        self.message.setText(f"Starting {model} across {1 + len(body['nodes'])} node(s)…")
+        self._call(lambda c: c.cluster("POST", "/run", body), lambda _r: self.poll())
 
     def stop_run(self) -> None:
         self._call(lambda c: c.cluster("DELETE", "/run"), lambda _r: self.poll())
