@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -76,3 +78,24 @@ class ServiceProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+CLUSTER_ENV = {"RYZANSTEIN_CLUSTER": "1", "RYZANSTEIN_CLUSTER_HOST": "127.0.0.1", "RYZANSTEIN_CLUSTER_PORT": "0",
+               "RYZANSTEIN_CLUSTER_INTERFACES": "127.0.0.1"}
+
+
+@contextlib.contextmanager
+def cluster_services(homes: list[Path], names: list[str], model_dir: Path) -> Iterator[list[ServiceProcess]]:
+    """`serve --cluster` processes on loopback (discovery on 127.0.0.1 only), the first holding `model_dir` as
+    "tiny" in its store, the others with empty stores."""
+    from ryzanstein.models.store import ModelStore
+
+    ModelStore(homes[0] / "data" / "models").import_hf_folder(model_dir, "tiny")
+    procs: list[ServiceProcess] = []
+    try:
+        for home, name in zip(homes, names, strict=True):
+            procs.append(ServiceProcess(home, preload=False, extra_env={**CLUSTER_ENV, "RYZANSTEIN_NODE_NAME": name}))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QSettings
 
-from ryzanstein.models.store import ModelStore
 from ryzanstein_desktop.bridge import Bridge
 from ryzanstein_desktop.client import Connection
 from ryzanstein_desktop.conversations import ConversationStore
 from ryzanstein_desktop.main_window import MainWindow
-from tests.e2e.test_cluster_services import CLUSTER_ENV, api, complete
-from tests.helpers import ServiceProcess
+from tests.e2e.test_cluster_services import api, complete
+from tests.helpers import cluster_services
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "cluster.png"
 
@@ -22,15 +21,8 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "clu
 @pytest.fixture
 def nodes(tmp_path_factory, tiny_llama_dir: Path, service):
     homes = [tmp_path_factory.mktemp(f"view-{name}") for name in ("alpha", "beta")]
-    ModelStore(homes[0] / "data" / "models").import_hf_folder(tiny_llama_dir, "tiny")
-    procs = []
-    try:
-        for home, name in zip(homes, ("alpha", "beta"), strict=True):
-            procs.append(ServiceProcess(home, preload=False, extra_env={**CLUSTER_ENV, "RYZANSTEIN_NODE_NAME": name}))
+    with cluster_services(homes, ["alpha", "beta"], tiny_llama_dir) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 def test_cluster_view_pairs_plans_and_starts_a_split_model(qtbot, nodes, tmp_path: Path):

@@ -14,25 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ryzanstein.models.store import ModelStore
-from tests.helpers import ServiceProcess
-
-CLUSTER_ENV = {"RYZANSTEIN_CLUSTER": "1", "RYZANSTEIN_CLUSTER_HOST": "127.0.0.1", "RYZANSTEIN_CLUSTER_PORT": "0",
-               "RYZANSTEIN_CLUSTER_INTERFACES": "127.0.0.1"}
+from tests.helpers import ServiceProcess, cluster_services
 
 
 @pytest.fixture(scope="module")
 def two_services(tmp_path_factory, tiny_llama_dir: Path, service):
     homes = [tmp_path_factory.mktemp(f"node-{name}") for name in ("alpha", "beta")]
-    ModelStore(homes[0] / "data" / "models").import_hf_folder(tiny_llama_dir, "tiny")
-    procs = []
-    try:
-        for home, name in zip(homes, ("alpha", "beta"), strict=True):
-            procs.append(ServiceProcess(home, preload=False, extra_env={**CLUSTER_ENV, "RYZANSTEIN_NODE_NAME": name}))
+    with cluster_services(homes, ["alpha", "beta"], tiny_llama_dir) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 def api(proc: ServiceProcess, method: str, path: str, body: dict | None = None) -> httpx.Response:

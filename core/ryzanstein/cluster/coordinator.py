@@ -257,7 +257,6 @@ class Coordinator:
             link = StageLink(self.node.identity, peer, self.node.address_of(peer.node_id), self._lost)
             links.append(link)
             first, last = stage["layers"]
-            link.channel.sock.settimeout(600.0)
             reply = link.call({"op": "load-stage", "model": model, "config": config, "layers": [first, last],
                                "hashes": hashes, "shapes": shapes, "context_tokens": context})
             if reply.op == "need-weights":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ from cryptography.x509.oid import NameOID
 from ryzanstein.config import write_private_file
 
 CERT_YEARS = 20
+NODE_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+
+
+def is_node_id(value: object) -> bool:
+    """A node id as ids are made here (ASCII letters and digits); checked whole, never as a prefix."""
+    return isinstance(value, str) and NODE_ID.fullmatch(value) is not None
 
 
 def machine_fingerprint(folder: Path) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from ryzanstein import __version__, compute
-from ryzanstein.cluster.identity import Identity, load_or_create_identity
+from ryzanstein.cluster.identity import Identity, is_node_id, load_or_create_identity
 from ryzanstein.cluster.pairing import Exchange, Offers, PairingRefused, normalize_pin
 from ryzanstein.cluster.peers import Peer, PeerStore
 from ryzanstein.cluster.transport import Listener, client_context, connect, server_context
@@ -166,7 +166,7 @@ class ClusterNode:
             channel.send({"op": "hello", **self.describe(), "paired": False})
             return True
         requester_id, requester_name = str(h.get("node_id", ""))[:64], str(h.get("name", ""))[:80]
-        if not requester_id.isalnum():
+        if not is_node_id(requester_id):
             raise PairingRefused("a pairing request names no valid node id")
         if frame.op == "pair-request":
             offer = self.offers.create(requester_id, requester_name, str(h.get("address", address))[:100])
@@ -203,15 +203,18 @@ class ClusterNode:
         return False
 
     # -- the other side of pairing ------------------------------------------------------------------------
-    def _hello(self, address: str) -> dict[str, Any]:
+    def _ask(self, address: str, header: dict[str, Any]) -> Any:
+        """One message to a node without a certificate (who are you, show a PIN) and its answer."""
         channel, _ = connect(address, client_context(None, None), timeout=HELLO_TIMEOUT_S)
         try:
             channel.sock.settimeout(HELLO_TIMEOUT_S)
-            channel.send({"op": "hello"})
-            frame = channel.receive(max_payload=0)
-            return frame.header
+            channel.send(header)
+            return channel.receive(max_payload=0)
         finally:
             channel.close()
+
+    def _hello(self, address: str) -> dict[str, Any]:
+        return dict(self._ask(address, {"op": "hello"}).header)
 
     def address_of(self, node_id: str) -> str:
         record = self.nodes_by_id().get(node_id)
@@ -230,7 +233,7 @@ class ClusterNode:
         except (PeerGone, ProtocolError) as exc:
             raise ClusterError(f"No Ryzanstein node answers at {address} ({exc}).") from exc
         node_id = str(hello.get("node_id", ""))
-        if not node_id.isalnum():
+        if not is_node_id(node_id):
             raise ClusterError(f"{address} did not say who it is.")
         if node_id == self.identity.node_id:
             raise ClusterError(f"{address} is this node.")
@@ -245,16 +248,11 @@ class ClusterNode:
     def request_pairing(self, node_id: str) -> dict[str, Any]:
         """Ask the node to show a PIN (on its screen or log); the user types it here with `pair`."""
         address = self.address_of(node_id)
-        channel, _ = connect(address, client_context(None, None), timeout=HELLO_TIMEOUT_S)
         try:
-            channel.sock.settimeout(HELLO_TIMEOUT_S)
-            channel.send({"op": "pair-request", "node_id": self.identity.node_id, "name": self.identity.name,
-                          "address": self.address})
-            frame = channel.receive(max_payload=0)
+            frame = self._ask(address, {"op": "pair-request", "node_id": self.identity.node_id,
+                                        "name": self.identity.name, "address": self.address})
         except (PeerGone, ProtocolError) as exc:
             raise ClusterError(f"Node {node_id} at {address} did not answer the pairing request ({exc}).") from exc
-        finally:
-            channel.close()
         if frame.op != "pin-shown":
             raise PairingFailed(str(frame.header.get("message", "the node refused to pair")))
         return {"node_id": node_id, "expires_in_s": frame.header.get("expires_in_s")}

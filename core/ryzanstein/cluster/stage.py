@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -57,14 +58,6 @@ def hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _tensor_index(folder: Path) -> dict[str, Path]:
-    index: dict[str, Path] = {}
-    for f in _weight_files(folder):
-        with safe_open(str(f), "pt") as handle:
-            index.update((key, f) for key in handle.keys())
-    return index
-
-
 def layer_hashes(folder: Path) -> dict[str, str]:
     """hash_tensors of each layer's tensors (keyed "0", "1", …) and of the rest ("head"); cached next to the
     weights, keyed by the files' sizes and times, so it is computed once per model."""
@@ -77,17 +70,18 @@ def layer_hashes(folder: Path) -> dict[str, str]:
             return dict(cached["hashes"])
     except (OSError, ValueError, KeyError, AttributeError):
         pass
-    groups: dict[str, list[str]] = {}
-    index = _tensor_index(folder)
-    for key in index:
-        layer = layer_of(key)
-        groups.setdefault("head" if layer is None else str(layer), []).append(key)
+    groups: dict[str, dict[Path, list[str]]] = {}  # group → file → tensor names
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            for key in handle.keys():
+                layer = layer_of(key)
+                groups.setdefault("head" if layer is None else str(layer), {}).setdefault(f, []).append(key)
     hashes = {}
-    for group, keys in groups.items():
+    for group, by_file in groups.items():  # one layer in memory at a time, each file opened once per layer
         tensors = {}
-        for key in keys:
-            with safe_open(str(index[key]), "pt") as handle:
-                tensors[key] = handle.get_tensor(key)
+        for f, keys in by_file.items():
+            with safe_open(str(f), "pt") as handle:
+                tensors.update((key, handle.get_tensor(key)) for key in keys)
         hashes[group] = hash_tensors(tensors)
     try:
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
@@ -110,10 +104,7 @@ def stage_bytes(folder: Path, owned: range, *, head: bool, context_tokens: int) 
                 continue
             layer = layer_of(key)
             if (layer is not None and layer in owned) or (layer is None and head):
-                count = 1
-                for n in spec["shape"]:
-                    count *= n
-                elements += count
+                elements += math.prod(spec["shape"])
     total_layers = int(config.get("num_hidden_layers") or 1)
     kv = kv_cache_bytes(config, context_tokens) * len(owned) // total_layers
     return elements * 4 + kv

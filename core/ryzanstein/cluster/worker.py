@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -33,7 +32,6 @@ from ryzanstein.cluster.stage import (
 from ryzanstein.cluster.wire import Channel, Frame
 
 log = logging.getLogger("ryzanstein.cluster")
-MB = 2**20
 
 
 class StageRefused(Exception):
@@ -265,7 +263,3 @@ def store_layers(models: list[tuple[str, Path]], config: dict, wanted: dict[str,
         if all(hashes.get(k) == v for k, v in wanted.items()):
             return folder, f"from this node's store ({name}, same content hash)"
     return None
-
-
-def ceil_mb(n: int) -> int:
-    return math.ceil(n / MB)

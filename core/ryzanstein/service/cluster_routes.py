@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from ryzanstein.cluster.identity import is_node_id
 from ryzanstein.errors import ClusterError
 
 router = APIRouter(prefix="/api/cluster")
@@ -78,7 +79,7 @@ def _node(request: Request) -> Any:
 
 
 def _check_id(node_id: str) -> str:
-    if not node_id.isascii() or not node_id.isalnum() or len(node_id) > 64:
+    if not is_node_id(node_id):
         raise ClusterError(f"{node_id!r} is not a node id.")
     return node_id
 
