@@ -3,6 +3,7 @@ refusals at the handshake and on the wire, and a split model whose greedy output
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
@@ -242,3 +243,120 @@ def test_tensor_frames_round_trip_exactly():
         from ryzanstein.cluster.wire import decode_tensors
 
         decode_tensors([{"name": "h", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 8}], b"12345678")
+
+
+class DirectLink:
+    """A worker stage called in-process (no network): isolates the stage arithmetic of each architecture."""
+
+    def __init__(self, stage):
+        from ryzanstein.cluster.stage import SegmentSpec
+
+        self.stage, self.parse = stage, SegmentSpec.parse
+
+    def forward(self, hidden, positions, specs, mode):
+        return self.stage.forward(hidden.clone(), positions.clone(), [self.parse(s) for s in specs], mode)
+
+    def release(self, request_id: str) -> None:
+        self.stage.release(request_id)
+
+    def swap_out(self, request_id: str) -> None:
+        self.stage.swap_out(request_id)
+
+    def swap_in(self, request_id: str, capacity: int) -> None:
+        self.stage.swap_in(request_id, capacity)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite"])
+def test_every_splittable_architecture_answers_like_one_node(model_type: str, tmp_path: Path, default_model_dir):
+    """Each architecture in SPLIT_MODEL_TYPES, split after its first layer, gives transformers' unsplit greedy
+    tokens (alone and 4 concurrent) through the batching engine."""
+    from transformers import AutoConfig
+
+    from ryzanstein.cluster.stage import (
+        SPLIT_MODEL_TYPES,
+        RemoteBlock,
+        WorkerStage,
+        linear_shapes,
+        load_partial,
+        probe_shapes,
+    )
+    from ryzanstein.models.loader import LoadedModel, load_model_folder
+    from tests.helpers import save_tiny_model
+
+    assert model_type in SPLIT_MODEL_TYPES
+    folder = save_tiny_model(tmp_path / model_type, model_type, default_model_dir)
+    if model_type == "mistral":  # the tiny config uses a sliding window, which the engine refuses
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    reference = load_model_folder("ref", folder)
+    total = reference.model.config.num_hidden_layers
+    regimes = probe_shapes(linear_shapes(AutoConfig.from_pretrained(folder)))
+    worker = WorkerStage(load_partial(folder, range(1, total), head=False), range(1, total), regimes, tmp_path / "w")
+    link = DirectLink(worker)
+    head = load_partial(folder, range(0, 1), head=True)
+    for i in range(1, total):
+        head.get_decoder().layers[i] = RemoteBlock(link, i, first=i == 1)
+    head.ryzanstein_regimes, head.ryzanstein_split = regimes, link
+    split = LoadedModel(name="split", model=head, tokenizer=reference.tokenizer, path=folder)
+    for prompt in PROMPTS[:2]:
+        expected = run_requests(reference, [prompt], tmp_path)[0].tokens
+        assert run_requests(split, [prompt], tmp_path)[0].tokens == expected
+    assert [o.tokens for o in run_requests(split, PROMPTS, tmp_path)] == \
+        [o.tokens for o in run_requests(reference, PROMPTS, tmp_path)]
+    assert worker.caches == {}  # released with their requests
+
+
+def test_a_model_over_one_nodes_budget_runs_split(tmp_path: Path, tiny_llama_dir: Path):
+    """Budgets too small for the whole model on either node: the plan says one node does not fit, proposes
+    two, and the split answers like the unsplit model; a worker refuses a stage beyond its own budget."""
+    from ryzanstein.cluster.stage import stage_bytes
+    from ryzanstein.errors import ClusterError as Refused
+    from ryzanstein.models.loader import load_model_folder
+
+    store = ModelStore(tmp_path / "a" / "data" / "models")
+    store.import_hf_folder(tiny_llama_dir, "tiny")
+    folder = Path(store.get("tiny").path)
+    context = 8192
+    layer = stage_bytes(folder, range(0, 1), head=False, context_tokens=context)
+    head = stage_bytes(folder, range(0, 0), head=True, context_tokens=context)
+    whole = stage_bytes(folder, range(0, 2), head=True, context_tokens=context)
+    a = ClusterNode(config_dir=tmp_path / "a" / "config", data_dir=tmp_path / "a" / "data",
+                    manager=ModelManager(store, budget_bytes=head + layer + layer // 2), host="127.0.0.1",
+                    name="a", discovery=False)
+    b = ClusterNode(config_dir=tmp_path / "b" / "config", data_dir=tmp_path / "b" / "data",
+                    manager=ModelManager(ModelStore(tmp_path / "b" / "data" / "models"), budget_bytes=layer + 1024),
+                    host="127.0.0.1", name="b", discovery=False)
+    try:
+        assert whole > a.manager.budget_bytes and whole > b.manager.budget_bytes
+        node_id = paired(a, b)
+        coordinator = a.coordinator = Coordinator(a, a.manager)
+        plan = coordinator.plan("tiny", [node_id], context)
+        assert plan["options"][0]["fits"] is False and plan["options"][1]["fits"] is True
+        assert plan["proposed"]["stages"] == [{"node_id": "local", "name": "a", "layers": [0, 1]},
+                                              {"node_id": node_id, "name": "b", "layers": [1, 2]}]
+        coordinator.start("tiny", [node_id])
+        reference = load_model_folder("ref", tiny_llama_dir)
+        got = run_requests(a.manager.get("tiny"), PROMPTS, tmp_path)
+        assert [o.tokens for o in got] == [o.tokens for o in run_requests(reference, PROMPTS, tmp_path)]
+        coordinator.stop()
+        with pytest.raises(Refused, match="budget"):  # two layers do not fit b: refused with the numbers
+            coordinator.start("tiny", [node_id], [{"node_id": node_id, "layers": [0, 2]}])
+        assert a.manager.entry("tiny") is None and coordinator.state == "failed"
+    finally:
+        a.coordinator and a.coordinator.stop()
+        a.close()
+        b.close()
+
+
+def test_a_model_the_engine_cannot_batch_is_refused_before_any_worker_loads(pair_of_nodes, tmp_path: Path,
+                                                                           default_model_dir: Path):
+    from tests.helpers import save_tiny_model
+
+    a, b = pair_of_nodes
+    node_id = paired(a, b)
+    a.manager.store.import_hf_folder(save_tiny_model(tmp_path / "m", "mistral", default_model_dir), "windowed")
+    coordinator = a.coordinator = Coordinator(a, a.manager)
+    with pytest.raises(ClusterError, match="sliding-window"):
+        coordinator.start("windowed", [node_id], [{"node_id": "local", "layers": [0, 1]},
+                                                   {"node_id": node_id, "layers": [1, 2]}])
+    assert b.status()["stages"] == [] and a.manager.entry("windowed") is None

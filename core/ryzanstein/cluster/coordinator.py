@@ -31,6 +31,7 @@ from ryzanstein.cluster.stage import (
     stage_bytes,
 )
 from ryzanstein.cluster.worker import bench_layer_ms
+from ryzanstein.engine.runner import UnsupportedModel, check_engine_support
 from ryzanstein.errors import ClusterError, NodeLost, RyzansteinError
 
 log = logging.getLogger("ryzanstein.cluster")
@@ -248,6 +249,13 @@ class Coordinator:
         context = self.manager.context_tokens
         links: list[StageLink] = []
         self.links = links
+        owned = range(0, local["layers"][1]) if local else range(0, 0)
+        built = self.node.compute(lambda: load_partial(folder, owned, head=True))
+        built.ryzanstein_split = SplitHooks(links)  # filled as the workers load; marks the model as split
+        try:  # before any worker loads: the engine must accept the architecture (e.g. no sliding window)
+            check_engine_support(built)
+        except UnsupportedModel as exc:
+            raise ClusterError(f"{model} cannot run split: the batching engine does not support {exc}.") from exc
         for stage in stages:
             if stage["node_id"] == LOCAL:
                 continue
@@ -266,8 +274,6 @@ class Coordinator:
             if reply.op != "stage-ready":
                 raise ClusterError(f"{peer.name} did not load its stage ({reply.header})")
             stage["source"] = reply.header.get("source")
-        owned = range(0, local["layers"][1]) if local else range(0, 0)
-        built = self.node.compute(lambda: load_partial(folder, owned, head=True))
         base = built.get_decoder()
         link_iter = iter(links)
         for stage in stages:
@@ -278,7 +284,6 @@ class Coordinator:
             for i in range(first, last):
                 base.layers[i] = RemoteBlock(link, i, first=(i == first))
         built.ryzanstein_regimes = self.node.compute(lambda: probe_shapes(shapes))
-        built.ryzanstein_split = SplitHooks(links)
         built.ryzanstein_kv_cache = "fp32"
         from transformers import AutoTokenizer
 
