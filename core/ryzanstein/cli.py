@@ -60,6 +60,11 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Ryzanstein: a CPU-first LLM workstation."""
 
 
+def print_wide(table: Table) -> None:
+    """Piped into a file or grep: no terminal width to respect, so nothing is wrapped or cut."""
+    (console if console.is_terminal else Console(width=250)).print(table)
+
+
 def fail(exc: RyzansteinError) -> None:
     console.print(f"[red]error:[/red] {exc.message}")
     raise typer.Exit(2)
@@ -185,8 +190,7 @@ def models_list() -> None:
         except (OSError, ValueError, KeyError):
             params = load = kv = "?"
         table.add_row(m.name, m.architecture, params, f"{m.size_bytes / 2**20:.0f} MiB", load, kv, m.source)
-    # Piped into a file or grep: no terminal width to respect, so nothing is wrapped or cut.
-    (console if console.is_terminal else Console(width=250)).print(table)
+    print_wide(table)
     if not models:
         console.print(f"The store ({store.root}) is empty; `ryzanstein serve` imports the default model.")
 
@@ -489,6 +493,55 @@ def bench_speculative(
                       "yes" if row["identical_output"] else "NO")
     console.print(table)
     path = output or Settings().data_dir / "bench" / f"speculative-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
+
+
+@bench_app.command("cluster")
+def bench_cluster(
+    model: str = typer.Option(DEFAULT_MODEL),
+    tokens: int = typer.Option(64, min=8, help="Tokens each request generates."),
+    threads: int = typer.Option(1, min=1, help="torch threads per node (the same on both)."),
+    rtts: str = typer.Option("0,1,5", help="Added round-trip times in ms, comma-separated."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/cluster-<time>.json)."),
+) -> None:
+    """A model split across two processes on this machine (a real worker, paired with a PIN) against the
+    unsplit model: decode and prefill overhead per added RTT, 8 concurrent requests, predicted vs measured."""
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_cluster import bench_cluster as run
+    from ryzanstein.models.manager import ModelManager
+
+    try:
+        added = tuple(float(v) for v in rtts.split(","))
+        if not added or min(added) < 0 or max(added) > 1000:
+            raise ValueError
+    except ValueError:
+        fail(InvalidRequest(f"rtts={rtts!r} is invalid: give milliseconds from 0 to 1000, such as 0,1,5."))
+    settings = Settings()
+    manager = ModelManager(model_store(), budget_bytes=settings.budget_bytes())
+    if model == DEFAULT_MODEL:
+        manager.ensure_default_imported()
+    try:
+        result = run(model, manager.store, manager, threads=threads, tokens=tokens, rtts_ms=added,
+                     progress=lambda s: console.print(f"[dim]{s}…[/dim]"))
+    except RyzansteinError as exc:
+        fail(exc)
+    single = result["single"]
+    table = Table("setup", "added RTT ms", "measured RTT ms", "decode ms/token", "overhead", "prefill ms",
+                  "prefill overhead", "8 concurrent tok/s", "predicted tok/s", "measured tok/s",
+                  title=f"bench cluster: {model}, {threads} thread(s) per node, {tokens} tokens")
+    table.add_row("1 node (unsplit)", "", "", f"{single['decode_ms_per_token']:.2f}", "",
+                  f"{single['prefill_ms']:.0f}", "", f"{single['aggregate_tokens_per_s_8']:.1f}",
+                  f"{result['split'][0]['predicted_tokens_s_one_node']:.1f}" if result["split"] else "",
+                  f"{single['tokens_per_s_alone']:.1f}")
+    for row in result["split"]:
+        table.add_row("2 nodes (half each)", f"{row['added_rtt_ms']:g}", f"{row['measured_rtt_ms']:.2f}",
+                      f"{row['decode_ms_per_token']:.2f}", f"{100 * row['decode_overhead']:+.1f}%",
+                      f"{row['prefill_ms']:.0f}", f"{100 * row['prefill_overhead']:+.1f}%",
+                      f"{row['aggregate_tokens_per_s_8']:.1f}", f"{row['predicted_tokens_s']:.1f}",
+                      f"{row['tokens_per_s_alone']:.1f}")
+    print_wide(table)
+    console.print(result["note"])
+    path = output or settings.data_dir / "bench" / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json"
     console.print(f"JSON: {write_result(result, path)}")
 
 

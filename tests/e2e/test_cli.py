@@ -191,3 +191,19 @@ def test_version_help_and_listing_read_cleanly(service, session_home):
     narrow = subprocess.run([sys.executable, "-m", "ryzanstein", "models", "list"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert "smollm2-135m-instruct" in narrow.stdout  # whole, on one line, even in a narrow terminal
+
+
+def test_bench_cluster_splits_across_a_real_worker_and_writes_json(service, session_home, tmp_path):
+    output = tmp_path / "cluster.json"
+    result = run_cli("bench", "cluster", "--model", TINY_MODEL, "--tokens", "8", "--rtts", "0,1",
+                     "--output", str(output), home=session_home, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 nodes (half each)" in result.stdout and "1 node (unsplit)" in result.stdout
+    data = json.loads(output.read_text())
+    assert [row["added_rtt_ms"] for row in data["split"]] == [0.0, 1.0]
+    for row in data["split"]:  # the split really ran: a worker stage and tokens through it
+        assert row["stages"][1]["layers"] == [1, 2] and row["decode_ms_per_token"] > 0
+        assert row["aggregate_tokens_per_s_8"] > 0 and row["predicted_tokens_s"] > 0
+    assert data["single"]["decode_ms_per_token"] > 0
+    bad = run_cli("bench", "cluster", "--rtts", "fast", home=session_home)
+    assert bad.returncode == 2 and "rtts='fast' is invalid" in bad.stdout
