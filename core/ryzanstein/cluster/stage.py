@@ -78,7 +78,7 @@ def layer_hashes(folder: Path) -> dict[str, str]:
                 groups.setdefault("head" if layer is None else str(layer), {}).setdefault(f, []).append(key)
     hashes = {}
     for group, by_file in groups.items():  # one layer in memory at a time, each file opened once per layer
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         for f, keys in by_file.items():
             with safe_open(str(f), "pt") as handle:
                 tensors.update((key, handle.get_tensor(key)) for key in keys)
