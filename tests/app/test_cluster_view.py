@@ -51,6 +51,7 @@ def test_cluster_view_pairs_plans_and_starts_a_split_model(qtbot, nodes, tmp_pat
     qtbot.waitUntil(lambda: view.plan_table.rowCount() == 2, timeout=120_000)
     assert "Proposed" in view.message.text()
     view.plan_table.selectRow(1)  # the two-node split (the tiny model alone is faster on one node)
+    assert view.chosen_option()["nodes"] == 2
     view.start_button.click()
     qtbot.waitUntil(lambda: (view.status.get("run") or {}).get("state") == "running", timeout=120_000)
     for attempt in range(30):  # traffic between two polls of the view gives a point per node

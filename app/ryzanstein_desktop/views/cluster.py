@@ -120,11 +120,30 @@ class ClusterView(QWidget):
         layout.addWidget(self.message)
         layout.addLayout(plots, 2)
 
-        self.timer = QTimer(self)
+        self.timer = QTimer(self)  # polls only while the tab is shown: no requests from a hidden view
         self.timer.setInterval(1000)
         self.timer.timeout.connect(self.poll)
-        bridge.sig_connected.connect(lambda _url: (self.poll(), self.load_models(), self.timer.start()))
+        self.connected = False
+        bridge.sig_connected.connect(self._on_connected)
         bridge.sig_metrics.connect(self._metrics)
+
+    def _on_connected(self, _url: str) -> None:
+        self.connected = True
+        if self.isVisible():
+            self.poll()
+            self.load_models()
+            self.timer.start()
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self.connected:
+            self.poll()
+            self.load_models()
+            self.timer.start()
+
+    def hideEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        super().hideEvent(event)
+        self.timer.stop()
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _call(self, fn: Any, on_result: Any) -> None:
@@ -304,7 +323,7 @@ class ClusterView(QWidget):
     def fill_plan_table(self, plan: dict) -> None:
         """The options with predicted tokens/s, and the measured speed beside the one that runs now."""
         options = plan.get("options") or []
-        selected = self.plan_table.currentRow()
+        selected = self._selected_plan_row()
         self.plan_table.setRowCount(len(options))
         running = (self.status.get("run") or {}).get("run") or {}
         for row, option in enumerate(options):
@@ -316,14 +335,18 @@ class ClusterView(QWidget):
                 measured = f"{self.measured_tokens_s:.1f}"
             for col, value in enumerate([str(option["nodes"]), split or option.get("reason", ""), predicted, measured]):
                 self.plan_table.setItem(row, col, QTableWidgetItem(value))
-        if 0 <= selected < len(options):
+        if selected is not None and selected < len(options):
             self.plan_table.selectRow(selected)
+
+    def _selected_plan_row(self) -> int | None:
+        rows = sorted({index.row() for index in self.plan_table.selectedIndexes()})
+        return rows[0] if rows else None
 
     def chosen_option(self) -> dict | None:
         """The plan row the user selected (the proposal is preselected), if it fits."""
-        row = self.plan_table.currentRow()
+        row = self._selected_plan_row()
         options = (self.plan or {}).get("options") or []
-        if 0 <= row < len(options) and options[row].get("fits"):
+        if row is not None and row < len(options) and options[row].get("fits"):
             return options[row]
         return None
 
