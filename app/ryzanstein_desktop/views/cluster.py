@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import shiboken6
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -146,9 +147,14 @@ class ClusterView(QWidget):
         self.timer.stop()
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def _call(self, fn: Any, on_result: Any) -> None:
+    def _call(self, fn: Any, on_result: Any, on_error: Any = None) -> None:
+        """A service call whose answer is dropped if this view was closed meanwhile (its widgets are gone)."""
+        on_error = on_error or self.show_error
+
+        def alive(callback: Any) -> Any:
+            return lambda value: callback(value) if shiboken6.isValid(self) else None
         try:
-            self.bridge.call(fn, on_result, self.show_error)
+            self.bridge.call(fn, alive(on_result), alive(on_error))
         except RuntimeError:
             pass  # not connected yet: the error callback already said so
 
@@ -168,18 +174,15 @@ class ClusterView(QWidget):
         if self._polling:
             return
         self._polling = True
+        self._call(lambda c: c.cluster(), self._polled, self._poll_failed)  # not connected: _poll_failed at once
 
-        def done(status: dict) -> None:
-            self._polling = False
-            self.show_status(status)
+    def _polled(self, status: dict) -> None:
+        self._polling = False
+        self.show_status(status)
 
-        def failed(message: str) -> None:
-            self._polling = False
-            self.show_error(message)
-        try:
-            self.bridge.call(lambda c: c.cluster(), done, failed)
-        except RuntimeError:
-            self._polling = False
+    def _poll_failed(self, message: str) -> None:
+        self._polling = False
+        self.show_error(message)
 
     def show_status(self, status: dict) -> None:
         self.status = status
