@@ -55,13 +55,16 @@ class NodeMeasure:
         return self.node_id == LOCAL
 
 
-def _head_ms(config: Any) -> float:
+def _head_ms(config: Any, regimes: Any) -> float:
+    """The output projection for one decoded row, computed as the engine does (decode regime pieces)."""
+    from ryzanstein.engine.invariant import decode_linear
+
     weight = torch.randn(config.vocab_size, config.hidden_size) * 0.02
     row = torch.randn(1, config.hidden_size)
     timings = []
     for _ in range(10):
         started = time.perf_counter()
-        torch.nn.functional.linear(row, weight)
+        decode_linear(row, weight, regimes.decode_sizes or (1,))
         timings.append(time.perf_counter() - started)
     return sorted(timings)[len(timings) // 2] * 1000
 
@@ -124,7 +127,8 @@ class Coordinator:
 
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         local_ms = self.node.compute(lambda: bench_layer_ms(config_dict))
-        head_ms = self.node.compute(lambda: _head_ms(config))
+        regimes = self.node.compute(lambda: probe_shapes(linear_shapes(config)))
+        head_ms = self.node.compute(lambda: _head_ms(config, regimes))
         free = self.manager.budget_bytes - self.manager.reserved_bytes()
         entry = self.manager.entry(model)
         if entry is not None:  # the split replaces the unsplit model, whose reservation goes away

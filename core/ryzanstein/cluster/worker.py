@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ryzanstein.cluster.stage import (
+    Placeholder,
     SegmentSpec,
     WorkerStage,
     hash_tensors,
@@ -38,31 +39,36 @@ class StageRefused(Exception):
     """The coordinator asked for something this node will not do; the message goes back to it."""
 
 
-def bench_layer_ms(config: dict, rows: int = 1, repeats: int = 12) -> float:
-    """Milliseconds one decoder layer of this architecture takes for `rows` rows here (random weights): the
-    plan's measure of this node's speed on the model."""
-    from transformers import AutoConfig
+def bench_layer_ms(config: dict, repeats: int = 16, context: int = 64) -> float:
+    """Milliseconds one decoder layer of this architecture takes per decoded token here, run the way a stage
+    runs it (engine attention over a KV cache, linears in the probed row regimes), with random weights: the
+    plan's measure of this node's speed on the model, without its weights."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": 1})
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     base = shell.get_decoder()
-    layer = base.layers[0].to_empty(device="cpu")
+    base.embed_tokens, base.norm, shell.lm_head = Placeholder(-1), Placeholder(-1), Placeholder(-1)
+    shell.to_empty(device="cpu")
+    base.rotary_emb = type(base.rotary_emb)(config=shell.config)
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in shell.parameters():
             p.normal_(0, 0.02)
-    rotary = type(base.rotary_emb)(config=shell.config)
-    hidden = torch.randn(1, rows, cfg.hidden_size)
-    positions = torch.arange(rows)[None]
+    shapes = sorted({tuple(m.weight.shape) for m in shell.modules() if type(m) is torch.nn.Linear})
+    stage = WorkerStage(shell, range(0, 1), probe_shapes(shapes), Path(tempfile.gettempdir()))  # type: ignore[arg-type]
+    hidden = torch.randn(1, context, cfg.hidden_size)
+    stage.forward(hidden, torch.arange(context), [SegmentSpec("bench", 0, context, 0, False)], "prefill")
     timings = []
-    with torch.inference_mode():
-        embeddings = rotary(hidden, positions)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
-            timings.append(time.perf_counter() - started)
+    for i in range(repeats):
+        position = context + i
+        row = torch.randn(1, 1, cfg.hidden_size)
+        started = time.perf_counter()
+        stage.forward(row, torch.tensor([position]), [SegmentSpec("bench", 0, 1, position, True)], "decode")
+        timings.append(time.perf_counter() - started)
+    stage.close()
     timings.sort()
     return timings[len(timings) // 2] * 1000
 
