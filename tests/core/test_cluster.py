@@ -360,3 +360,28 @@ def test_a_model_the_engine_cannot_batch_is_refused_before_any_worker_loads(pair
         coordinator.start("windowed", [node_id], [{"node_id": "local", "layers": [0, 1]},
                                                    {"node_id": node_id, "layers": [1, 2]}])
     assert b.status()["stages"] == [] and a.manager.entry("windowed") is None
+
+
+def test_weights_that_do_not_match_their_hash_are_refused(pair_of_nodes, tmp_path: Path):
+    from transformers import AutoConfig
+
+    from ryzanstein.cluster.stage import layer_hashes, layer_tensors, linear_shapes, read_config
+
+    a, b = pair_of_nodes
+    peer = a.peers.get(paired(a, b))
+    assert peer is not None
+    folder = Path(a.manager.store.get("tiny").path)
+    config = read_config(folder)
+    channel = open_channel(a.identity, peer, b.address)
+    reply = request(channel, {"op": "load-stage", "model": "tiny", "config": config, "layers": [1, 2],
+                              "hashes": layer_hashes(folder), "context_tokens": 64,
+                              "shapes": linear_shapes(AutoConfig.from_pretrained(folder))})
+    assert reply.op == "need-weights"
+    tensors = layer_tensors(folder, range(1, 2))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0  # one weight changed on the way
+    with pytest.raises(ClusterError, match="do not match their hash"):
+        request(channel, {"op": "weights", "layer": 1}, tensors)
+    assert b.status()["stages"] == [] and not list((b.cache_dir).glob("*"))  # nothing loaded, nothing cached
+    assert request(channel, {"op": "ping"}).op == "pong"
