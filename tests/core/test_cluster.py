@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -252,9 +253,13 @@ class DirectLink:
         from ryzanstein.cluster.stage import SegmentSpec
 
         self.stage, self.parse = stage, SegmentSpec.parse
+        self.lock = threading.Lock()  # one step at a time, as a real link's connection
+        self.calls = 0
 
     def forward(self, hidden, positions, specs, mode):
-        return self.stage.forward(hidden.clone(), positions.clone(), [self.parse(s) for s in specs], mode)
+        with self.lock:
+            self.calls += 1
+            return self.stage.forward(hidden.clone(), positions.clone(), [self.parse(s) for s in specs], mode)
 
     def release(self, request_id: str) -> None:
         self.stage.release(request_id)
@@ -301,8 +306,10 @@ def test_every_splittable_architecture_answers_like_one_node(model_type: str, tm
     for prompt in PROMPTS[:2]:
         expected = run_requests(reference, [prompt], tmp_path)[0].tokens
         assert run_requests(split, [prompt], tmp_path)[0].tokens == expected
+    link.calls = 0
     assert [o.tokens for o in run_requests(split, PROMPTS, tmp_path)] == \
         [o.tokens for o in run_requests(reference, PROMPTS, tmp_path)]
+    assert link.calls >= 2 * 15  # 4 sequences, 16 tokens: two micro-batches per step (overlapped stages)
     assert worker.caches == {}  # released with their requests
 
 
@@ -385,3 +392,17 @@ def test_weights_that_do_not_match_their_hash_are_refused(pair_of_nodes, tmp_pat
         request(channel, {"op": "weights", "layer": 1}, tensors)
     assert b.status()["stages"] == [] and not list((b.cache_dir).glob("*"))  # nothing loaded, nothing cached
     assert request(channel, {"op": "ping"}).op == "pong"
+
+
+def test_split_rows_halves_whole_sequences_in_order():
+    from ryzanstein.engine.kvcache import SequenceKV
+    from ryzanstein.engine.runner import build_rows, split_rows
+
+    kvs = [SequenceKV(2, name=str(i)) for i in range(4)]
+    rows = build_rows([(kvs[0], [1, 2, 3], 0, False, "last"), (kvs[1], [4], 7, True, "all"),
+                       (kvs[2], [5, 6], 3, True, "all"), (kvs[3], [7], 9, True, "all")])
+    first, second = split_rows(rows)
+    assert first.tokens + second.tokens == rows.tokens and first.positions + second.positions == rows.positions
+    assert [s.kv.name for s in first.segments] == ["0"] and [s.kv.name for s in second.segments] == ["1", "2", "3"]
+    assert [s.row for s in second.segments] == [0, 1, 3] and second.keep == [0, 1, 2, 3] and first.keep == [2]
+    assert len(first.keep) + len(second.keep) == len(rows.keep)

@@ -147,6 +147,7 @@ class BatchRunner:
         self.regimes = regimes or getattr(model, "ryzanstein_regimes", None) \
             or probe_regimes(distinct_linear_weights(model))
         self.split = getattr(model, "ryzanstein_split", None)  # remote stages of a split model, or None
+        self._helper: Any = None  # a split model's second micro-batch runs here (see _forward_overlapped)
         self.previous_attention = model.config._attn_implementation
         patch_linears(model)
         model.set_attn_implementation(ATTENTION_NAME)
@@ -158,6 +159,8 @@ class BatchRunner:
     def close(self) -> None:
         from ryzanstein.engine.invariant import unpatch_linears
 
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
         unpatch_linears(self.model)
         self.model.set_attn_implementation(self.previous_attention)
         for kv in self.caches.values():
@@ -199,6 +202,29 @@ class BatchRunner:
         """Logits [len(rows.keep), vocab] (float32) of the kept rows."""
         if not rows.tokens:
             return torch.empty(0)
+        if self.split is not None and len(rows.segments) >= 2:
+            return self._forward_overlapped(rows, mode)
+        return self._forward(rows, mode)
+
+    def _forward_overlapped(self, rows: Rows, mode: str) -> torch.Tensor:
+        """A split model's step as two micro-batches (whole sequences each), the second run by a helper thread:
+        while a worker runs the first one's layers, this node runs the second one's, so both nodes work at once.
+        Each row's numbers do not depend on its batch (row regimes), so the result equals one forward pass."""
+        first, second = split_rows(rows)
+        if self._helper is None:
+            import concurrent.futures
+
+            threads = torch.get_num_threads()
+            self._helper = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="ryzanstein-microbatch", initializer=lambda: torch.set_num_threads(threads))
+        later = self._helper.submit(self._forward, second, mode)
+        try:
+            head = self._forward(first, mode)
+        finally:
+            tail = later.result()  # never leave the helper running on this step's caches
+        return torch.cat([head, tail])
+
+    def _forward(self, rows: Rows, mode: str) -> torch.Tensor:
         ids = torch.tensor([rows.tokens], dtype=torch.long)
         positions = torch.tensor([rows.positions], dtype=torch.long)
         keep = torch.tensor(rows.keep, dtype=torch.long)
@@ -210,6 +236,22 @@ class BatchRunner:
         finally:
             _step.segments = None
         return out.logits[0].float()
+
+
+def split_rows(rows: Rows) -> tuple[Rows, Rows]:
+    """Two Rows of whole sequences with about half the rows each; the first one's kept rows come first in
+    `rows.keep` (segments and kept rows are in row order), so the two results concatenate in order."""
+    total, cut, running = len(rows.tokens), 1, rows.segments[0].rows
+    while cut < len(rows.segments) - 1 and running + rows.segments[cut].rows <= total / 2:
+        running += rows.segments[cut].rows
+        cut += 1
+    parts = []
+    for segments in (rows.segments[:cut], rows.segments[cut:]):
+        start, end = segments[0].row, segments[-1].row + segments[-1].rows
+        parts.append(Rows(rows.tokens[start:end], rows.positions[start:end],
+                          [Segment(s.kv, s.row - start, s.rows, s.position, s.per_row) for s in segments],
+                          [k - start for k in rows.keep if start <= k < end]))
+    return parts[0], parts[1]
 
 
 def build_rows(items: Iterable[tuple[SequenceKV, list[int], int, bool, str]]) -> Rows:
