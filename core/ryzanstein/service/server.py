@@ -67,7 +67,10 @@ def serve(settings: Settings | None = None) -> None:
     print(f"Ryzanstein service on {info['url']} (token in {settings.config_dir})", flush=True)
     write_private_file(service_info_path(), json.dumps(info))
     app = create_app(settings, token)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+    # Keep idle connections open longer than clients keep them in their pools (httpx and the openai SDK: 5 s,
+    # uvicorn's own default): with equal timeouts a client can send on a connection the server closes at that
+    # very moment, and gets "Server disconnected without sending a response" (seen in the suite under load).
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, timeout_keep_alive=65)
     # uvicorn re-raises SIGTERM after its graceful shutdown; with this handler in place that becomes
     # SystemExit, so the `finally` below still removes the address file.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
