@@ -69,6 +69,8 @@ class Settings(BaseSettings):
                                  "tokens over all its running requests; beyond it requests are swapped out.")
     max_batch: int = Field(16, ge=1, le=64, description="Requests decoded together in one step per model.")
     max_queued: int = Field(256, ge=1, description="Requests waiting per model; more are refused with HTTP 429.")
+    queue_deadline_s: float = Field(60.0, ge=0, description="A request that has not started after this many "
+                                    "seconds gets HTTP 503 with Retry-After; 0 = wait without limit.")
     speculation: Literal["auto", "off", "always"] = Field("auto", description="Speculative decoding: auto "
                                                           "turns it off where it measures a loss.")
     cluster: bool = Field(False, description="Join a LAN cluster: open the TLS cluster listener and announce "

@@ -81,11 +81,23 @@ class OutOfMemoryBudget(RyzansteinError):
 
 
 class QueueFull(RyzansteinError):
-    """Too many requests are queued for one model; the client should retry later (HTTP 429)."""
+    """Too many requests are queued for one model; the client should retry later (HTTP 429 + Retry-After)."""
 
     status_code = 429
     error_type = "rate_limit_error"
     code = "queue_full"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: int = 5):
+        super().__init__(message, param=param)
+        self.retry_after = max(1, int(retry_after))
+
+
+class QueueTimeout(QueueFull):
+    """A request waited in a model's queue past the deadline without starting (HTTP 503 + Retry-After)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "queue_timeout"
 
 
 class GenerationFailed(RyzansteinError):

@@ -35,7 +35,8 @@ def test_wizard_runs_a_quantization_and_shows_the_results(qtbot, window, tmp_pat
     page.calibration.setText("")
     assert page.isComplete()
     wizard.next()  # → run: the job starts
-    qtbot.waitUntil(lambda: wizard.job is not None and wizard.job["state"] != "running", timeout=240_000)
+    qtbot.waitUntil(lambda: wizard.job is not None and wizard.job["state"] not in ("running", "queued"),
+                    timeout=240_000)
     assert wizard.job["state"] == "succeeded", wizard.job
     assert wizard.run_page.isComplete() and wizard.run_page.bar.value() == 100
     wizard.next()  # → results

@@ -22,7 +22,7 @@ def wait_job(service, job_id: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = api(service, "GET", f"/api/jobs/{job_id}").json()
-        if job["state"] != "running":
+        if job["state"] not in ("running", "queued"):
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} still running")

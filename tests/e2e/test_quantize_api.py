@@ -13,7 +13,7 @@ def wait_job(service, job_id: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = httpx.get(f"{service.url}/api/jobs/{job_id}", headers=service.headers, timeout=10).json()
-        if job["state"] != "running":
+        if job["state"] not in ("running", "queued"):
             return job
         time.sleep(0.5)
     raise TimeoutError(job)

@@ -379,7 +379,7 @@ class ModelsView(QWidget):
 
     def _on_job(self, job: dict) -> None:
         self.last_job = job
-        running = job["state"] == "running"
+        running = job["state"] in ("running", "queued")
         self._show_job(True)
         self.cancel_button.setEnabled(running)
         self.job_bar.setValue(int(100 * job["progress"]))

@@ -172,7 +172,7 @@ class RunPage(QWizardPage):
         self.wiz.start_job()
 
     def isComplete(self) -> bool:  # noqa: N802
-        return self.wiz.job is not None and self.wiz.job.get("state") != "running"
+        return self.wiz.job is not None and self.wiz.job.get("state") not in ("running", "queued")
 
 
 class ResultsPage(QWizardPage):
@@ -266,7 +266,7 @@ class QuantizeWizard(JobWizard):
         self.job = job
         self.run_page.bar.setValue(int(100 * job.get("progress", 0.0)))
         self.run_page.stage.setText(job.get("stage") or "")
-        if job["state"] != "running":
+        if job["state"] not in ("running", "queued"):
             self.run_page.cancel.setEnabled(False)
             self.run_page.stage.setText(f"{job['state']}" + (f": {job['error']}" if job.get("error") else ""))
             self.results_page.show_report(job)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ from ryzanstein.engine.runner import BatchRunner, build_rows
 from ryzanstein.engine.sampler import Sampler
 from ryzanstein.engine.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from ryzanstein.engine.speculative import PromptLookupDrafter, SpeculationGovernor
-from ryzanstein.errors import GenerationFailed, RyzansteinError
+from ryzanstein.errors import GenerationFailed, QueueFull, QueueTimeout, RyzansteinError
 
 log = logging.getLogger(__name__)
 SHORT_CHUNK = 16  # prefill chunks shorter than this run in their own pass (int8: our kernel, not BLAS)
@@ -48,6 +49,7 @@ class EngineConfig:
     speculation: str = "auto"  # auto | off | always  (prompt-lookup drafting for decode rows)
     draft_tokens: int = 6
     speculate_max_batch: int = 2  # bigger batches are compute-bound: drafting would only cost
+    queue_deadline_s: float = 0.0  # a request not started after this long fails with 503 + Retry-After; 0 = off
 
     def scheduler_config(self) -> SchedulerConfig:
         blocks = max(1, self.kv_cache_tokens // self.block_tokens)
@@ -116,6 +118,8 @@ class BatchEngine:
         self.last_stats = StepStats()
         self.largest_batch = 0  # most decode rows seen in one step (a cheap proof that batching happens)
         self.failed_requests = 0
+        self.expired_requests = 0  # waited past the queue deadline
+        self.mean_request_s = 5.0  # moving average of finished requests' duration: the Retry-After estimate
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._released: list[str] = []
@@ -139,8 +143,12 @@ class BatchEngine:
             if self._closed:
                 raise GenerationFailed(f"The engine of {self.name!r} is shut down.")
             self._tokenizer, self._eos = tokenizer, eos
-            self.scheduler.add(request_id, len(prompt_ids), params.max_tokens, lookahead=lookahead,
-                               stop_token_ids=frozenset(eos))
+            try:
+                self.scheduler.add(request_id, len(prompt_ids), params.max_tokens, lookahead=lookahead,
+                                   stop_token_ids=frozenset(eos))
+            except QueueFull as exc:
+                exc.retry_after = self.retry_after_s()
+                raise
             self.requests[request_id] = request
             self._lock.notify_all()
         return request_id
@@ -160,6 +168,29 @@ class BatchEngine:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def retry_after_s(self) -> int:
+        """When a refused client should come back: the queue ahead of it, drained max_running at a time."""
+        waves = (len(self.scheduler.waiting) + 1) / max(1, self.config.max_running)
+        return int(min(300, max(1, math.ceil(waves * self.mean_request_s))))
+
+    def _expire_waiting(self) -> None:
+        """Fail requests that waited past the deadline without being admitted (caller holds the lock): under
+        a flood a client gets 503 + Retry-After within the deadline instead of an answer minutes later."""
+        deadline = self.config.queue_deadline_s
+        if deadline <= 0 or not self.scheduler.waiting:
+            return
+        now = time.perf_counter()
+        for seq in list(self.scheduler.waiting):
+            request = self.requests.get(seq.request_id)
+            if request is None or now - request.submitted < deadline:
+                continue
+            self.scheduler.finish(seq.request_id, "error")
+            self.expired_requests += 1
+            self._fail(seq.request_id, QueueTimeout(
+                f"The request waited {now - request.submitted:.0f} s for {self.name!r} without starting (queue "
+                f"deadline {deadline:g} s; {len(self.scheduler.waiting)} still waiting); retry later.",
+                retry_after=self.retry_after_s()))
 
     @property
     def busy(self) -> bool:
@@ -208,6 +239,7 @@ class BatchEngine:
         """One scheduler step; False when there is no work left."""
         with self._lock:
             self._release(runner)
+            self._expire_waiting()
             if not self.scheduler.has_work:
                 return False
             plan = self.scheduler.schedule()
@@ -384,6 +416,7 @@ class BatchEngine:
             return
         if request.first_token is not None and request.last_token is not None:
             request.stats.decode_seconds = request.last_token - request.first_token
+            self.mean_request_s += 0.2 * (request.last_token - request.submitted - self.mean_request_s)
         with contextlib.suppress(Exception):
             request.emit(StreamChunk(request.detok.flush(), None, reason))
 

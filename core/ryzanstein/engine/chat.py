@@ -9,10 +9,20 @@ from ryzanstein.errors import InvalidRequest
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
+def check_text(text: str, param: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer can encode: refuse it by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{param} holds an unpaired surrogate ({text[exc.start]!r} at character "
+                             f"{exc.start}), which is not valid Unicode text.", param=param) from None
+    return text
+
+
 def message_text(content: Any, index: int) -> str:
     """OpenAI allows a string or a list of parts; we accept text parts."""
     if isinstance(content, str):
-        return content
+        return check_text(content, f"messages[{index}].content")
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -21,7 +31,7 @@ def message_text(content: Any, index: int) -> str:
                     f"messages[{index}].content: only text parts are supported ({{'type': 'text', 'text': …}}).",
                     param=f"messages[{index}].content",
                 )
-            texts.append(part["text"])
+            texts.append(check_text(part["text"], f"messages[{index}].content"))
         return "".join(texts)
     raise InvalidRequest(f"messages[{index}].content must be a string.", param=f"messages[{index}].content")
 
@@ -51,4 +61,4 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 
 
 def completion_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return list(tokenizer(prompt)["input_ids"])
+    return list(tokenizer(check_text(prompt, "prompt"))["input_ids"])

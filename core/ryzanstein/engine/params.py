@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from ryzanstein.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 4
+MIN_REPETITION_PENALTY = 0.01  # below it the penalty multiplies logits past float range; no use for it
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -25,14 +27,17 @@ class GenerationParams:
 
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad("max_tokens", "it must be an integer of at least 1")
-        if not 0.0 <= self.temperature <= 2.0:
+        if not 0.0 <= self.temperature <= 2.0:  # also refuses NaN: every comparison with it is False
             raise bad("temperature", "it must be between 0 and 2")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "it must be greater than 0 and at most 1")
         if self.top_k < 0:
             raise bad("top_k", "it must be 0 (off) or a positive integer")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise bad("repetition_penalty", "it must be greater than 0 and at most 10")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", f"it must be between {MIN_REPETITION_PENALTY} and 10 (1 = off)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise bad("seed", "it must be an integer from -2^63 to 2^64-1")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -30,6 +30,15 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature without inf - inf: shift the largest logit to 0 first (softmax is unchanged by a
+    shift), so a tiny temperature (1e-45) or a penalty that pushed a logit to inf tends to greedy, not NaN."""
+    finite = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    shifted = finite - finite.max(dim=-1, keepdim=True).values
+    # A temperature below float32's range divides by 0: the top logits (0) stay 0, the others become -inf.
+    return torch.where(shifted == 0, shifted, (shifted / temperature).nan_to_num(nan=float("-inf")))
+
+
 class Sampler:
     def __init__(self, params: GenerationParams):
         self.params = params
@@ -47,7 +56,7 @@ class Sampler:
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
         if p.greedy:
             return int(torch.argmax(logits, dim=-1).item())
-        logits = logits / p.temperature
+        logits = scale_by_temperature(logits, p.temperature)
         if p.top_k > 0:
             logits = apply_top_k(logits, p.top_k)
         if p.top_p < 1.0:

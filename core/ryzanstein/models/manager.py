@@ -22,7 +22,7 @@ import psutil
 
 from ryzanstein import compute
 from ryzanstein.config import DEFAULT_MODEL, default_budget_bytes
-from ryzanstein.errors import InvalidRequest, ModelBusy, OutOfMemoryBudget
+from ryzanstein.errors import InvalidRequest, ModelBusy, OutOfMemoryBudget, QueueTimeout
 from ryzanstein.hardware import numa_nodes
 from ryzanstein.models.default import default_gguf_path
 from ryzanstein.models.estimate import MemoryEstimate, estimate_memory
@@ -252,9 +252,9 @@ class ModelManager:
 
     # -- generation ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def generating(self, name: str) -> Iterator[LoadedModel]:
+    def generating(self, name: str, wait_s: float = 0.0) -> Iterator[LoadedModel]:
         """Hold a model for one generation: it cannot be evicted or unloaded meanwhile; runs pinned to its
-        NUMA node's CPUs when set."""
+        NUMA node's CPUs when set. With `wait_s` > 0, waiting longer for the model's turn raises QueueTimeout."""
         while True:
             with self._guard:
                 entry = self._loaded.get(name)
@@ -264,8 +264,14 @@ class ModelManager:
                     break
             self.load(name)  # evicted since the request looked it up: load it again
         try:
-            with entry.lock, pinned(entry.pin_cpus):
-                yield entry.lm
+            if not entry.lock.acquire(timeout=wait_s if wait_s > 0 else -1):
+                raise QueueTimeout(f"The request waited {wait_s:g} s for {name!r}, busy with other requests, "
+                                   "without starting; retry later.", retry_after=max(1, int(wait_s / 2)))
+            try:
+                with pinned(entry.pin_cpus):
+                    yield entry.lm
+            finally:
+                entry.lock.release()
         finally:
             with self._guard:
                 entry.active -= 1

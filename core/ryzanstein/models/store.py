@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,11 +22,12 @@ from typing import Any
 
 from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound, RyzansteinError
 from ryzanstein.models.loader import check_architecture_known, check_model_folder
+from ryzanstein.names import NAME_RULE, is_name
 
 METADATA_FILE = "ryzanstein.json"
 _GGUF_PATCH_LOCK = threading.Lock()  # one GGUF dequantization reports through the patched loop at a time
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ProgressFn = Callable[[str, float], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,23 +86,49 @@ class ModelStore:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.remove_abandoned_imports()
+        self.remove_abandoned_trash()
+        for name in self.invalid_entries():
+            log.warning("model store %s: folder %r is not a model (invalid name or no %s); it is not listed",
+                        root, name, METADATA_FILE)
 
     def remove_abandoned_imports(self) -> list[str]:
         """Temp folders of imports whose process died (crash, kill -9) hold half-written files: remove them.
         Folders of live processes (another CLI or service importing right now) are left alone."""
+        return self._remove_dead(".import-*")
+
+    def remove_abandoned_trash(self) -> list[str]:
+        """A delete renames the model to a trash folder, then removes it; a process killed in between leaves
+        the trash behind (named with its PID): remove it. Trash of an older naming (no PID) is always stale."""
+        return self._remove_dead(".trash-*", unnamed_is_dead=True)
+
+    def _remove_dead(self, pattern: str, unnamed_is_dead: bool = False) -> list[str]:
         removed = []
-        for folder in self.root.glob(".import-*"):
+        for folder in self.root.glob(pattern):
             match = re.search(r"\.pid(\d+)-", folder.name)
-            if match and not _pid_alive(int(match.group(1))):
+            owner_dead = not _pid_alive(int(match.group(1))) if match else unnamed_is_dead
+            if owner_dead:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
         return removed
+
+    def invalid_entries(self) -> list[str]:
+        """Folders in the store that are not listed as models: a name no model may have (e.g. made by hand or
+        by an older version), or no readable metadata. Reported (log, /api/models) rather than shown."""
+        bad = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            if not is_name(folder.name) or not (folder / METADATA_FILE).is_file():
+                bad.append(folder.name)
+        return bad
 
     # -- reading -------------------------------------------------------------------------------------
     def list(self) -> list[ModelInfo]:
         models = []
         for folder in sorted(self.root.iterdir()):
-            if folder.is_dir() and not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():
+            # Dot-folders are imports in progress and trash; a folder whose name no model may have is skipped
+            # (see invalid_entries), so a smuggled name never reaches a listing or an error message.
+            if folder.is_dir() and is_name(folder.name) and (folder / METADATA_FILE).is_file():
                 try:
                     models.append(self._read_info(folder))
                 except (OSError, ValueError, KeyError):
@@ -109,13 +137,13 @@ class ModelStore:
 
     def get(self, name: str) -> ModelInfo:
         folder = self.root / name
-        if not NAME_PATTERN.match(name) or not (folder / METADATA_FILE).is_file():
+        if not is_name(name) or not (folder / METADATA_FILE).is_file():
             known = ", ".join(m.name for m in self.list()) or "none"
             raise ModelNotFound(f"Model {name!r} is not in the store (known: {known}).", param="model")
         return self._read_info(folder)
 
     def has(self, name: str) -> bool:
-        return NAME_PATTERN.match(name) is not None and (self.root / name / METADATA_FILE).is_file()
+        return is_name(name) and (self.root / name / METADATA_FILE).is_file()
 
     def _read_info(self, folder: Path) -> ModelInfo:
         data = json.loads((folder / METADATA_FILE).read_text())
@@ -204,17 +232,13 @@ class ModelStore:
 
     def delete(self, name: str) -> None:
         info = self.get(name)
-        trash = self.root / f".trash-{name}-{time.time_ns()}"
+        trash = self.root / f".trash-{name}.pid{os.getpid()}-{time.time_ns()}"
         Path(info.path).rename(trash)  # atomic: the model vanishes at once, the bytes go after
         shutil.rmtree(trash, ignore_errors=True)
 
     def check_new_name(self, name: str) -> None:
-        if not NAME_PATTERN.match(name):
-            raise InvalidRequest(
-                f"Model name {name!r} is not allowed: use lowercase letters, digits, '.', '_' or '-' "
-                "(at most 64 characters, starting with a letter or digit).",
-                param="name",
-            )
+        if not is_name(name):
+            raise InvalidRequest(f"Model name {name!r} is not allowed: {NAME_RULE}.", param="name")
         if (self.root / name).exists():
             raise InvalidRequest(f"A model named {name!r} is already in the store.", param="name")
 

@@ -81,7 +81,8 @@ def create_app(settings: Settings, token: str) -> FastAPI:
                            context_tokens=settings.max_context_tokens, publish=hub.publish_threadsafe)
     meter = ThroughputMeter()
     engines = Engines(manager, EngineConfig(kv_cache_tokens=settings.kv_cache_tokens, max_running=settings.max_batch,
-                                            max_waiting=settings.max_queued, speculation=settings.speculation),
+                                            max_waiting=settings.max_queued, speculation=settings.speculation,
+                                            queue_deadline_s=settings.queue_deadline_s),
                       settings.data_dir / "swap", publish=hub.publish_threadsafe, on_token=meter.add,
                       enabled=settings.batching, draft_model=settings.draft_model)
 
@@ -104,12 +105,15 @@ def create_app(settings: Settings, token: str) -> FastAPI:
         await asyncio.to_thread(cluster_routes.stop_cluster, app)
         await asyncio.to_thread(engines.close)
 
-    app = FastAPI(title="Ryzanstein", version=__version__, lifespan=lifespan)
+    # The schema needs the token like every route (GET /openapi.json); the interactive pages /docs and /redoc are
+    # off: a browser page cannot send the bearer token, and the API reference is in docs/api.md.
+    app = FastAPI(title="Ryzanstein", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None)
     app.state.settings = settings
     app.state.token = token
     app.state.hub = hub
     app.state.manager = manager
-    app.state.jobs = JobRunner(publish=hub.publish_threadsafe)
+    app.state.jobs = JobRunner(publish=hub.publish_threadsafe, admission=manager)
     app.state.adapters = AdapterStore(settings.data_dir / "adapters")
     app.state.meter = meter
     app.state.metrics_history = deque(maxlen=max(1, int(HISTORY_SECONDS / settings.metrics_interval_s)))
@@ -121,6 +125,11 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestLog)
     app.include_router(api_routes.public_router)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
+    async def openapi_schema() -> dict:
+        return app.openapi()
+
     for router in (api_routes.router, model_routes.router, openai_routes.router, quant_routes.router,
                    finetune_routes.router, cluster_routes.router):
         app.include_router(router, dependencies=[Depends(require_token)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ryzanstein.errors import RyzansteinError
 
 log = logging.getLogger(__name__)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message that quotes user input holding a lone surrogate (valid in
+    JSON, not in UTF-8) still encodes instead of failing inside the error handler."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -43,19 +52,21 @@ def install_error_handlers(app: FastAPI) -> None:
         lines = getattr(exc, "errors", None)  # a dataset's bad lines
         if lines:
             body["error"]["lines"] = [{"line": e.line, "reason": e.reason} for e in lines]
-        return JSONResponse(body, exc.status_code)
+        retry_after = getattr(exc, "retry_after", None)  # 429 and 503 from a full or slow queue say when
+        return ErrorResponse(body, exc.status_code,
+                             headers={"Retry-After": str(retry_after)} if retry_after else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_error(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_request"), 400)
+        return ErrorResponse(error_body(message, "invalid_request_error", param, "invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), error_type), exc.status_code, headers=exc.headers)
+        return ErrorResponse(error_body(str(exc.detail), error_type), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse(error_body(f"Internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+        return ErrorResponse(error_body(f"Internal error: {type(exc).__name__}: {exc}", "server_error"), 500)

@@ -13,7 +13,10 @@ from pydantic import BaseModel, Field
 
 from ryzanstein import compute
 from ryzanstein.errors import InvalidRequest, ModelBusy
+from ryzanstein.models.job_memory import merge_peak_bytes
 from ryzanstein.models.manager import ModelManager
+from ryzanstein.names import is_finetune_job_id
+from ryzanstein.service.jobs import MODEL_JOBS
 from ryzanstein.train import supervisor
 from ryzanstein.train.adapters import AdapterStore, apply_adapter, export_merged
 from ryzanstein.train.data import SAMPLE_DATASET, DatasetError
@@ -171,7 +174,7 @@ async def start(body: FinetuneBody, request: Request) -> dict[str, Any]:
 async def resume(job_id: str, request: Request) -> dict[str, Any]:
     root, _ = paths(request)
     folder = root / job_id
-    if not job_id.startswith("ft-") or not (folder / supervisor.JOB_FILE).is_file():
+    if not is_finetune_job_id(job_id) or not (folder / supervisor.JOB_FILE).is_file():
         raise InvalidRequest(f"No fine-tune job {job_id!r}.", param="job_id")
     state = supervisor.read_status(folder)["state"]
     if state == "succeeded":
@@ -222,7 +225,9 @@ async def merge(base: str, name: str, body: MergeBody, request: Request) -> dict
                 manager.publish("model", {"name": model, "state": "imported"})
         return result
 
-    return request.app.state.jobs.submit("merge", f"merge {name} into {base} → {body.name}", run).to_dict()
+    memory = await asyncio.to_thread(merge_peak_bytes, Path(manager.store.get(base).path))
+    return request.app.state.jobs.submit("merge", f"merge {name} into {base} → {body.name}", run, queue=MODEL_JOBS,
+                                         memory_bytes=memory).to_dict()
 
 
 @router.post("/models/{name}/adapter")

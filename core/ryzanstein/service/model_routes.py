@@ -13,7 +13,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from ryzanstein.errors import InvalidModel
+from ryzanstein.models.job_memory import folder_import_peak_bytes, gguf_import_peak_bytes
 from ryzanstein.models.manager import ModelManager
+from ryzanstein.service.jobs import MODEL_JOBS
 
 router = APIRouter(prefix="/api")
 
@@ -66,7 +68,8 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
 
 
 def list_models(manager: ModelManager) -> dict[str, Any]:
-    return {"models": [describe(manager, m.name) for m in manager.store.list()], "memory": manager.memory_summary()}
+    return {"models": [describe(manager, m.name) for m in manager.store.list()], "memory": manager.memory_summary(),
+            "skipped_folders": [repr(name) for name in manager.store.invalid_entries()]}
 
 
 @router.get("/models")
@@ -100,7 +103,9 @@ async def import_model(body: ImportRequest, request: Request) -> dict:
         manager.publish("model", {"name": info.name, "state": "imported"})
         return info.to_dict()
 
-    job = request.app.state.jobs.submit("import", f"import {source.name} as {name}", run)
+    memory = await asyncio.to_thread(gguf_import_peak_bytes, source) if is_gguf else folder_import_peak_bytes()
+    job = request.app.state.jobs.submit("import", f"import {source.name} as {name}", run, queue=MODEL_JOBS,
+                                        memory_bytes=memory)
     return job.to_dict()
 
 

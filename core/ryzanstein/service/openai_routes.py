@@ -16,7 +16,7 @@ from ryzanstein.engine.chat import chat_prompt_ids, completion_prompt_ids
 from ryzanstein.engine.generate import GenerationStats, StreamChunk
 from ryzanstein.errors import ContextTooLong, InvalidRequest
 from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from ryzanstein.service.streaming import start_generation
+from ryzanstein.service.streaming import first_chunk_early, start_generation
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 512
@@ -89,7 +89,12 @@ class Run:
         request.state.generation_stats = self.stats  # read by the request log when the response ends
         state = request.app.state
         self.chunks = start_generation(state.manager, state.engines, lm, prompt_ids, params, state.meter,
-                                       self.stats, speculation_class=prefix)
+                                       self.stats, speculation_class=prefix,
+                                       queue_deadline_s=state.settings.queue_deadline_s)
+
+    async def started(self) -> None:
+        """For streams: errors up to the first token (queue full, queue deadline) become HTTP statuses."""
+        self.chunks = await first_chunk_early(self.chunks)
 
     def envelope(self, kind: str, choices: list, **extra: Any) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
@@ -113,6 +118,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                            max_tokens)
     run = Run(request, body, "chatcmpl", lm, prompt_ids, params)
     if body.stream:
+        await run.started()
         async def deltas() -> AsyncIterator[list]:
             yield [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             async for chunk in run.chunks:
@@ -138,6 +144,7 @@ async def completions(body: CompletionRequest, request: Request):
                                            body.max_tokens)
     run = Run(request, body, "cmpl", lm, prompt_ids, params)
     if body.stream:
+        await run.started()
         async def texts() -> AsyncIterator[list]:
             async for chunk in run.chunks:
                 if chunk.text or chunk.finish_reason:

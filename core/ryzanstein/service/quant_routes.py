@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from ryzanstein.models.job_memory import quantize_peak_bytes
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.quant.methods import known_methods
 from ryzanstein.quant.run import AUTO_METHODS, GOALS, QuantizeRequest, run_quantization
+from ryzanstein.service.jobs import MODEL_JOBS
 
 router = APIRouter(prefix="/api")
 
@@ -47,5 +50,7 @@ async def quantize(body: QuantizeBody, request: Request) -> dict:
             manager.publish("model", {"name": report["saved_as"], "state": "imported"})
         return report
 
-    job = request.app.state.jobs.submit("quantize", f"quantize {body.model}", run)
+    memory = await asyncio.to_thread(quantize_peak_bytes, Path(manager.store.get(body.model).path))
+    job = request.app.state.jobs.submit("quantize", f"quantize {body.model}", run, queue=MODEL_JOBS,
+                                        memory_bytes=memory)
     return job.to_dict()

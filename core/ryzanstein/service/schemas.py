@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.params import MIN_REPETITION_PENALTY, SEED_RANGE, GenerationParams
 
 
 class StreamOptions(BaseModel):
@@ -21,8 +21,8 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="Extension: 0 = off.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension: 1 = off.")
-    seed: int | None = None
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0, description="Extension: 1 = off.")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -23,7 +23,8 @@ _DONE = object()
 
 def start_generation(manager: ModelManager, engines: Engines, lm: LoadedModel, prompt_ids: list[int],
                      params: GenerationParams, meter: ThroughputMeter, stats: GenerationStats,
-                     speculation_class: str = "default") -> AsyncIterator[StreamChunk]:
+                     speculation_class: str = "default", queue_deadline_s: float = 0.0,
+                     ) -> AsyncIterator[StreamChunk]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -48,7 +49,7 @@ def start_generation(manager: ModelManager, engines: Engines, lm: LoadedModel, p
 
     def worker() -> None:
         try:
-            with manager.generating(lm.name) as held:
+            with manager.generating(lm.name, wait_s=queue_deadline_s) as held:
                 for chunk in stream_tokens(held.model, held.tokenizer, prompt_ids, params,
                                            cancel=cancel, stats=stats, on_token=meter.add):
                     put(chunk)
@@ -59,6 +60,21 @@ def start_generation(manager: ModelManager, engines: Engines, lm: LoadedModel, p
 
     threading.Thread(target=worker, name=f"generate-{lm.name}", daemon=True).start()
     return _consume(queue, cancel.set)
+
+
+async def first_chunk_early(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    """Wait for the first chunk before a streamed response commits to 200: a request refused or timed out in
+    the queue then gets its HTTP status (429/503 + Retry-After) instead of a stream that breaks."""
+    first = await anext(chunks, None)
+
+    async def rest() -> AsyncIterator[StreamChunk]:
+        if first is None:
+            return
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return rest()
 
 
 async def _consume(queue: asyncio.Queue, on_exit: Callable[[], None]) -> AsyncIterator[StreamChunk]:

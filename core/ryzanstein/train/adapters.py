@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzanstein.errors import InvalidModel, InvalidRequest, ModelNotFound
+from ryzanstein.names import NAME_RULE, is_name
 
 META_FILE = "ryzanstein.json"
 CONFIG_FILE = "adapter_config.json"
@@ -27,11 +28,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def check_name(name: str, what: str = "Adapter") -> None:
-    from ryzanstein.models.store import NAME_PATTERN
-
-    if not NAME_PATTERN.match(name or ""):
-        raise InvalidRequest(f"{what} name {name!r} is not allowed: use lowercase letters, digits, '.', '_' or '-' "
-                             "(at most 64 characters, starting with a letter or digit).", param="name")
+    if not is_name(name):
+        raise InvalidRequest(f"{what} name {name!r} is not allowed: {NAME_RULE}.", param="name")
 
 
 @dataclass

@@ -133,6 +133,9 @@ def _parse_jsonl(lines: list[str]) -> tuple[str, list[Record], list[LineError]]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             errors.append(LineError(number, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+        except RecursionError:  # e.g. [[[[…]]]] thousands deep: Python's parser gives up, the line is refused
+            errors.append(LineError(number, "JSON nested too deeply (a record is one flat object of strings and "
+                                            "a list of messages)"))
         else:
             if not isinstance(obj, dict):
                 errors.append(LineError(number, f"expected a JSON object, got {_type_name(obj)}"))
