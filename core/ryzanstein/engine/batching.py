@@ -120,6 +120,7 @@ class BatchEngine:
         self.failed_requests = 0
         self.expired_requests = 0  # waited past the queue deadline
         self.mean_request_s = 5.0  # moving average of finished requests' duration: the Retry-After estimate
+        self._ready_at = 0.0  # when the current runner was ready: loading the model is not waiting in the queue
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._released: list[str] = []
@@ -183,12 +184,13 @@ class BatchEngine:
         now = time.perf_counter()
         for seq in list(self.scheduler.waiting):
             request = self.requests.get(seq.request_id)
-            if request is None or now - request.submitted < deadline:
+            waited = now - max(request.submitted, self._ready_at) if request is not None else 0.0
+            if waited < deadline:
                 continue
             self.scheduler.finish(seq.request_id, "error")
             self.expired_requests += 1
             self._fail(seq.request_id, QueueTimeout(
-                f"The request waited {now - request.submitted:.0f} s for {self.name!r} without starting (queue "
+                f"The request waited {waited:.1f} s for {self.name!r} without starting (queue "
                 f"deadline {deadline:g} s; {len(self.scheduler.waiting)} still waiting); retry later.",
                 retry_after=self.retry_after_s()))
 
@@ -233,6 +235,7 @@ class BatchEngine:
             self.regimes = None
         runner = BatchRunner(model, self.swap_dir, self.regimes)
         self.regimes, self._probed_model = runner.regimes, id(model)
+        self._ready_at = time.perf_counter()
         return runner
 
     def step(self, runner: BatchRunner) -> bool:

@@ -48,6 +48,7 @@ class Job:
     detail: dict = field(default_factory=dict)  # the latest progress details (e.g. step, loss, tokens/s)
     history: list = field(default_factory=list)  # progress points kept for GET /api/jobs/{id}, not streamed
     created: float = field(default_factory=time.time)
+    started: float | None = None  # when it left the queue and began its work
     finished: float | None = None
     queue: str | None = None
     memory_bytes: int = 0  # estimated peak the job adds; reserved against the budget while it runs
@@ -56,8 +57,8 @@ class Job:
 
     def to_dict(self, with_history: bool = False) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in ("id", "kind", "title", "state", "stage", "progress", "error",
-                                              "result", "detail", "created", "finished", "queue", "memory_bytes",
-                                              "position")}
+                                              "result", "detail", "created", "started", "finished", "queue",
+                                              "memory_bytes", "position")}
         if with_history:
             data["history"] = list(self.history)
         return data
@@ -167,6 +168,7 @@ class JobRunner:
             self.publish("job", job.to_dict())
             return
 
+        job.started = time.time()
         trailing: list[threading.Timer] = []
 
         def send() -> None:
