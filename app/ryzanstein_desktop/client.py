@@ -74,6 +74,13 @@ class ServiceClient:
     def load_model(self, name: str, pin_numa_node: int | None = None) -> dict:
         return self._request("POST", f"/api/models/{name}/load", {"pin_numa_node": pin_numa_node}, timeout=600)
 
+    def remote_code(self, name: str) -> dict:
+        """The Python files a trust_remote_code model runs on load, with SHA-256 and approval."""
+        return self._request("GET", f"/api/models/{name}/remote-code")
+
+    def approve_remote_code(self, name: str, files: dict[str, str]) -> dict:
+        return self._request("POST", f"/api/models/{name}/remote-code/approve", {"files": files})
+
     def unload_model(self, name: str) -> dict:
         return self._request("POST", f"/api/models/{name}/unload")
 

@@ -259,6 +259,38 @@ def models_delete(name: str, yes: bool = typer.Option(False, "--yes", help="Do n
     console.print(f"deleted {name}")
 
 
+@models_app.command("trust")
+def models_trust(name: str, yes: bool = typer.Option(False, "--yes", help="Approve without asking (scripts).")
+                 ) -> None:
+    """Show the Python files a trust_remote_code model runs on load, with their SHA-256, and approve them."""
+    from ryzanstein.models.remote_code import approve, describe
+
+    store = model_store()
+    try:
+        info = store.get(name)
+        folder = Path(info.path)
+        state = describe(folder, info.trust_remote_code)
+        if not info.trust_remote_code:
+            console.print(f"{name} does not run its own code (imported without --trust-remote-code).")
+            return
+        table = Table(title=f"Python code {name} runs when it loads")
+        for column in ("file", "sha256", "approved"):
+            table.add_column(column)
+        for file in state["files"]:
+            table.add_row(file["name"], file["sha256"], "yes" if file["approved"] else "[yellow]no[/yellow]")
+        print_wide(table)
+        console.print(f"The files are in {folder}. They run with your user's rights, like any program.")
+        if state["approved"]:
+            console.print("Already approved; a changed file will ask again.")
+            return
+        if not yes and not typer.confirm("Run this code when the model loads?"):
+            raise typer.Exit(1)
+        approve(folder, {f["name"]: f["sha256"] for f in state["files"]})
+    except RyzansteinError as exc:
+        fail(exc)
+    console.print(f"approved {len(state['files'])} file(s) of {name}")
+
+
 @models_app.command("convert")
 def models_convert(
     source: Path = typer.Argument(..., help="A folder with pickle weights (pytorch_model*.bin)."),

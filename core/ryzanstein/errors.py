@@ -136,3 +136,15 @@ class NodeLost(RyzansteinError):
     status_code = 503
     error_type = "server_error"
     code = "node_lost"
+
+
+class RemoteCodeNotApproved(RyzansteinError):
+    """A model's own Python code would run on load, and the user has not approved these exact files."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "remote_code_not_approved"
+
+    def __init__(self, message: str, *, files: list[dict], param: str | None = None):
+        super().__init__(message, param=param)
+        self.files = files

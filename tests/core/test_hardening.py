@@ -296,3 +296,72 @@ def test_model_jobs_run_one_at_a_time_and_wait_for_memory(tmp_path):
     runner.cancel(job.id)
     assert wait_state(runner, job.id, {"cancelled"})["error"] == "Cancelled before it started."
     assert manager.memory_summary()["reserved_bytes"] == 800 * 2**20
+
+
+# -- a model's own code runs only once its exact files are approved -------------------------------------------------
+
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "custom-llama"
+'''
+CUSTOM_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_custom import CustomConfig
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+'''
+
+
+def custom_code_model(tiny_llama_dir: Path, folder: Path) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-llama", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_custom.py").write_text(CUSTOM_MODEL)
+    return folder
+
+
+def test_remote_code_runs_only_after_its_exact_files_are_approved(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ryzanstein.cli import app
+    from ryzanstein.errors import RemoteCodeNotApproved
+    from ryzanstein.models.loader import load_model_folder
+    from ryzanstein.models.remote_code import approve, describe
+
+    store = ModelStore(tmp_path / "home" / "data" / "models")
+    info = store.import_hf_folder(custom_code_model(tiny_llama_dir, tmp_path / "src"), "custom",
+                                  trust_remote_code=True)
+    folder = Path(info.path)
+    with pytest.raises(RemoteCodeNotApproved, match="you have not approved it yet") as refused:
+        load_model_folder("custom", folder, trust_remote_code=True)
+    assert sorted(f["name"] for f in refused.value.files) == ["configuration_custom.py", "modeling_custom.py"]
+    assert "ryzanstein models trust custom" in refused.value.message
+
+    # The CLI shows each file with its hash and asks; "n" keeps it unapproved, "y" approves.
+    env = {"RYZANSTEIN_HOME": str(tmp_path / "home")}
+    shown = CliRunner().invoke(app, ["models", "trust", "custom"], input="n\n", env=env)
+    assert shown.exit_code == 1 and "modeling_custom.py" in shown.output
+    assert describe(folder, True)["files"][1]["sha256"][:12] in shown.output.replace("\n", "")
+    assert not describe(folder, True)["approved"]
+    assert CliRunner().invoke(app, ["models", "trust", "custom"], input="y\n", env=env).exit_code == 0
+    lm = load_model_folder("custom", folder, trust_remote_code=True)
+    assert type(lm.model).__name__ == "CustomForCausalLM"  # the approved code did run
+
+    # A changed file asks again, naming only that file; approving what was shown before is refused.
+    before = {f["name"]: f["sha256"] for f in describe(folder, True)["files"]}
+    (folder / "modeling_custom.py").write_text(CUSTOM_MODEL + "\nCHANGED = True\n")
+    with pytest.raises(RemoteCodeNotApproved, match="changed since you approved") as changed:
+        load_model_folder("custom", folder, trust_remote_code=True)
+    assert [f["name"] for f in changed.value.files] == ["modeling_custom.py"]
+    with pytest.raises(InvalidRequest, match="changed since they were shown"):
+        approve(folder, before)

@@ -308,10 +308,39 @@ class ModelsView(QWidget):
 
     def load_selected(self) -> None:
         name, pin = self.selected_name(), self.pin_box.currentData()
-        if name:
-            self.load_button.setEnabled(False)
+        if not name:
+            return
+        self.load_button.setEnabled(False)
+
+        def load() -> None:
             self.bridge.call(lambda c: c.load_model(name, pin), lambda row: self.refresh(),
                              lambda msg: self._failed("Load failed", msg))
+
+        def checked(code: dict) -> None:
+            # A model that runs its own Python code loads only after the user saw and approved these exact files.
+            if code.get("approved", True):
+                load()
+            elif self.confirm_remote_code(name, code["files"]):
+                files = {f["name"]: f["sha256"] for f in code["files"]}
+                self.bridge.call(lambda c: c.approve_remote_code(name, files), lambda _state: load(),
+                                 lambda msg: self._failed("Approval failed", msg))
+            else:
+                self._update_buttons()
+
+        self.bridge.call(lambda c: c.remote_code(name), checked, lambda msg: self._failed("Load failed", msg))
+
+    def confirm_remote_code(self, name: str, files: list[dict]) -> bool:
+        """Ask once per version of the code: which files would run, with their SHA-256. Default: No."""
+        box = QMessageBox(QMessageBox.Icon.Warning, "Run this model's code?",
+                          f"{name} runs its own Python code when it loads, with your user's rights, like any "
+                          f"program. {len(files)} file(s) are new or changed since you last approved them; see "
+                          "Details. Run them only if you trust where this model came from.",
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self)
+        box.setDetailedText("\n".join(f"{f['name']}\n  sha256 {f['sha256']}"
+                                       + ("" if not f.get("approved") else "  (approved before)") for f in files))
+        box.setDefaultButton(QMessageBox.StandardButton.No)
+        box.button(QMessageBox.StandardButton.Yes).setText("Run this code")
+        return box.exec() == QMessageBox.StandardButton.Yes
 
     def unload_selected(self) -> None:
         name = self.selected_name()

@@ -90,6 +90,10 @@ def check_architecture_known(config: dict, trust_remote_code: bool) -> None:
 def load_model_folder(name: str, path: Path, *, trust_remote_code: bool = False) -> LoadedModel:
     """Load weights in fp32 (bf16 decodes ~2x slower on AVX2 CPUs, see FINDINGS.md)."""
     check_architecture_known(check_model_folder(path), trust_remote_code)
+    if trust_remote_code:  # its code runs below: only the exact files the user approved
+        from ryzanstein.models.remote_code import require_approved
+
+        require_approved(path, name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

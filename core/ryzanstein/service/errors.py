@@ -52,6 +52,9 @@ def install_error_handlers(app: FastAPI) -> None:
         lines = getattr(exc, "errors", None)  # a dataset's bad lines
         if lines:
             body["error"]["lines"] = [{"line": e.line, "reason": e.reason} for e in lines]
+        files = getattr(exc, "files", None)  # code a model would run: what the approval dialog shows
+        if files is not None:
+            body["error"]["files"] = files
         retry_after = getattr(exc, "retry_after", None)  # 429 and 503 from a full or slow queue say when
         return ErrorResponse(body, exc.status_code,
                              headers={"Retry-After": str(retry_after)} if retry_after else None)

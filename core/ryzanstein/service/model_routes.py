@@ -12,9 +12,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from ryzanstein.errors import InvalidModel
+from ryzanstein.errors import InvalidModel, InvalidRequest
 from ryzanstein.models.job_memory import folder_import_peak_bytes, gguf_import_peak_bytes
 from ryzanstein.models.manager import ModelManager
+from ryzanstein.models.remote_code import approve as remote_code_approve
+from ryzanstein.models.remote_code import describe as remote_code_describe
 from ryzanstein.service.jobs import MODEL_JOBS
 
 router = APIRouter(prefix="/api")
@@ -107,6 +109,27 @@ async def import_model(body: ImportRequest, request: Request) -> dict:
     job = request.app.state.jobs.submit("import", f"import {source.name} as {name}", run, queue=MODEL_JOBS,
                                         memory_bytes=memory)
     return job.to_dict()
+
+
+class ApproveCodeBody(BaseModel):
+    files: dict[str, str] = Field(description="Each code file's name → the SHA-256 the user was shown.")
+
+
+@router.get("/models/{name}/remote-code")
+async def remote_code(name: str, request: Request) -> dict:
+    """The Python files a trust_remote_code model runs on load, their SHA-256, and whether they are approved."""
+    info = request.app.state.manager.store.get(name)
+    return await asyncio.to_thread(remote_code_describe, Path(info.path), info.trust_remote_code)
+
+
+@router.post("/models/{name}/remote-code/approve")
+async def approve_remote_code(name: str, body: ApproveCodeBody, request: Request) -> dict:
+    """Approve exactly the files shown (name → SHA-256); refused when they changed since."""
+    info = request.app.state.manager.store.get(name)
+    if not info.trust_remote_code:
+        raise InvalidRequest(f"Model {name!r} does not run its own code; there is nothing to approve.", param="name")
+    await asyncio.to_thread(remote_code_approve, Path(info.path), body.files)
+    return await asyncio.to_thread(remote_code_describe, Path(info.path), info.trust_remote_code)
 
 
 @router.post("/models/{name}/load")

@@ -97,6 +97,11 @@ def resolve_targets(model: torch.nn.Module, choice: str) -> list[str] | str:
 def load_base(path: Path, precision: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
+    if trust_remote_code:
+        from ryzanstein.models.remote_code import require_approved
+
+        require_approved(path, path.name)
+
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True, "local_files_only": True,
                               "trust_remote_code": trust_remote_code}
     if precision == "nf4":
