@@ -15,7 +15,7 @@ NAME_RULE = "use lowercase letters, digits, '.', '_' or '-' (at most 64 characte
 
 
 def is_name(value: object) -> bool:
-    return isinstance(value, str) and NAME.fullmatch(value) is not None and value not in (".", "..")
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
 
 
 def is_finetune_job_id(value: object) -> bool:
