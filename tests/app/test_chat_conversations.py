@@ -171,8 +171,11 @@ def test_killing_the_app_mid_answer_keeps_what_arrived_and_says_so(qtbot, servic
     def partial_answer_saved() -> bool:
         if not database.exists():
             return False
-        with sqlite3.connect(database) as db:
-            row = db.execute("SELECT length(content) FROM messages WHERE state = 'streaming'").fetchone()
+        try:
+            with sqlite3.connect(database) as db:
+                row = db.execute("SELECT length(content) FROM messages WHERE state = 'streaming'").fetchone()
+        except sqlite3.OperationalError:  # the app has created the file but not yet its tables
+            return False
         return bool(row and row[0] > 10)
 
     try:
