@@ -25,6 +25,7 @@ from safetensors import safe_open
 from ryzanstein.engine.invariant import Mode, RowRegimes, current_mode, patch_linears, probe_regimes
 from ryzanstein.engine.kvcache import SequenceKV
 from ryzanstein.engine.runner import ATTENTION_NAME, Segment, UnsupportedModel, _step
+from ryzanstein.models.construction import MODEL_CONSTRUCTION
 
 # decoder layers of these are called as layer(hidden, attention_mask, position_ids, position_embeddings)
 SPLIT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite")
@@ -147,7 +148,7 @@ def linear_shapes(config: Any) -> list[tuple[int, int]]:
     """Distinct nn.Linear weight shapes of the whole model, from its config alone (no weights)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with MODEL_CONSTRUCTION, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     shapes = {tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear}
     return sorted(shapes)  # type: ignore[arg-type]
@@ -167,7 +168,7 @@ def load_partial(folder: Path, owned: range, *, head: bool) -> Any:
 
     read_config(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with torch.device("meta"):
+    with MODEL_CONSTRUCTION, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     base = model.get_decoder()
     total = len(base.layers)

@@ -31,6 +31,7 @@ from ryzanstein.cluster.stage import (
     stage_bytes,
 )
 from ryzanstein.cluster.wire import Channel, Frame
+from ryzanstein.models.construction import MODEL_CONSTRUCTION
 
 log = logging.getLogger("ryzanstein.cluster")
 
@@ -48,7 +49,7 @@ def bench_layer_ms(config: dict, repeats: int = 16, context: int = 64) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": 1})
-    with torch.device("meta"):
+    with MODEL_CONSTRUCTION, torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     base = shell.get_decoder()
     base.embed_tokens, base.norm, shell.lm_head = Placeholder(-1), Placeholder(-1), Placeholder(-1)

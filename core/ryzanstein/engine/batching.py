@@ -101,8 +101,10 @@ class BatchEngine:
                  config: EngineConfig | None = None, swap_dir: Path | None = None,
                  on_stats: Callable[[StepStats], None] = lambda s: None,
                  on_token: Callable[[], None] = lambda: None, autostart: bool = True,
-                 drafter_factory: Callable[[Any], Any] | None = None):
+                 drafter_factory: Callable[[Any], Any] | None = None,
+                 on_outcome: Callable[[BaseException | None], None] = lambda error: None):
         self.name = name
+        self.on_outcome = on_outcome  # each finished request: None, or the exception it failed with
         self.hold_model = hold_model
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.config.scheduler_config())
@@ -417,6 +419,8 @@ class BatchEngine:
         self._released.append(request_id)
         if request is None:
             return
+        if reason in ("stop", "length"):
+            self.on_outcome(None)
         if request.first_token is not None and request.last_token is not None:
             request.stats.decode_seconds = request.last_token - request.first_token
             self.mean_request_s += 0.2 * (request.last_token - request.submitted - self.mean_request_s)
@@ -428,6 +432,7 @@ class BatchEngine:
         self._released.append(request_id)
         if request is not None:
             self.failed_requests += 1
+            self.on_outcome(exc)
             log.warning("request %s of %s failed: %s", request_id, self.name, exc)
             error = exc if isinstance(exc, RyzansteinError) else GenerationFailed(
                 f"Generation failed: {type(exc).__name__}: {exc}")

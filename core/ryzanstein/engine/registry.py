@@ -62,6 +62,7 @@ class Engines:
             engine = BatchEngine(name, lambda: self.manager.generating(name), config=self.config,
                                  swap_dir=self.swap_dir / name, on_stats=lambda s: self._stats(name, s),
                                  on_token=self.on_token,
+                                 on_outcome=lambda error: self.manager.note_generation(name, error),
                                  drafter_factory=(lambda model: self._draft_drafter(draft, lm)) if draft else None)
             self._engines[name] = engine
             return engine

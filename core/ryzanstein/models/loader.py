@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzanstein.errors import InvalidModel, ModelLoadFailed, UnsafeCheckpoint
+from ryzanstein.models.construction import MODEL_CONSTRUCTION, require_materialized
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
@@ -106,18 +107,21 @@ def load_model_folder(name: str, path: Path, *, trust_remote_code: bool = False)
 
             model = load_quantized_model(path, trust_remote_code)
             materialize(model)
+            require_materialized(model, f"Model {name!r}")
             return LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch.float32,
-            use_safetensors=True,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-        )
+        with MODEL_CONSTRUCTION:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=torch.float32,
+                use_safetensors=True,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+            )
     except Exception as exc:  # transformers and safetensors raise many types; the user needs the message
         raise ModelLoadFailed(f"Could not load model {name!r} from {path}: {exc}") from exc
     model.eval()
     materialize(model)
+    require_materialized(model, f"Model {name!r}")
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path)
 
 

@@ -22,7 +22,7 @@ import psutil
 
 from ryzanstein import compute
 from ryzanstein.config import DEFAULT_MODEL, default_budget_bytes
-from ryzanstein.errors import InvalidRequest, ModelBusy, OutOfMemoryBudget, QueueTimeout
+from ryzanstein.errors import InvalidRequest, ModelBusy, OutOfMemoryBudget, QueueTimeout, RyzansteinError
 from ryzanstein.hardware import numa_nodes
 from ryzanstein.models.default import default_gguf_path
 from ryzanstein.models.estimate import MemoryEstimate, estimate_memory
@@ -51,6 +51,7 @@ class LoadedEntry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_unload: Callable[[], None] | None = None  # a split model closes its links to the workers
     split: dict[str, Any] | None = None  # which node runs which layers, for a split model
+    failure: dict[str, Any] | None = None  # the last generation failed inside the service (health reports it)
 
     @property
     def idle(self) -> bool:
@@ -97,6 +98,23 @@ class ModelManager:
 
     def entry(self, name: str) -> LoadedEntry | None:
         return self._loaded.get(name)
+
+    def note_generation(self, name: str, error: BaseException | None) -> None:
+        """Record how a generation ended: an internal failure marks the model as failing in /api/health until a
+        generation succeeds or the model is reloaded; a refused request (bad input, queue full) says nothing
+        about the model."""
+        entry = self._loaded.get(name)
+        if entry is None:
+            return
+        if error is None:
+            entry.failure = None
+        elif not isinstance(error, RyzansteinError) or error.status_code == 500:
+            count = entry.failure["failures"] + 1 if entry.failure else 1
+            entry.failure = {"error": f"{type(error).__name__}: {error}"[:500], "failures": count,
+                             "at": time.time()}
+
+    def failing_models(self) -> dict[str, dict[str, Any]]:
+        return {name: dict(e.failure) for name, e in list(self._loaded.items()) if e.failure}
 
     def reserved_bytes(self) -> int:
         return (sum(e.estimate.total_bytes for e in self._loaded.values())

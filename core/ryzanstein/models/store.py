@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound, RyzansteinError
+from ryzanstein.models.construction import MODEL_CONSTRUCTION
 from ryzanstein.models.loader import check_architecture_known, check_model_folder
 from ryzanstein.names import NAME_RULE, is_name
 
@@ -176,7 +177,8 @@ class ModelStore:
                 _check_cancel(cancel)
                 progress("dequantizing weights", 0.15)
                 with per_tensor_progress(lambda done, total: progress(
-                        f"dequantizing weights ({done}/{total} tensors)", 0.15 + 0.5 * done / total), cancel):
+                        f"dequantizing weights ({done}/{total} tensors)", 0.15 + 0.5 * done / total), cancel), \
+                        MODEL_CONSTRUCTION:
                     model = AutoModelForCausalLM.from_pretrained(
                         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
                     )

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ryzanstein.engine.qweights import mark_head, set_int4, set_int8
 from ryzanstein.errors import InvalidModel
+from ryzanstein.models.construction import MODEL_CONSTRUCTION
 
 RECIPE_FILE = "quantization.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -63,7 +64,8 @@ def load_quantized_model(path: Path, trust_remote_code: bool = False) -> Any:
 
     recipe = read_recipe(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     state = load_file(str(path / "model.safetensors"))
     layers: dict[str, dict] = recipe.get("layers", {})
     shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(False)}

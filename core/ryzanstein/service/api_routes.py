@@ -18,7 +18,9 @@ router = APIRouter(prefix="/api")
 @public_router.get("/api/health")
 async def health(request: Request) -> dict:
     manager = request.app.state.manager
-    return {"status": "ok", "version": __version__, "loaded_models": manager.loaded_names(),
+    failing = manager.failing_models()  # loaded, but their last generation failed inside the service
+    return {"status": "degraded" if failing else "ok", "version": __version__,
+            "loaded_models": manager.loaded_names(), "failing_models": failing,
             "default_model": request.app.state.settings.default_model,
             "default_model_state": manager.default_state, "default_model_error": manager.default_error,
             "default_model_progress": manager.default_progress if manager.default_state == "importing" else None}

@@ -53,7 +53,9 @@ def start_generation(manager: ModelManager, engines: Engines, lm: LoadedModel, p
                 for chunk in stream_tokens(held.model, held.tokenizer, prompt_ids, params,
                                            cancel=cancel, stats=stats, on_token=meter.add):
                     put(chunk)
+            manager.note_generation(lm.name, None)
         except BaseException as exc:  # handed to the consumer, which raises it
+            manager.note_generation(lm.name, exc)
             put(exc)
         finally:
             put(_DONE)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ryzanstein.errors import Cancelled, InvalidRequest, ModelLoadFailed
+from ryzanstein.models.construction import MODEL_CONSTRUCTION
 from ryzanstein.train import checkpoint
 from ryzanstein.train.data import IGNORE, Block, pack, prepare, read_dataset
 from ryzanstein.train.spec import ATTENTION, ATTENTION_QV, FinetuneSpec
@@ -116,7 +117,8 @@ def load_base(path: Path, precision: str, trust_remote_code: bool = False) -> An
         raise InvalidRequest("This model is stored quantized by Ryzanstein; fine-tune its fp32 base instead "
                              "(QLoRA quantizes the base to 4 bits itself).", param="base")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with MODEL_CONSTRUCTION:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
         raise ModelLoadFailed(f"Could not load the base model from {path} ({precision}): {exc}") from exc
     for module in model.modules():
