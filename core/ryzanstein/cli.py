@@ -224,6 +224,10 @@ def models_import(
         except RyzansteinError as exc:
             fail(exc)
     console.print(f"imported [bold]{info.name}[/bold] ({info.architecture}, {info.size_bytes / 2**20:.0f} MiB)")
+    if info.skipped_files:
+        console.print(f"not copied (a model does not need them): {', '.join(info.skipped_files)}")
+    if info.trust_remote_code:  # the informed part of the opt-in: show the code and ask now
+        models_trust(info.name, yes=False)
 
 
 def loaded_in_running_service(name: str) -> bool:

@@ -8,6 +8,7 @@ RYZANSTEIN_HOME is set, in which case they are `$RYZANSTEIN_HOME/data` and `$RYZ
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Literal
 import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 APP_NAME = "ryzanstein"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -125,6 +128,10 @@ def load_or_create_token() -> str:
     """The bearer token every route but health requires; created on first start, stored 0600."""
     path = token_path()
     if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:  # readable by others (copied, restored from a backup, edited): owner only again
+            log.warning("token file %s was mode %o; set to 600", path, mode)
+            path.chmod(0o600)
         token = path.read_text().strip()
         if token:
             return token

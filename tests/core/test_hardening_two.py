@@ -105,3 +105,84 @@ def test_health_reports_a_loaded_model_that_cannot_generate(tmp_path, tiny_llama
     ask()  # a generation that works clears it
     assert asyncio.run(health(request))["failing_models"] == {}
     engines.close()
+
+
+# -- 3. names that leave their root --------------------------------------------------------------------------------
+def test_an_adapter_name_cannot_leave_the_adapter_store(tmp_path):
+    from ryzanstein.errors import InvalidRequest
+    from ryzanstein.train.adapters import META_FILE, WEIGHTS_FILE, AdapterStore
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / META_FILE).write_text("{}")
+    (outside / WEIGHTS_FILE).write_bytes(b"not applied")
+    adapters = AdapterStore(tmp_path / "data" / "adapters")
+    (adapters.root / "tiny").mkdir()
+    for name in ("../../outside", "../outside", "/abs/outside", "a/b", "..", ".hidden", "ok\n"):
+        with pytest.raises(InvalidRequest, match="not allowed"):
+            adapters.get("tiny", name)
+    with pytest.raises(InvalidRequest, match="not allowed"):
+        adapters.get("../..", "outside")
+    (adapters.root / "tiny" / "linked").symlink_to(outside)  # a link planted inside the store
+    with pytest.raises(InvalidRequest, match="outside the adapter store"):
+        adapters.get("tiny", "linked")
+    assert adapters.list("tiny") == []
+
+
+# -- 4. imports copy only what a model needs ----------------------------------------------------------------------
+def test_an_import_copies_only_model_files_and_never_through_a_link_out(tmp_path, tiny_llama_dir):
+    from ryzanstein.errors import InvalidModel
+
+    source = tmp_path / "download"
+    shutil.copytree(tiny_llama_dir, source)
+    for junk in ("optimizer.pkl", "training_args.ckpt", "extra.pickle", "run.sh", "notes.py"):
+        (source / junk).write_bytes(b"\x80\x04 would run on unpickling")
+    (source / "original").mkdir()
+    (source / "original" / "consolidated.pth").write_bytes(b"pickle")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    store = ModelStore(tmp_path / "store")
+    info = store.import_hf_folder(source, "clean")
+    stored = {p.name for p in Path(info.path).iterdir()}
+    assert stored >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert not stored & {"optimizer.pkl", "training_args.ckpt", "extra.pickle", "run.sh", "notes.py", "original"}
+    assert {"optimizer.pkl", "notes.py", "original/"} <= set(info.skipped_files)
+    assert not any(p.is_symlink() for p in Path(info.path).iterdir())
+
+    (source / "tokenizer_config.json").unlink()
+    (source / "tokenizer_config.json").symlink_to(secret)  # a needed file that is a link out of the folder
+    with pytest.raises(InvalidModel, match="outside the model folder"):
+        store.import_hf_folder(source, "leaky")
+    assert not store.has("leaky") and [m.name for m in store.list()] == ["clean"]
+    (source / "tokenizer_config.json").unlink()
+    (source / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    (source / "model.safetensors").symlink_to(tmp_path / "weights.safetensors")
+    with pytest.raises(InvalidModel, match="outside the model folder"):
+        store.import_hf_folder(source, "leaky")
+
+
+def test_an_import_from_the_huggingface_cache_follows_its_links_into_blobs(tmp_path, tiny_llama_dir):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in tiny_llama_dir.iterdir():
+        blob = blobs / f"blob-{file.name}"
+        shutil.copy2(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    info = ModelStore(tmp_path / "store").import_hf_folder(snapshot, "cached")
+    assert (Path(info.path) / "model.safetensors").stat().st_size == (tiny_llama_dir / "model.safetensors").stat().st_size
+    assert not (Path(info.path) / "model.safetensors").is_symlink()
+
+
+# -- 8. secrets --------------------------------------------------------------------------------------------------------
+def test_a_token_file_readable_by_others_is_made_private_at_start(tmp_path, monkeypatch):
+    from ryzanstein import config
+
+    monkeypatch.setenv("RYZANSTEIN_HOME", str(tmp_path))
+    token = config.load_or_create_token()
+    path = config.token_path()
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    assert config.load_or_create_token() == token
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -16,12 +16,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ryzanstein.errors import Cancelled, InvalidModel, InvalidRequest, ModelNotFound, RyzansteinError
 from ryzanstein.models.construction import MODEL_CONSTRUCTION
+from ryzanstein.models.import_files import plan_import
 from ryzanstein.models.loader import check_architecture_known, check_model_folder
 from ryzanstein.names import NAME_RULE, is_name
 
@@ -41,6 +42,7 @@ class ModelInfo:
     size_bytes: int
     imported_at: float
     trust_remote_code: bool = False  # per model, off unless the user turns it on
+    skipped_files: list[str] = field(default_factory=list)  # in the imported folder, not needed by a model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,18 +208,22 @@ class ModelStore:
         cancel: threading.Event | None = None,
         trust_remote_code: bool = False,
     ) -> ModelInfo:
-        """Copy a local HF folder (safetensors only) into the store."""
+        """Copy what a model needs from a local HF folder into the store (see import_files.py)."""
         self.check_new_name(name)
+        if not source.is_dir():
+            check_model_folder(source)  # the clear "does not exist" / "not a folder" errors
+        plan = plan_import(source, trust_remote_code)  # before reading anything: links must stay inside
         check_architecture_known(check_model_folder(source), trust_remote_code)
 
         def write(tmp: Path) -> None:
-            files = [p for p in source.iterdir() if p.is_file() and p.suffix not in {".bin", ".pt", ".pth"}]
-            for i, file in enumerate(files):
+            for i, (file, stored_name) in enumerate(plan.files):
                 _check_cancel(cancel)
-                progress(f"copying {file.name}", 0.05 + 0.85 * i / max(1, len(files)))
-                shutil.copy2(file, tmp / file.name)
+                progress(f"copying {stored_name}", 0.05 + 0.85 * i / max(1, len(plan.files)))
+                shutil.copyfile(file, tmp / stored_name)  # the bytes, never a link
 
-        return self._import(name, f"folder:{source}", write, progress, cancel, trust_remote_code)
+        if plan.skipped:
+            log.info("import of %s skips files a model does not need: %s", source, ", ".join(plan.skipped))
+        return self._import(name, f"folder:{source}", write, progress, cancel, trust_remote_code, plan.skipped)
 
     def import_quantized(self, name: str, base_name: str, method: str, write: Callable[[Path], None], *,
                          progress: ProgressFn = _no_progress, cancel: threading.Event | None = None) -> ModelInfo:
@@ -252,6 +258,7 @@ class ModelStore:
         progress: ProgressFn,
         cancel: threading.Event | None,
         trust_remote_code: bool = False,
+        skipped_files: list[str] | None = None,
     ) -> ModelInfo:
         tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}.pid{os.getpid()}-", dir=self.root))
         try:
@@ -269,6 +276,7 @@ class ModelStore:
                 size_bytes=folder_size(tmp),
                 imported_at=time.time(),
                 trust_remote_code=trust_remote_code,
+                skipped_files=skipped_files or [],
             )
             (tmp / METADATA_FILE).write_text(json.dumps(info.to_dict(), indent=2))
             tmp.rename(self.root / name)

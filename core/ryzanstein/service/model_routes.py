@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ryzanstein.errors import InvalidModel, InvalidRequest
 from ryzanstein.models.job_memory import folder_import_peak_bytes, gguf_import_peak_bytes
@@ -25,7 +25,21 @@ router = APIRouter(prefix="/api")
 class ImportRequest(BaseModel):
     path: str = Field(min_length=1, description="A local HF folder (safetensors) or a .gguf file.")
     name: str | None = Field(None, description="Name in the store; derived from the path when omitted.")
-    trust_remote_code: bool = False
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_remote_code(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trust_remote_code" in data:
+            raise ValueError(REMOTE_CODE_IS_LOCAL)
+        return data
+
+
+REMOTE_CODE_IS_LOCAL = (
+    "trust_remote_code cannot be set through the API: a model's own Python runs with your user's rights, so "
+    "running it is a local choice. Import it with `ryzanstein models import PATH --trust-remote-code`, which "
+    "shows the files and their SHA-256 and asks before approving them.")
 
 
 class LoadRequest(BaseModel):
@@ -100,8 +114,7 @@ async def import_model(body: ImportRequest, request: Request) -> dict:
         if is_gguf:
             info = manager.store.import_gguf(source, name, progress=progress, cancel=cancel)
         else:
-            info = manager.store.import_hf_folder(source, name, progress=progress, cancel=cancel,
-                                                  trust_remote_code=body.trust_remote_code)
+            info = manager.store.import_hf_folder(source, name, progress=progress, cancel=cancel)
         manager.publish("model", {"name": info.name, "state": "imported"})
         return info.to_dict()
 

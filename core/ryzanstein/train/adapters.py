@@ -51,14 +51,28 @@ class AdapterStore:
         for tmp in self.root.glob("*/.save-*"):  # a save killed half-way
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def folder(self, base: str, name: str | None = None) -> Path:
+        """The folder of a base model's adapters (or of one adapter), refusing any name that could leave the
+        store: both must be plain names, and the resolved folder must lie under the root."""
+        for value, what in ((base, "Model"), (name, "Adapter")):
+            if value is not None and not is_name(value):
+                raise InvalidRequest(f"{what} name {value!r} is not allowed: {NAME_RULE}.",
+                                     param="adapter" if what == "Adapter" else "model")
+        folder = self.root / base / name if name is not None else self.root / base
+        if not folder.resolve().is_relative_to(self.root.resolve()):
+            raise InvalidRequest(f"Adapter {name!r} of {base!r} is outside the adapter store.", param="adapter")
+        return folder
+
     def list(self, base: str | None = None) -> list[AdapterInfo]:
-        bases = [self.root / base] if base else sorted(p for p in self.root.iterdir() if p.is_dir())
+        bases = [self.folder(base)] if base else sorted(p for p in self.root.iterdir()
+                                                         if p.is_dir() and not p.is_symlink())
         found = []
         for folder in bases:
             if not folder.is_dir():
                 continue
             for adapter in sorted(folder.iterdir()):
-                if adapter.is_dir() and not adapter.name.startswith(".") and (adapter / META_FILE).is_file():
+                if (adapter.is_dir() and not adapter.is_symlink() and is_name(adapter.name)
+                        and (adapter / META_FILE).is_file()):
                     try:
                         found.append(self._info(adapter))
                     except (OSError, ValueError):
@@ -70,14 +84,14 @@ class AdapterStore:
         return AdapterInfo(folder.parent.name, folder.name, str(folder), meta.get("created", 0.0), meta)
 
     def get(self, base: str, name: str) -> AdapterInfo:
-        folder = self.root / base / name
+        folder = self.folder(base, name)
         if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             known = ", ".join(a.name for a in self.list(base)) or "none"
             raise ModelNotFound(f"No adapter {name!r} for model {base!r} (known: {known}).", param="adapter")
         return self._info(folder)
 
     def exists(self, base: str, name: str) -> bool:
-        return (self.root / base / name).exists()
+        return self.folder(base, name).exists()
 
     def check_new(self, base: str, name: str) -> None:
         check_name(name)
@@ -86,7 +100,7 @@ class AdapterStore:
 
     def save(self, base: str, name: str, write: Callable[[Path], None], meta: dict[str, Any]) -> AdapterInfo:
         self.check_new(base, name)
-        parent = self.root / base
+        parent = self.folder(base)
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".save-{name}.pid{os.getpid()}-", dir=parent))
         try:
