@@ -171,7 +171,8 @@ def test_an_import_from_the_huggingface_cache_follows_its_links_into_blobs(tmp_p
         shutil.copy2(file, blob)
         (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
     info = ModelStore(tmp_path / "store").import_hf_folder(snapshot, "cached")
-    assert (Path(info.path) / "model.safetensors").stat().st_size == (tiny_llama_dir / "model.safetensors").stat().st_size
+    stored = Path(info.path) / "model.safetensors"
+    assert stored.stat().st_size == (tiny_llama_dir / "model.safetensors").stat().st_size
     assert not (Path(info.path) / "model.safetensors").is_symlink()
 
 

@@ -22,6 +22,7 @@ from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
 from ryzanstein.service import api_routes, cluster_routes, finetune_routes, model_routes, openai_routes, quant_routes
 from ryzanstein.service.errors import install_error_handlers
+from ryzanstein.service.gate import Gate
 from ryzanstein.service.jobs import JobRunner
 from ryzanstein.service.request_log import RequestLog
 from ryzanstein.telemetry import EventHub, MetricsSampler, ThroughputMeter
@@ -123,7 +124,8 @@ def create_app(settings: Settings, token: str) -> FastAPI:
                                        extra=lambda: {"models": model_numa_samples(manager),
                                                     "engines": engines.snapshot()})
     install_error_handlers(app)
-    app.add_middleware(RequestLog)
+    app.add_middleware(Gate, token=lambda: app.state.token, bound_host=settings.host)  # Host, token, body size
+    app.add_middleware(RequestLog)  # outermost: refused requests are logged too
     app.include_router(api_routes.public_router)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,12 +16,14 @@ from fastapi.responses import StreamingResponse
 
 from ryzanstein.engine.chat import chat_prompt_ids, completion_prompt_ids
 from ryzanstein.engine.generate import GenerationStats, StreamChunk
-from ryzanstein.errors import ContextTooLong, InvalidRequest
+from ryzanstein.errors import Cancelled, ContextTooLong, InvalidRequest, RyzansteinError
 from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from ryzanstein.service.streaming import first_chunk_early, start_generation
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 512
+DISCONNECT_POLL_S = 0.5
+log = logging.getLogger(__name__)
 
 
 def usage(stats: GenerationStats) -> dict[str, int]:
@@ -70,6 +74,29 @@ async def collect(chunks: AsyncIterator[StreamChunk]) -> tuple[str, str | None]:
     return "".join(parts), finish
 
 
+async def collect_while_connected(request: Request, chunks: AsyncIterator[StreamChunk]) -> tuple[str, str | None]:
+    """`collect`, but a client that goes away cancels its generation (leaving the chunks' iterator cancels the
+    request in the engine) instead of leaving it to run to max_tokens for nobody."""
+    task = asyncio.ensure_future(collect(chunks))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise Cancelled("The client disconnected; its generation was stopped.")
+
+
+def stream_error(exc: BaseException) -> dict:
+    """The event a stream ends with when generation fails after it started (OpenAI's shape: clients raise it)."""
+    if isinstance(exc, RyzansteinError):
+        return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+    return {"error": {"message": f"Generation failed: {type(exc).__name__}: {exc}", "type": "server_error",
+                      "param": None, "code": "generation_failed"}}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     models = await asyncio.to_thread(request.app.state.manager.store.list)
@@ -102,10 +129,15 @@ class Run:
 
     def stream(self, kind: str, choice_lists: AsyncIterator[list]) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
-            async for choices in choice_lists:
-                yield sse(self.envelope(kind, choices))
-            if self.include_usage:
-                yield sse(self.envelope(kind, [], usage=usage(self.stats)))
+            try:
+                async for choices in choice_lists:
+                    yield sse(self.envelope(kind, choices))
+            except Exception as exc:  # after the 200 went out: an error event, then a clean end
+                log.warning("stream %s failed after it started: %s", self.id, exc)
+                yield sse(stream_error(exc))
+            else:
+                if self.include_usage:
+                    yield sse(self.envelope(kind, [], usage=usage(self.stats)))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -129,7 +161,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
         return run.stream("chat.completion.chunk", deltas())
 
-    text, finish = await collect(run.chunks)
+    text, finish = await collect_while_connected(request, run.chunks)
     return run.envelope("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": text},
                                              "finish_reason": openai_finish(finish), "logprobs": None}],
                         usage=usage(run.stats))
@@ -153,6 +185,6 @@ async def completions(body: CompletionRequest, request: Request):
 
         return run.stream("text_completion", texts())
 
-    text, finish = await collect(run.chunks)
+    text, finish = await collect_while_connected(request, run.chunks)
     return run.envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
                                              "finish_reason": openai_finish(finish)}], usage=usage(run.stats))
