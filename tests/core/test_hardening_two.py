@@ -187,3 +187,59 @@ def test_a_token_file_readable_by_others_is_made_private_at_start(tmp_path, monk
     path.chmod(0o644)
     assert config.load_or_create_token() == token
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# -- 2. one file, bounded memory; cancel in every stage -----------------------------------------------------------
+def test_an_overlong_dataset_line_is_refused_without_being_held_in_memory(tmp_path):
+    import tracemalloc
+
+    from ryzanstein.train.data import MAX_LINE_BYTES, DatasetError, read_dataset
+
+    path = tmp_path / "huge.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    with path.open("w") as f:
+        f.write(good)
+        f.write('{"text": "' + "x" * (40 * 2**20) + '"}\n')  # one 40 MiB line
+        f.write(good)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError) as refused:
+            read_dataset(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(e.line, "40.0 MiB" in e.reason) for e in refused.value.errors] == [(2, True)]
+    assert peak < 8 * MAX_LINE_BYTES  # skipped in 1 MiB pieces, never read whole (the old reader: > 80 MiB)
+
+
+def test_a_preview_shows_the_start_of_a_long_record_not_all_of_it(tmp_path):
+    from ryzanstein.train.data import PREVIEW_CHARS, read_dataset
+
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"instruction": "' + "q" * 5000 + '", "output": "' + "a" * 900_000 + '"}\n')
+    row = read_dataset(path).preview()[0]
+    assert len(row["response"]) < PREVIEW_CHARS + 40 and row["response"].endswith("(899,500 more characters)")
+    assert len(row["prompt"]) < PREVIEW_CHARS + 40
+
+
+@pytest.mark.parametrize("stage", ["reading the dataset", "measuring the base model"])
+def test_a_fine_tune_cancelled_before_training_stops_there(stage, tmp_path, tiny_llama_dir):
+    from ryzanstein.errors import Cancelled
+    from ryzanstein.train import supervisor
+    from tests.core.test_finetune import colour_rows, job_dir, make_spec
+    from tests.core.test_finetune_data import write_jsonl
+
+    dataset = write_jsonl(tmp_path / "colours.jsonl", colour_rows(48))
+    folder = job_dir(tmp_path, make_spec(dataset, max_steps=40), tiny_llama_dir)
+    cancel, seen = threading.Event(), []
+
+    def progress(name: str, fraction: float, detail: dict | None = None) -> None:
+        seen.append(detail.get("step") if detail else name)
+        if name.startswith(stage):
+            cancel.set()
+
+    with pytest.raises(Cancelled, match="cancelled while"):
+        supervisor.run_worker(folder, progress, cancel)
+    assert supervisor.read_status(folder)["state"] == "cancelled"
+    assert not any(isinstance(s, int) for s in seen)  # not one training step ran
+    assert not (tmp_path / "adapters" / "tiny-llama" / "colours").exists()

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ryzanstein.errors import InvalidRequest
+from ryzanstein.errors import Cancelled, InvalidRequest
 
 MAX_FILE_BYTES = 512 * 2**20
+# One record (one line) at most: a training example is a few thousand tokens (a few KB); 1 MiB is ~250k tokens.
+# Longer lines are refused without being kept in memory (a 100 MB line once cost 7.9 GB to tokenize).
+MAX_LINE_BYTES = 2**20
+PREVIEW_CHARS = 500  # of each field in a preview: enough to recognise a record, never the whole of a huge one
 MAX_REPORTED_ERRORS = 20
 ROLES = ("system", "user", "assistant")
 CSV_ALIASES = {"prompt": "instruction", "response": "output", "completion": "output"}
@@ -67,13 +73,17 @@ class Dataset:
         out = []
         for record in self.records[:rows]:
             if record.text is not None:
-                out.append({"line": record.line, "prompt": "", "response": record.text})
+                out.append({"line": record.line, "prompt": "", "response": shorten(record.text)})
             else:
                 msgs = record.messages or []
                 answer = next((m["content"] for m in reversed(msgs) if m["role"] == "assistant"), "")
                 prompt = next((m["content"] for m in msgs if m["role"] == "user"), "")
-                out.append({"line": record.line, "prompt": prompt, "response": answer})
+                out.append({"line": record.line, "prompt": shorten(prompt), "response": shorten(answer)})
         return out
+
+
+def shorten(text: str, limit: int = PREVIEW_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit:,} more characters)"
 
 
 # -- reading and validating ---------------------------------------------------------------------------------
@@ -89,7 +99,7 @@ def read_dataset(path: Path | str) -> Dataset:
     if size > MAX_FILE_BYTES:
         raise DatasetError(path, [LineError(0, f"the file is {size / 2**20:.0f} MiB; the limit is "
                                                f"{MAX_FILE_BYTES // 2**20} MiB")])
-    lines, errors = _decode_lines(path.read_bytes())
+    lines, errors = _read_lines(path)
     if errors:
         raise DatasetError(path, errors)
     suffix = path.suffix.lower()
@@ -106,20 +116,45 @@ def read_dataset(path: Path | str) -> Dataset:
     return Dataset(path, fmt, records)
 
 
-def _decode_lines(data: bytes) -> tuple[list[str], list[LineError]]:
+def _read_lines(path: Path) -> tuple[list[str], list[LineError]]:
+    """The file's lines, read one at a time; a line over MAX_LINE_BYTES is refused and skipped unread."""
     lines, errors = [], []
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # a UTF-8 byte-order mark, as spreadsheet programs write
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            lines.append(raw.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as exc:
-            bad = raw[exc.start:exc.start + 1].hex()
-            errors.append(LineError(number, f"not UTF-8 text (byte 0x{bad} at column {exc.start + 1}); save the "
-                                            "file as UTF-8"))
+    with path.open("rb") as f:
+        for number in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES:
+                length = len(raw) + _skip_rest_of_line(f)
+                lines.append("")  # keeps the numbering of the lines after it
+                errors.append(LineError(number, f"the line is {length / 2**20:.1f} MiB; one record may be at most "
+                                                f"{MAX_LINE_BYTES // 2**20} MiB"))
+            else:
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark, as spreadsheet programs write
+                _decode_line(raw.rstrip(b"\n"), number, lines, errors)
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
     return lines, errors
+
+
+def _skip_rest_of_line(f: Any) -> int:
+    skipped = 0
+    while True:
+        chunk = f.readline(2**20)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+def _decode_line(raw: bytes, number: int, lines: list[str], errors: list[LineError]) -> None:
+    try:
+        lines.append(raw.decode("utf-8").rstrip("\r"))
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start:exc.start + 1].hex()
+        lines.append("")
+        errors.append(LineError(number, f"not UTF-8 text (byte 0x{bad} at column {exc.start + 1}); save the "
+                                        "file as UTF-8"))
 
 
 def _parse_jsonl(lines: list[str]) -> tuple[str, list[Record], list[LineError]]:
@@ -312,11 +347,13 @@ def _render(messages: list[dict[str, str]], tokenizer: Any, add_generation_promp
 
 
 def prepare(dataset: Dataset, tokenizer: Any, max_len: int, eval_fraction: float = 0.1,
-            seed: int = 0) -> Prepared:
+            seed: int = 0, should_stop: Callable[[], bool] = lambda: False) -> Prepared:
     """Tokenize every record, drop over-long instruction examples, split train/eval by record (seeded)."""
     examples: list[Example] = []
     dropped = 0
-    for record in dataset.records:
+    for number, record in enumerate(dataset.records):
+        if number % 64 == 0 and should_stop():
+            raise Cancelled("Fine-tune cancelled while reading the dataset; nothing was trained.")
         for example in tokenize_record(record, tokenizer, max_len):
             if len(example.input_ids) > max_len:
                 dropped += 1

@@ -28,6 +28,7 @@ from ryzanstein.train.worker import EXIT_CANCELLED, EXIT_OK, EXIT_REFUSED, JOB_F
 
 STATUS_FILE = "status.json"
 UNFINISHED = ("queued", "running")
+CANCEL_GRACE_S = 30.0  # after SIGTERM: time to write a checkpoint; then the worker is killed
 Progress = Callable[..., None]
 
 
@@ -93,7 +94,11 @@ def run_worker(folder: Path, progress: Progress, cancel: threading.Event,
         def watch_cancel() -> None:
             while proc.poll() is None:
                 if cancel.wait(0.2):
-                    proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(signal.SIGTERM)  # the worker checkpoints at its next check, then exits
+                    try:
+                        proc.wait(CANCEL_GRACE_S)
+                    except subprocess.TimeoutExpired:  # stuck inside one long library call: stop it anyway
+                        proc.kill()
                     return
 
         threading.Thread(target=watch_cancel, daemon=True).start()

@@ -141,7 +141,8 @@ class LoraTrainer:
     # -- set-up ----------------------------------------------------------------------------------------------
     def prepare_data(self, tokenizer: Any) -> tuple[list[Block], list[Block], dict]:
         dataset = read_dataset(self.spec.dataset)
-        prepared = prepare(dataset, tokenizer, self.cfg["seq_len"], self.spec.eval_fraction, self.spec.seed)
+        prepared = prepare(dataset, tokenizer, self.cfg["seq_len"], self.spec.eval_fraction, self.spec.seed,
+                           self.should_stop)
         train = pack(prepared.train, self.cfg["seq_len"], self.spec.packing)
         evals = pack(prepared.eval, self.cfg["seq_len"], self.spec.packing)
         self.eval_examples = prepared.eval
@@ -196,13 +197,22 @@ class LoraTrainer:
                                                  ignore_index=IGNORE, reduction="sum")
         return loss, int((chosen != IGNORE).sum())
 
+    def check_stop(self, stage: str) -> None:
+        """A cancel honoured between stages (the training loop checks per micro-batch and checkpoints)."""
+        if self.should_stop():
+            raise Cancelled(f"Fine-tune cancelled while {stage}; any checkpoint already written is kept.")
+
     @torch.no_grad()
     def evaluate(self, model: Any, blocks: list[Block]) -> float | None:
+        """Mean eval loss, or None without eval data or when a cancel arrives part-way (callers check it)."""
         if not blocks:
             return None
         model.eval()
         total, count = 0.0, 0
         for i in range(0, len(blocks), self.spec.batch_size):
+            if self.should_stop():
+                model.train()
+                return None
             loss, n = self.loss_sum(model, collate(blocks[i:i + self.spec.batch_size]))
             total, count = total + float(loss), count + n
         model.train()
@@ -219,10 +229,12 @@ class LoraTrainer:
         plan = plan_steps(len(train), self.spec.batch_size, self.spec.grad_accum, self.cfg["epochs"],
                           self.spec.max_steps)
         self.checkpointing = self.decide_checkpointing(stats)
+        self.check_stop("reading the dataset")
         self.emit({"type": "stage", "stage": f"loading {self.spec.base} ({self.spec.base_precision})",
                    "dataset": stats, "total_steps": plan.total_steps,
                    "activation_checkpointing": self.checkpointing})
         model = self.build_model()
+        self.check_stop(f"loading {self.spec.base}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.cfg["lr"], weight_decay=0.0)
         history: list[dict[str, Any]] = []
@@ -241,6 +253,7 @@ class LoraTrainer:
         if base_eval is None:
             self.emit({"type": "stage", "stage": "measuring the base model"})
             base_eval = self.evaluate(model, evals)  # the adapter starts at zero: this is the base model
+            self.check_stop("measuring the base model")
             if base_eval is not None:
                 history.append({"step": 0, "eval_loss": base_eval})
                 self.emit({"type": "eval", "step": 0, "eval_loss": base_eval})
@@ -283,6 +296,8 @@ class LoraTrainer:
                        "eta_s": (plan.total_steps - done) / steps_per_s if steps_per_s else None})
             if done % self.spec.eval_every == 0 and done < plan.total_steps and evals:
                 eval_loss = self.evaluate(model, evals)
+                if eval_loss is None:  # cancelled part-way: the next micro-batch checkpoints and stops
+                    continue
                 history.append({"step": done, "eval_loss": eval_loss})
                 self.emit({"type": "eval", "step": done, "eval_loss": eval_loss})
             if done % self.spec.checkpoint_every == 0 and done < plan.total_steps:
@@ -293,6 +308,7 @@ class LoraTrainer:
             history.append({"step": plan.total_steps, "eval_loss": final_eval})
             self.emit({"type": "eval", "step": plan.total_steps, "eval_loss": final_eval})
         save_checkpoint(plan.total_steps)  # the finished state: a crash while saving the adapter loses nothing
+        self.check_stop("evaluating")
         self.emit({"type": "stage", "stage": "generating samples"})
         samples = self.samples(model, tokenizer)
         return {"model": model, "tokenizer": tokenizer, "history": history, "dataset": stats,
@@ -309,6 +325,7 @@ class LoraTrainer:
         out = []
         prompts = self.eval_examples[:SAMPLE_PROMPTS]
         for i, example in enumerate(prompts):
+            self.check_stop("generating samples")
             self.emit({"type": "stage", "stage": f"generating samples ({i + 1}/{len(prompts)}): base and tuned answers",
                        "fraction": 0.95 + 0.045 * i / max(1, len(prompts))})
             first = next((i for i, label in enumerate(example.labels) if label != IGNORE), None)
