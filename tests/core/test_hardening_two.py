@@ -243,3 +243,89 @@ def test_a_fine_tune_cancelled_before_training_stops_there(stage, tmp_path, tiny
     assert supervisor.read_status(folder)["state"] == "cancelled"
     assert not any(isinstance(s, int) for s in seen)  # not one training step ran
     assert not (tmp_path / "adapters" / "tiny-llama" / "colours").exists()
+
+
+# -- 7. checked at submit, not minutes into the job --------------------------------------------------------------
+def test_quantize_requests_that_cannot_succeed_are_refused_before_the_model_loads(tmp_path, tiny_llama_dir,
+                                                                                   monkeypatch):
+    from ryzanstein.errors import InvalidRequest
+    from ryzanstein.quant import run
+
+    store = ModelStore(tmp_path / "store")
+    store.import_hf_folder(tiny_llama_dir, "tiny")
+    monkeypatch.setattr(run, "load_model_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    cases = [
+        (dict(calibration="x"), "calibration", "has 1 tokens; at least 256"),
+        (dict(methods=["int8"] * 1000), "methods", "int8 is listed more than once"),
+        (dict(goal="fits", max_gb=1e-12), "max_gb", "cannot be met"),
+    ]
+    for fields, param, message in cases:
+        with pytest.raises(InvalidRequest, match=message) as refused:
+            run.run_quantization(store, run.QuantizeRequest(model="tiny", **fields))
+        assert refused.value.param == param
+
+
+def test_a_quantize_cancel_is_honoured_within_one_evaluated_chunk(tmp_path, tiny_llama_dir):
+    from ryzanstein.errors import Cancelled
+    from ryzanstein.quant.run import QuantizeRequest, run_quantization
+
+    store = ModelStore(tmp_path / "store")
+    store.import_hf_folder(tiny_llama_dir, "tiny")
+    cancel, after_cancel = threading.Event(), []
+
+    def progress(stage: str, fraction: float) -> None:
+        if cancel.is_set():
+            after_cancel.append(stage)
+        if "reference logits 1/" in stage:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_quantization(store, QuantizeRequest(model="tiny", methods=["int8"], eval_tokens=2000, speed_tokens=4),
+                         progress=progress, cancel=cancel)
+    assert after_cancel == []  # the next chunk's check stopped it: no further stage began
+    assert [m.name for m in store.list()] == ["tiny"]
+
+
+def test_a_safetensors_header_is_checked_before_it_is_read_and_against_its_offsets(tmp_path, tiny_llama_dir):
+    import json
+    import struct
+    import tracemalloc
+
+    from ryzanstein.errors import InvalidModel
+
+    def folder_with(weights: bytes) -> Path:
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_llama_dir, folder)
+        (folder / "model.safetensors").write_bytes(weights)
+        return folder
+
+    store = ModelStore(tmp_path / "store")
+    folder = folder_with(b"")
+    with (folder / "model.safetensors").open("wb") as f:  # claims a 1 GiB header; sparse, 1.1 GiB long
+        f.write(struct.pack("<Q", 2**30))
+        f.truncate(2**30 + 2**26)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidModel, match="1,073,741,824-byte header"):
+            store.import_hf_folder(folder, "huge-header")
+        assert tracemalloc.get_traced_memory()[1] < 50 * 2**20
+    finally:
+        tracemalloc.stop()
+
+    def weights(header: dict, data: bytes) -> bytes:
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + data
+
+    bad_headers = {
+        "shape and offsets disagree": ({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]}}, 64,
+                                       "shape \\[4, 4\\] of F32 \\(64 bytes\\) but its offsets span 16"),
+        "unknown dtype": ({"w": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, 4, "unknown dtype"),
+        "shape not ints": ({"w": {"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}}, 16, "shape"),
+        "offsets reversed": ({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, 8, "data_offsets"),
+        "entry not an object": ({"w": [1, 2]}, 0, "not described by an object"),
+        "header a list": ([1, 2], 0, "not a JSON object"),
+    }
+    for _case, (header, data_len, message) in bad_headers.items():
+        with pytest.raises(InvalidModel, match=message):
+            store.import_hf_folder(folder_with(weights(header, b"\0" * data_len)), "bad")
+    assert [m.name for m in store.list()] == []

@@ -40,9 +40,9 @@ class MemoryEstimate:
 
 
 def safetensors_header(path: Path) -> dict:
-    with path.open("rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(length))
+    from ryzanstein.models.loader import read_safetensors_header
+
+    return read_safetensors_header(path)[1]
 
 
 def stored_bytes(folder: Path) -> int:

@@ -22,22 +22,73 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Read the header and check the file is as long as it says: catches truncated or non-safetensors files
-    in milliseconds, before transformers allocates anything."""
+# The safetensors library's own cap: a prefix claiming more is refused before a byte of the header is read.
+MAX_HEADER_BYTES = 100_000_000
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+               "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file, with the length checked before the header is read."""
     size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if size < 8 or header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header length exceeds the file")
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or header_len <= 0 or 8 + header_len > size:
+            raise InvalidModel(f"{path.name} is truncated or not a safetensors file (its first 8 bytes give a "
+                               f"header of {header_len} bytes in a file of {size}).")
+        if header_len > MAX_HEADER_BYTES:
+            raise InvalidModel(f"{path.name} claims a {header_len:,}-byte header; safetensors headers are at most "
+                               f"{MAX_HEADER_BYTES:,} bytes. The file is damaged or not safetensors.")
+        try:
             header = json.loads(f.read(header_len))
-        ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise InvalidModel(f"{path.name} is truncated or not a safetensors file ({exc}).") from exc
-    expected = 8 + header_len + max(ends, default=0)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidModel(f"{path.name}: the header is not valid JSON ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise InvalidModel(f"{path.name}: the header is not a JSON object.")
+    return header_len, header
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Check the header describes tensors that fit the file, each of the size its dtype and shape give: catches
+    truncated, damaged or non-safetensors files in milliseconds, before transformers allocates anything."""
+    size = path.stat().st_size
+    header_len, header = read_safetensors_header(path)
+    data_bytes, end_max = size - 8 - header_len, 0
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        problem = tensor_problem(tensor, data_bytes)
+        if problem:
+            raise InvalidModel(f"{path.name}: tensor {name[:200]!r} {problem}.")
+        end_max = max(end_max, tensor["data_offsets"][1])
+    expected = 8 + header_len + end_max
     if size < expected:
         raise InvalidModel(f"{path.name} is truncated: {size} bytes, its header describes {expected}.")
+
+
+def tensor_problem(tensor: object, data_bytes: int) -> str | None:
+    """What is wrong with one header entry, or None."""
+    if not isinstance(tensor, dict):
+        return "is not described by an object"
+    dtype, shape, offsets = tensor.get("dtype"), tensor.get("shape"), tensor.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        return f"has an unknown dtype {str(dtype)[:40]!r}"
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape)):
+        return "has a shape that is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return "has data_offsets that are not [begin, end] with 0 <= begin <= end"
+    count = 1
+    for dim in shape:
+        count *= dim
+    if offsets[1] - offsets[0] != count * DTYPE_BYTES[dtype]:
+        return (f"has shape {shape[:8]} of {dtype} ({count * DTYPE_BYTES[dtype]:,} bytes) but its offsets span "
+                f"{offsets[1] - offsets[0]:,} bytes")
+    if offsets[1] > data_bytes:
+        return f"ends at byte {offsets[1]:,} of a data section of {data_bytes:,} (the file is truncated)"
+    return None
 
 
 def check_model_folder(path: Path) -> dict:

@@ -65,21 +65,50 @@ class QuantizeRequest:
     auto: bool = False  # methods were not chosen by hand: skip the ones that do not fit the model
 
     def validate(self, store: ModelStore) -> None:
-        store.get(self.model)  # unknown model → ModelNotFound
+        """Everything that can be checked before the model loads, so a bad request is a 400 at submit, not a
+        failure minutes into the job."""
+        info = store.get(self.model)  # unknown model → ModelNotFound
         if not self.methods:
             raise InvalidRequest("Give at least one method (or 'auto').", param="methods")
         for method in self.methods:
             parse_method(method)
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if repeated:
+            raise InvalidRequest(f"Each method once: {', '.join(repeated)} is listed more than once.",
+                                 param="methods")
         if self.goal not in GOALS:
             raise InvalidRequest(f"goal={self.goal!r} is invalid: use one of {', '.join(GOALS)}.", param="goal")
         if self.goal == "fits" and not self.max_gb:
             raise InvalidRequest("goal 'fits' needs max_gb (the memory the model must fit in).", param="max_gb")
         if not 0 <= self.max_loss_pct <= 1000:
             raise InvalidRequest("max_loss_pct must be between 0 and 1000.", param="max_loss_pct")
+        if self.goal == "fits" and self.max_gb is not None:
+            smallest = info.size_bytes / 8 / 1e9  # fp32 weights at 4 bits, below what any method can reach
+            if self.max_gb < smallest:
+                raise InvalidRequest(f"max_gb={self.max_gb:g} cannot be met: no method makes {self.model} smaller "
+                                     f"than about {smallest:.3g} GB (4 bits per weight).", param="max_gb")
         if self.calibration is not None and not self.calibration.strip():
             raise InvalidRequest("The calibration text is empty.", param="calibration")
+        if self.calibration is not None:
+            count = calibration_tokens(Path(info.path), self.calibration, info.trust_remote_code)
+            if count < MIN_EVAL_TOKENS:
+                raise InvalidRequest(f"The calibration text has {count} tokens; at least {MIN_EVAL_TOKENS} are "
+                                     "needed (a few paragraphs of text like what the model will read).",
+                                     param="calibration")
         if self.name is not None:
             store.check_new_name(self.name)
+
+
+def calibration_tokens(model_path: Path, text: str, trust_remote_code: bool) -> int:
+    """Tokens of the calibration text with the model's own tokenizer (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    if trust_remote_code:  # a custom tokenizer is the model's own code: only once the user approved it
+        from ryzanstein.models.remote_code import require_approved
+
+        require_approved(model_path, model_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    return len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def model_bytes(model: Any) -> int:
@@ -92,13 +121,15 @@ def linear_weight_bits(model: Any) -> float:
     return 8 * sum(linear_bytes(m) for m in model.modules() if type(m) is torch.nn.Linear) / params
 
 
-def measure_speed(lm: Any, tokens: int) -> tuple[float, float]:
+def measure_speed(lm: Any, tokens: int, cancel: threading.Event | None = None) -> tuple[float, float]:
     """(prefill tok/s on a 128-token prompt, decode tok/s) with the plain decode loop, EOS ignored."""
     ids = lm.tokenizer.encode(heldout_text(), add_special_tokens=False)[:128]
     stats = GenerationStats()
-    for _ in stream_tokens(lm.model, lm.tokenizer, ids[:16], GenerationParams(max_tokens=4), eos=set()):
+    for _ in stream_tokens(lm.model, lm.tokenizer, ids[:16], GenerationParams(max_tokens=4), eos=set(),
+                          cancel=cancel):
         pass  # warm-up
-    for _ in stream_tokens(lm.model, lm.tokenizer, ids, GenerationParams(max_tokens=tokens), stats=stats, eos=set()):
+    for _ in stream_tokens(lm.model, lm.tokenizer, ids, GenerationParams(max_tokens=tokens), stats=stats,
+                          eos=set(), cancel=cancel):
         pass
     return stats.prefill_tokens_per_s, stats.decode_tokens_per_s
 
@@ -112,7 +143,8 @@ def row_for(method: str, lm: Any, accuracy: Accuracy, reference: Accuracy, speed
             "prefill_tokens_per_s": speed[0], "decode_tokens_per_s": speed[1], "quantize_seconds": seconds}
 
 
-def measure_kv_cache(lm: Any, chunks: list, reference_logits: list, reference: Accuracy) -> list[dict[str, Any]]:
+def measure_kv_cache(lm: Any, chunks: list, reference_logits: list, reference: Accuracy,
+                     on_chunk: Callable[[int, int], None] = lambda done, total: None) -> list[dict[str, Any]]:
     """Accuracy with an int8 / int4 KV cache (a load option of the engine), measured like the weight methods:
     keys and values go through the cache's rounding before attention."""
     from ryzanstein.engine.kvquant import register_eval_attention
@@ -129,7 +161,7 @@ def measure_kv_cache(lm: Any, chunks: list, reference_logits: list, reference: A
                 accuracy = reference
             else:
                 lm.model.set_attn_implementation(register_eval_attention(kv))
-                accuracy = evaluate(lm.model, chunks, reference_logits)
+                accuracy = evaluate(lm.model, chunks, reference_logits, on_chunk)
             rows.append({"kv_cache": kv, "bytes_per_token": 2 * config.num_hidden_layers * heads * per_token[kv],
                          "perplexity": accuracy.perplexity,
                          "perplexity_change_pct": 100 * (accuracy.perplexity / reference.perplexity - 1),
@@ -174,7 +206,11 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
     first_step = 1 / (len(req.methods) + 1)
 
     def base_stage(label: str, done: float) -> None:  # the unquantized model's share of the bar, in parts
+        check_cancel()  # called per evaluated chunk: a cancel is honoured within one forward pass
         progress(f"evaluating the unquantized model: {label}", first_step * done)
+
+    def per_chunk(done: int, total: int) -> None:
+        check_cancel()
 
     base_stage("loading", 0.0)
     base = load_model_folder(req.model, base_path, trust_remote_code=info.trust_remote_code)
@@ -190,9 +226,9 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
     reference = evaluate(base.model, chunks, reference_logits, lambda i, n: base_stage(
         f"perplexity {i}/{n}", 0.4 + 0.3 * i / n))
     base_stage("decode speed", 0.7)
-    rows = [row_for("none", base, reference, reference, measure_speed(base, req.speed_tokens), 0.0)]
+    rows = [row_for("none", base, reference, reference, measure_speed(base, req.speed_tokens, cancel), 0.0)]
     base_stage("KV-cache formats", 0.8)
-    kv_rows = measure_kv_cache(base, chunks, reference_logits, reference)
+    kv_rows = measure_kv_cache(base, chunks, reference_logits, reference, per_chunk)
     skipped = {m: why for m in req.methods if (why := unsuitable(base.model, m))}
     if skipped and not req.auto:
         method, why = next(iter(skipped.items()))
@@ -214,8 +250,11 @@ def run_quantization(store: ModelStore, req: QuantizeRequest, *, progress: Progr
                          progress=lambda stage, f, s=step: progress(stage, s))
             seconds = time.perf_counter() - started
             progress(f"{method}: measuring", step)
-            accuracy = evaluate(lm.model, chunks, reference_logits)
-            rows.append(row_for(method, lm, accuracy, reference, measure_speed(lm, req.speed_tokens), seconds))
+            accuracy = evaluate(lm.model, chunks, reference_logits, per_chunk)
+            check_cancel()
+            rows.append(row_for(method, lm, accuracy, reference, measure_speed(lm, req.speed_tokens, cancel),
+                                seconds))
+            check_cancel()
             del lm
             gc.collect()
     except Cancelled:
