@@ -56,7 +56,12 @@ class MainWindow(QMainWindow):
 
     def _on_health(self, health: dict) -> None:
         state = health.get("default_model_state")
-        if state == "failed":
+        failing = health.get("failing_models") or {}
+        if failing:  # loaded, but its last generation failed inside the service: say so, not just "loaded"
+            name, failure = next(iter(failing.items()))
+            self.model_label.setText(f"{name} cannot generate: {failure.get('error', '')[:120]} "
+                                     "(unload and load it again)")
+        elif state == "failed":
             self.model_label.setText(f"default model failed: {health.get('default_model_error')}")
         elif state == "importing" and health.get("default_model_progress"):
             self._show_import(health["default_model"], health["default_model_progress"])

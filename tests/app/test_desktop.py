@@ -113,3 +113,14 @@ def test_window_state_persists(qtbot, service, tmp_path):
     qtbot.waitExposed(second)
     assert second.tabs.currentIndex() == 1
     assert (second.width(), second.height()) == (780, 560)
+
+
+def test_the_status_bar_says_when_a_loaded_model_cannot_generate(qtbot, tmp_path):
+    window = MainWindow(Bridge(), QSettings(str(tmp_path / "gui.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(window)
+    healthy = {"status": "ok", "loaded_models": ["tiny"], "failing_models": {}, "default_model_state": "ready"}
+    window._on_health(healthy)
+    assert window.model_label.text() == "loaded: tiny"
+    window._on_health({**healthy, "status": "degraded", "failing_models": {
+        "tiny": {"error": "NotImplementedError: aten::equal on Meta tensors", "failures": 3, "at": 0}}})
+    assert window.model_label.text().startswith("tiny cannot generate: NotImplementedError")
