@@ -27,8 +27,9 @@ def test_the_schema_needs_the_token_and_the_interactive_pages_are_off(service):
     assert httpx.get(service.url + "/openapi.json", timeout=10).status_code == 401
     schema = httpx.get(service.url + "/openapi.json", headers=service.headers, timeout=10)
     assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
-    for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
-        assert httpx.get(service.url + page, timeout=10).status_code == 404
+    for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):  # the token is checked first, for every path
+        assert httpx.get(service.url + page, timeout=10).status_code == 401
+        assert httpx.get(service.url + page, headers=service.headers, timeout=10).status_code == 404
 
 
 @pytest.mark.parametrize("fields, status, words", [

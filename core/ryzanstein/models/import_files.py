@@ -42,7 +42,11 @@ def allowed_roots(source: Path) -> list[Path]:
 def plan_import(source: Path, trust_remote_code: bool) -> ImportPlan:
     """The files to copy, each resolved to a regular file inside the folder (or its cache blobs)."""
     plan, roots = ImportPlan(), allowed_roots(source)
-    for entry in sorted(source.iterdir()):
+    try:
+        entries = sorted(source.iterdir())
+    except PermissionError as exc:
+        raise InvalidModel(f"No permission to read {source}.") from exc
+    for entry in entries:
         if not wanted(entry.name, trust_remote_code):
             plan.skipped.append(entry.name + ("/" if entry.is_dir() else ""))
             continue
