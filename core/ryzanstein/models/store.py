@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,7 +258,7 @@ class ModelStore:
         progress: ProgressFn,
         cancel: threading.Event | None,
         trust_remote_code: bool = False,
-        skipped_files: list[str] | None = None,
+        skipped_files: Sequence[str] = (),  # `list` here would name the method ModelStore.list
     ) -> ModelInfo:
         tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}.pid{os.getpid()}-", dir=self.root))
         try:
@@ -276,7 +276,7 @@ class ModelStore:
                 size_bytes=folder_size(tmp),
                 imported_at=time.time(),
                 trust_remote_code=trust_remote_code,
-                skipped_files=skipped_files or [],
+                skipped_files=list(skipped_files),
             )
             (tmp / METADATA_FILE).write_text(json.dumps(info.to_dict(), indent=2))
             tmp.rename(self.root / name)
