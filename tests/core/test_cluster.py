@@ -406,3 +406,14 @@ def test_split_rows_halves_whole_sequences_in_order():
     assert [s.kv.name for s in first.segments] == ["0"] and [s.kv.name for s in second.segments] == ["1", "2", "3"]
     assert [s.row for s in second.segments] == [0, 1, 3] and second.keep == [0, 1, 2, 3] and first.keep == [2]
     assert len(first.keep) + len(second.keep) == len(rows.keep)
+
+
+def test_every_node_of_an_option_gets_a_layer_even_a_slow_one_on_a_shallow_model():
+    from ryzanstein.cluster.coordinator import NodeMeasure, allocate
+
+    fast = NodeMeasure("local", "alpha", "", 1.0, 0.0, 1e9, 2**34)
+    slow = NodeMeasure("b", "beta", "", 3.0, 0.1, 1e9, 2**34)
+    assert allocate(2, [fast, slow], 1000, 1000) == [1, 1]  # shares 1.5 / 0.5 used to round to [2, 0]
+    deep = allocate(30, [fast, slow], 1000, 1000)
+    assert deep is not None and sum(deep) == 30 and abs(deep[0] - 22.5) <= 1  # deeper models stay proportional (3:1)
+    assert allocate(1, [fast, slow], 1000, 1000) == [1, 0]  # fewer layers than nodes: what fits

@@ -80,6 +80,11 @@ def allocate(layers: int, nodes: list[NodeMeasure], layer_bytes: int, head_bytes
     counts = [0] * len(nodes)
     open_ = [i for i in range(len(nodes)) if caps[i] > 0]
     left = layers
+    if layers >= len(nodes) and len(open_) == len(nodes):
+        # A k-node option uses all k nodes: one layer each first. Proportional shares alone round a slower
+        # node down to nothing on a shallow model, and the "2-node" option silently ran on one node.
+        counts, left = [1] * len(nodes), layers - len(nodes)
+        open_ = [i for i in open_ if counts[i] < caps[i]]
     while left > 0 and open_:
         speed = {i: 1.0 / max(nodes[i].layer_ms, 1e-6) for i in open_}
         total = sum(speed.values())
