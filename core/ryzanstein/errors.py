@@ -10,10 +10,12 @@ class RyzansteinError(Exception):
     error_type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:  # a more precise code than the class's (e.g. unsupported_parameter)
+            self.code = code
 
 
 class InvalidRequest(RyzansteinError):

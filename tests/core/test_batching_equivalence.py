@@ -33,6 +33,7 @@ class Req:
     arrival: int
     cancel_at: int | None
     seed: int | None  # None: greedy
+    extras: bool = False  # OpenAI penalties, a logit bias and logprobs (compared too)
 
 
 class Outcome:
@@ -40,6 +41,7 @@ class Outcome:
         self.tokens: list[int] = []
         self.finish: str | None = None
         self.error: BaseException | None = None
+        self.logprobs: list = []
 
     def __call__(self, item: object) -> None:
         if isinstance(item, BaseException):
@@ -47,14 +49,20 @@ class Outcome:
         elif isinstance(item, StreamChunk):
             if item.token_id is not None:
                 self.tokens.append(item.token_id)
+            if item.logprob is not None:
+                self.logprobs.append(item.logprob)
             if item.finish_reason:
                 self.finish = item.finish_reason
 
 
 def params_of(req: Req) -> GenerationParams:
+    extras = {}
+    if req.extras:
+        extras = {"presence_penalty": 0.5, "frequency_penalty": 0.7, "logit_bias": ((7, 2.0), (9, -50.0)),
+                  "logprobs": True, "top_logprobs": 3}
     if req.seed is None:
-        return GenerationParams(max_tokens=req.max_tokens)
-    return GenerationParams(max_tokens=req.max_tokens, temperature=0.9, top_k=50, seed=req.seed)
+        return GenerationParams(max_tokens=req.max_tokens, **extras)
+    return GenerationParams(max_tokens=req.max_tokens, temperature=0.9, top_k=50, seed=req.seed, **extras)
 
 
 class OracleDrafter:
@@ -131,9 +139,9 @@ _alone_cache: dict[tuple, Outcome] = {}
 
 
 def alone(lm, req: Req, chunk: int, tmp: Path) -> Outcome:
-    key = (lm.name, tuple(req.prompt), req.max_tokens, req.seed, chunk)
+    key = (lm.name, tuple(req.prompt), req.max_tokens, req.seed, chunk, req.extras)
     if key not in _alone_cache:
-        solo = Req(req.prompt, req.max_tokens, 0, None, req.seed)
+        solo = Req(req.prompt, req.max_tokens, 0, None, req.seed, req.extras)
         config = EngineConfig(prefill_chunk=chunk, speculation="off")
         _alone_cache[key] = run_engine(lm, config, [solo], tmp)[0]
     return _alone_cache[key]
@@ -147,6 +155,7 @@ requests = st.builds(
     arrival=st.integers(0, 12),
     cancel_at=st.one_of(st.none(), st.integers(1, 30)),
     seed=st.one_of(st.none(), st.none(), st.integers(0, 1000)),
+    extras=st.booleans(),
 )
 
 
@@ -157,7 +166,7 @@ requests = st.builds(
        speculation=st.sampled_from(["off", "always"]))
 def test_batched_output_equals_alone(tiny_lm, tmp_path_factory, reqs, chunk, kv_tokens, max_running, speculation):
     if speculation == "always":  # drafting changes how sampling consumes random numbers: greedy only
-        reqs = [Req(r.prompt, r.max_tokens, r.arrival, r.cancel_at, None) for r in reqs]
+        reqs = [Req(r.prompt, r.max_tokens, r.arrival, r.cancel_at, None, r.extras) for r in reqs]
     tmp = tmp_path_factory.mktemp("swap")
     config = EngineConfig(kv_cache_tokens=kv_tokens, block_tokens=16, max_running=max_running,
                           prefill_chunk=chunk, max_step_tokens=chunk + max_running, speculation=speculation,
@@ -165,12 +174,15 @@ def test_batched_output_equals_alone(tiny_lm, tmp_path_factory, reqs, chunk, kv_
     refs = [alone(tiny_lm, req, chunk, tmp) for req in reqs]
     drafter = OracleDrafter([(r.prompt, ref.tokens) for r, ref in zip(reqs, refs, strict=True)])
     outcomes = run_engine(tiny_lm, config, reqs, tmp, drafter if speculation == "always" else None)
-    for got, ref in zip(outcomes, refs, strict=True):
+    for req, got, ref in zip(reqs, outcomes, refs, strict=True):
         assert got.error is None
         if got.finish == "cancelled":
             assert got.tokens == ref.tokens[:len(got.tokens)]
+            assert got.logprobs == ref.logprobs[:len(got.logprobs)]
         else:
             assert (got.tokens, got.finish) == (ref.tokens, ref.finish)
+            assert got.logprobs == ref.logprobs  # bit for bit: same logits, same penalties
+        assert len(got.logprobs) == (len(got.tokens) if req.extras else 0)
 
 
 def test_preemption_and_speculation_really_happen(tiny_lm, tmp_path):

@@ -140,7 +140,7 @@ class BatchEngine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
         lookahead = self.config.draft_tokens if self.config.speculation != "off" else 0
-        request = EngineRequest(request_id, list(prompt_ids), params, emit, stats, Sampler(params),
+        request = EngineRequest(request_id, list(prompt_ids), params, emit, stats, Sampler(params, len(prompt_ids)),
                                 IncrementalDetokenizer(tokenizer, params.stop), speculation_class)
         with self._lock:
             if self._closed:
@@ -406,13 +406,14 @@ class BatchEngine:
             if self._eos and token in self._eos:
                 return
             text = request.detok.add(token)
+            logprob = request.sampler.take_logprob(token) if request.params.logprobs else None
             if request.detok.stopped:
                 if text:
-                    request.emit(StreamChunk(text, token))
+                    request.emit(StreamChunk(text, token, logprob=logprob))
                 self.scheduler.finish(request.request_id, "stop")
                 self._finish_request(request.request_id, "stop")
                 return
-            request.emit(StreamChunk(text, token))
+            request.emit(StreamChunk(text, token, logprob=logprob))
 
     def _finish_request(self, request_id: str, reason: str) -> None:
         request = self.requests.pop(request_id, None)

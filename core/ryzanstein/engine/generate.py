@@ -13,7 +13,7 @@ from typing import Any
 
 from ryzanstein.engine.detokenizer import IncrementalDetokenizer
 from ryzanstein.engine.params import GenerationParams
-from ryzanstein.engine.sampler import Sampler
+from ryzanstein.engine.sampler import Sampler, TokenLogprob
 
 
 @dataclass
@@ -23,6 +23,7 @@ class StreamChunk:
     text: str
     token_id: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @dataclass
@@ -72,7 +73,7 @@ def stream_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
     eos = eos_token_ids(model, tokenizer) if eos is None else eos
-    sampler = Sampler(params)
+    sampler = Sampler(params, len(prompt_ids))
     detok = IncrementalDetokenizer(tokenizer, params.stop)
     history = torch.tensor([prompt_ids], dtype=torch.long)
     finish = "length"
@@ -96,12 +97,13 @@ def stream_tokens(
                 break
             history = torch.cat([history, torch.tensor([[token]])], dim=1)
             text = detok.add(token)
+            logprob = sampler.take_logprob(token) if params.logprobs else None
             if detok.stopped:
                 if text:
-                    yield StreamChunk(text, token)
+                    yield StreamChunk(text, token, logprob=logprob)
                 finish = "stop"
                 break
-            yield StreamChunk(text, token)
+            yield StreamChunk(text, token, logprob=logprob)
             if step + 1 == params.max_tokens:
                 break
             next_input = history[:, -1:]

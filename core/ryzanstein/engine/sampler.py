@@ -1,6 +1,14 @@
-"""Next-token choice: repetition penalty, then temperature, top-k and top-p (transformers' order)."""
+"""Next-token choice: repetition penalty (transformers'), presence/frequency penalties and logit bias (OpenAI's),
+then temperature, top-k and top-p (transformers' order).
+
+Log-probabilities, when asked for, are taken from the logits after the penalties and the bias and before
+temperature, top-k and top-p: what the model, as adjusted by the request, believes (OpenAI reports the same).
+"""
 
 from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -12,6 +20,41 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     scores = torch.gather(logits, 1, history)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits.scatter(1, history, scores)
+
+
+def apply_presence_frequency(logits: torch.Tensor, generated: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's definition: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counting the tokens
+    generated so far (not the prompt, as vLLM does)."""
+    counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    vocab = logits.size(-1)
+    ids = [t for t, _ in bias if t < vocab]  # ids past the vocabulary are refused by the route; never index them
+    if not ids:
+        return logits
+    values = torch.tensor([b for t, b in bias if t < vocab], dtype=logits.dtype)
+    return logits.index_add(1, torch.tensor(ids), values[None, :])
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's log-probability and the most likely alternatives (ids, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits[0].double(), dim=-1)  # double: tiny probabilities keep their exponent
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        best = tuple((int(i), float(v)) for i, v in zip(ids, values, strict=True))
+    return TokenLogprob(token, float(logprobs[token]), best)
 
 
 def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -40,8 +83,10 @@ def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tens
 
 
 class Sampler:
-    def __init__(self, params: GenerationParams):
+    def __init__(self, params: GenerationParams, prompt_tokens: int = 0):
         self.params = params
+        self.prompt_tokens = prompt_tokens  # history[:, prompt_tokens:] is what was generated
+        self.logprobs: deque[TokenLogprob] = deque()  # one per call when params.logprobs; consumers pop them
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -54,6 +99,27 @@ class Sampler:
         logits = logits.float()
         if p.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits = apply_presence_frequency(logits, history[:, self.prompt_tokens:], p.presence_penalty,
+                                              p.frequency_penalty)
+        if p.logit_bias:
+            logits = apply_logit_bias(logits, p.logit_bias)
+        token = self._choose(logits)
+        if p.logprobs:
+            self.logprobs.append(token_logprob(logits, token, p.top_logprobs))
+        return token
+
+    def take_logprob(self, token: int) -> TokenLogprob | None:
+        """The record of `token`'s choice, skipping records of choices that were not kept (a step re-run to
+        isolate a failure samples again)."""
+        while self.logprobs:
+            record = self.logprobs.popleft()
+            if record.token_id == token:
+                return record
+        return None
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        p = self.params
         if p.greedy:
             return int(torch.argmax(logits, dim=-1).item())
         logits = scale_by_temperature(logits, p.temperature)

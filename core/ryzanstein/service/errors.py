@@ -66,6 +66,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405) and request.url.path.startswith("/v1/"):  # OpenAI's own wording
+            return ErrorResponse(error_body(
+                f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos, or "
+                "see docs/api.md for the routes this server offers.", "invalid_request_error", None,
+                "unknown_url"), 404, headers=exc.headers)
         error_type = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
         return ErrorResponse(error_body(str(exc.detail), error_type), exc.status_code, headers=exc.headers)
 

@@ -1,8 +1,10 @@
-"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+"""OpenAI-compatible routes: /v1/models, /v1/models/{id}, /v1/chat/completions, /v1/completions,
+/v1/embeddings."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -14,10 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ryzanstein.engine.chat import chat_prompt_ids, completion_prompt_ids
+from ryzanstein import compute
+from ryzanstein.engine.chat import chat_prompt_ids, check_text, completion_prompt_ids
+from ryzanstein.engine.embeddings import embed_ids
 from ryzanstein.engine.generate import GenerationStats, StreamChunk
+from ryzanstein.engine.sampler import TokenLogprob
 from ryzanstein.errors import Cancelled, ContextTooLong, InvalidRequest, RyzansteinError
-from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from ryzanstein.service.logprobs_format import chat_logprobs, completion_logprobs
+from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
 from ryzanstein.service.streaming import first_chunk_early, start_generation
 
 router = APIRouter()
@@ -54,6 +60,18 @@ def budget(request_max: int | None, prompt_tokens: int, context_limit: int) -> i
     return request_max
 
 
+def vocabulary_size(lm: Any) -> int:
+    return max(len(lm.tokenizer), int(getattr(lm.model.config, "vocab_size", 0) or 0))
+
+
+def check_logit_bias(body: SamplingFields, lm: Any) -> None:
+    vocab = vocabulary_size(lm)
+    for token, _ in body.logit_bias_pairs():
+        if token >= vocab:
+            raise InvalidRequest(f"logit_bias: token id {token} is outside the vocabulary of {body.model!r} "
+                                 f"({vocab} tokens).", param="logit_bias")
+
+
 def context_limit(request: Request, lm: Any) -> int:
     model_limit = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
     return min(int(model_limit), request.app.state.settings.max_context_tokens)
@@ -62,19 +80,25 @@ def context_limit(request: Request, lm: Any) -> int:
 async def prepare(request: Request, body: SamplingFields, prompt_of: Any, max_tokens: int | None):
     lm = await asyncio.to_thread(request.app.state.manager.get, body.model)
     prompt_ids = prompt_of(lm.tokenizer)
+    check_logit_bias(body, lm)
     params = body.generation_params(budget(max_tokens, len(prompt_ids), context_limit(request, lm)))
     return lm, prompt_ids, params
 
 
-async def collect(chunks: AsyncIterator[StreamChunk]) -> tuple[str, str | None]:
-    parts, finish = [], None
+Collected = tuple[str, str | None, list[TokenLogprob]]
+
+
+async def collect(chunks: AsyncIterator[StreamChunk]) -> Collected:
+    parts, finish, logprobs = [], None, []
     async for chunk in chunks:
         parts.append(chunk.text)
         finish = chunk.finish_reason or finish
-    return "".join(parts), finish
+        if chunk.logprob is not None:
+            logprobs.append(chunk.logprob)
+    return "".join(parts), finish, logprobs
 
 
-async def collect_while_connected(request: Request, chunks: AsyncIterator[StreamChunk]) -> tuple[str, str | None]:
+async def collect_while_connected(request: Request, chunks: AsyncIterator[StreamChunk]) -> Collected:
     """`collect`, but a client that goes away cancels its generation (leaving the chunks' iterator cancels the
     request in the engine) instead of leaving it to run to max_tokens for nobody."""
     task = asyncio.ensure_future(collect(chunks))
@@ -101,8 +125,17 @@ def stream_error(exc: BaseException) -> dict:
 async def list_models(request: Request) -> dict:
     models = await asyncio.to_thread(request.app.state.manager.store.list)
     return {"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": int(m.imported_at), "owned_by": "ryzanstein"}
-        for m in models]}
+        model_object(m) for m in models]}
+
+
+def model_object(info: Any) -> dict:
+    return {"id": info.name, "object": "model", "created": int(info.imported_at), "owned_by": "ryzanstein"}
+
+
+@router.get("/v1/models/{model_id}")
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    """One model of the store (what `client.models.retrieve` calls); 404 model_not_found otherwise."""
+    return model_object(await asyncio.to_thread(request.app.state.manager.store.get, model_id))
 
 
 class Run:
@@ -152,18 +185,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         await run.started()
         async def deltas() -> AsyncIterator[list]:
-            yield [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            yield [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                    "logprobs": None}]
             async for chunk in run.chunks:
-                if chunk.text:
-                    yield [{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}]
+                if chunk.text or chunk.logprob is not None:  # a token may hold half a character: no text yet
+                    logprobs = (chat_logprobs(lm.tokenizer, [chunk.logprob]) if chunk.logprob is not None
+                                else None)
+                    yield [{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None,
+                            "logprobs": logprobs}]
                 if chunk.finish_reason:
-                    yield [{"index": 0, "delta": {}, "finish_reason": openai_finish(chunk.finish_reason)}]
+                    yield [{"index": 0, "delta": {}, "finish_reason": openai_finish(chunk.finish_reason),
+                            "logprobs": None}]
 
         return run.stream("chat.completion.chunk", deltas())
 
-    text, finish = await collect_while_connected(request, run.chunks)
+    text, finish, records = await collect_while_connected(request, run.chunks)
+    logprobs = chat_logprobs(lm.tokenizer, records) if body.logprobs else None
     return run.envelope("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": text},
-                                             "finish_reason": openai_finish(finish), "logprobs": None}],
+                                             "finish_reason": openai_finish(finish), "logprobs": logprobs}],
                         usage=usage(run.stats))
 
 
@@ -175,16 +214,81 @@ async def completions(body: CompletionRequest, request: Request):
     lm, prompt_ids, params = await prepare(request, body, lambda tok: completion_prompt_ids(tok, prompts[0]),
                                            body.max_tokens)
     run = Run(request, body, "cmpl", lm, prompt_ids, params)
+    echoed = prompts[0] if body.echo else ""
     if body.stream:
         await run.started()
         async def texts() -> AsyncIterator[list]:
+            offset = 0
+            if echoed:
+                yield [{"index": 0, "text": echoed, "logprobs": None, "finish_reason": None}]
             async for chunk in run.chunks:
-                if chunk.text or chunk.finish_reason:
-                    yield [{"index": 0, "text": chunk.text, "logprobs": None,
+                if chunk.text or chunk.finish_reason or chunk.logprob is not None:
+                    logprobs = (completion_logprobs(lm.tokenizer, [chunk.logprob], offset)
+                                if chunk.logprob is not None else None)
+                    offset += len(chunk.text)
+                    yield [{"index": 0, "text": chunk.text, "logprobs": logprobs,
                             "finish_reason": openai_finish(chunk.finish_reason)}]
 
         return run.stream("text_completion", texts())
 
-    text, finish = await collect_while_connected(request, run.chunks)
-    return run.envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
+    text, finish, records = await collect_while_connected(request, run.chunks)
+    logprobs = completion_logprobs(lm.tokenizer, records, 0) if body.logprobs is not None else None
+    return run.envelope("text_completion", [{"index": 0, "text": echoed + text, "logprobs": logprobs,
                                              "finish_reason": openai_finish(finish)}], usage=usage(run.stats))
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+
+def embedding_inputs(body: EmbeddingRequest, tokenizer: Any, limit: int, vocab: int) -> list[list[int]]:
+    raw = body.input
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+        raw = [raw]  # type: ignore[list-item]
+    if not raw:
+        raise InvalidRequest("input must not be empty.", param="input")
+    if len(raw) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"input holds {len(raw)} items; at most {MAX_EMBEDDING_INPUTS} per request.",
+                             param="input")
+    inputs = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"input[{i}] is an empty string.", param="input")
+            ids = list(tokenizer(check_text(item, f"input[{i}]"), add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(item)  # token ids
+            if not ids or any(t < 0 or t >= vocab for t in ids):
+                raise InvalidRequest(f"input[{i}]: token ids must be a non-empty list of ids from 0 to {vocab - 1}.",
+                                     param="input")
+        if len(ids) > limit:
+            raise ContextTooLong(f"input[{i}] has {len(ids)} tokens; {body.model!r} accepts at most {limit}.",
+                                 param="input")
+        inputs.append(ids)
+    return inputs
+
+
+def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":  # what the openai client asks for by default: little-endian float32
+        import numpy as np
+
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+    """Mean-pooled, unit-length last hidden states (docs/api.md, "Embeddings"); each input runs alone."""
+    state = request.app.state
+    lm = await asyncio.to_thread(state.manager.get, body.model)
+    inputs = embedding_inputs(body, lm.tokenizer, context_limit(request, lm), vocabulary_size(lm))
+
+    def run() -> list[list[float]]:
+        with state.manager.generating(body.model, wait_s=state.settings.queue_deadline_s) as held:
+            return [compute.call(lambda ids=ids: embed_ids(held.model, ids)) for ids in inputs]
+
+    vectors = await asyncio.to_thread(run)
+    tokens = sum(len(ids) for ids in inputs)
+    return {"object": "list", "model": body.model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
