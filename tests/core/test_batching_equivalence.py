@@ -17,13 +17,19 @@ from hypothesis import strategies as st
 
 from ryzanstein.engine.batching import BatchEngine, EngineConfig, holding, model_eos
 from ryzanstein.engine.generate import StreamChunk
+from ryzanstein.engine.grammar import GrammarSpec, compile_grammar
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.models.loader import load_model_folder
 
 
+GRAMMAR: dict[str, object] = {}  # the JSON grammar for the tiny model's tokenizer, compiled once
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_llama_dir: Path):
-    return load_model_folder("tiny", tiny_llama_dir)
+    lm = load_model_folder("tiny", tiny_llama_dir)
+    GRAMMAR["json"] = compile_grammar(GrammarSpec("json"), lm.tokenizer, lm.model.config.vocab_size)
+    return lm
 
 
 @dataclass
@@ -33,7 +39,7 @@ class Req:
     arrival: int
     cancel_at: int | None
     seed: int | None  # None: greedy
-    extras: bool = False  # OpenAI penalties, a logit bias and logprobs (compared too)
+    extras: bool = False  # OpenAI penalties, a logit bias, a JSON grammar and logprobs (compared too)
 
 
 class Outcome:
@@ -59,7 +65,7 @@ def params_of(req: Req) -> GenerationParams:
     extras = {}
     if req.extras:
         extras = {"presence_penalty": 0.5, "frequency_penalty": 0.7, "logit_bias": ((7, 2.0), (9, -50.0)),
-                  "logprobs": True, "top_logprobs": 3}
+                  "logprobs": True, "top_logprobs": 3, "grammar": GRAMMAR["json"]}
     if req.seed is None:
         return GenerationParams(max_tokens=req.max_tokens, **extras)
     return GenerationParams(max_tokens=req.max_tokens, temperature=0.9, top_k=50, seed=req.seed, **extras)
@@ -183,6 +189,8 @@ def test_batched_output_equals_alone(tiny_lm, tmp_path_factory, reqs, chunk, kv_
             assert (got.tokens, got.finish) == (ref.tokens, ref.finish)
             assert got.logprobs == ref.logprobs  # bit for bit: same logits, same penalties
         assert len(got.logprobs) == (len(got.tokens) if req.extras else 0)
+        if req.extras and got.tokens:  # the grammar held: the text so far is the start of a JSON object
+            assert tiny_lm.tokenizer.decode(got.tokens).lstrip().startswith("{")
 
 
 def test_preemption_and_speculation_really_happen(tiny_lm, tmp_path):

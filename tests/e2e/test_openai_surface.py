@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -64,10 +66,7 @@ def test_a_field_we_do_not_implement_is_a_400_naming_it(client, field, value):
     assert error["code"] == ("unknown_parameter" if field == "a_field_nobody_defined" else "unsupported_parameter")
 
 
-def test_json_response_formats_are_refused_until_implemented_and_text_is_accepted(client):
-    with pytest.raises(openai.BadRequestError, match="json_object"):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                       response_format={"type": "json_object"})
+def test_text_response_format_and_compatibility_fields_are_accepted(client):
     ok = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
                                         response_format={"type": "text"}, user="someone")
     assert ok.choices[0].message.content
@@ -220,3 +219,78 @@ def test_bad_embedding_input_is_a_clear_400(service, body, words):
     response = httpx.post(service.url + "/v1/embeddings", headers=service.headers, timeout=60,
                           json={"model": MODEL, **body})
     assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
+
+
+# -- structured output --------------------------------------------------------------------------------------------
+class City(pydantic.BaseModel):
+    name: str
+    country: str
+    population: int
+    landmarks: list[str]
+
+
+class Person(pydantic.BaseModel):
+    """PERSON as a model, to validate with (extra fields refused like additionalProperties: false)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str
+    age: int = pydantic.Field(ge=0)
+    role: Literal["admin", "user", "guest"]
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
+                                           "role": {"enum": ["admin", "user", "guest"]}},
+          "required": ["name", "age", "role"], "additionalProperties": False}
+
+
+def test_a_json_schema_response_parses_into_the_pydantic_model(client):
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Describe Paris."}], response_format=City,
+        max_tokens=200, temperature=0)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    city = choice.message.parsed
+    assert isinstance(city, City) and city.name and isinstance(city.population, int)
+
+
+def test_json_object_mode_gives_a_json_object_streamed_or_not(client):
+    messages = [{"role": "user", "content": 'Return a JSON object with the keys "name" and "age" of a cat.'}]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=150, temperature=0,
+                                              response_format={"type": "json_object"})
+    assert response.choices[0].finish_reason == "stop", response.choices[0].message.content
+    assert isinstance(json.loads(response.choices[0].message.content), dict)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=150, temperature=0,
+                                            response_format={"type": "json_object"}, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == response.choices[0].message.content
+
+
+def test_four_concurrent_structured_requests_all_validate(client):
+    """Through the batching engine: each row its own mask (sampled, different seeds)."""
+    import concurrent.futures
+
+    def one(seed: int) -> tuple[str, str]:
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Invent user number {seed} as JSON."}],
+            max_tokens=120, temperature=0.8, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "user", "schema": PERSON}})
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    for text, finish in results:
+        assert finish == "stop", text
+        Person.model_validate_json(text, strict=True)
+
+
+@pytest.mark.parametrize("response_format, words", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "json schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "name"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "JSON object"),
+    ({"type": "yaml"}, "not supported"),
+    ({"type": "json_object", "extra": 1}, "unexpected")])
+def test_a_bad_response_format_is_a_400_before_generation(service, response_format, words):
+    response = httpx.post(service.url + "/v1/chat/completions", headers=service.headers, timeout=60,
+                          json={"model": MODEL, "messages": MESSAGES, "response_format": response_format})
+    assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
+    assert response.json()["error"]["param"] == "response_format"

@@ -140,7 +140,8 @@ class BatchEngine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
         lookahead = self.config.draft_tokens if self.config.speculation != "off" else 0
-        request = EngineRequest(request_id, list(prompt_ids), params, emit, stats, Sampler(params, len(prompt_ids)),
+        request = EngineRequest(request_id, list(prompt_ids), params, emit, stats,
+                                Sampler(params, len(prompt_ids), eos),
                                 IncrementalDetokenizer(tokenizer, params.stop), speculation_class)
         with self._lock:
             if self._closed:

@@ -73,7 +73,7 @@ def stream_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
     eos = eos_token_ids(model, tokenizer) if eos is None else eos
-    sampler = Sampler(params, len(prompt_ids))
+    sampler = Sampler(params, len(prompt_ids), eos)
     detok = IncrementalDetokenizer(tokenizer, params.stop)
     history = torch.tensor([prompt_ids], dtype=torch.long)
     finish = "length"

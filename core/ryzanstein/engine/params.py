@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ryzanstein.errors import InvalidRequest
 
@@ -27,6 +28,7 @@ class GenerationParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: bool = False  # record the chosen token's log-probability
     top_logprobs: int = 0  # and this many most likely alternatives
+    grammar: Any = None  # a compiled grammar (engine/grammar.py) the output must match, or None
 
     def __post_init__(self) -> None:
         def bad(param: str, why: str) -> InvalidRequest:

@@ -1,14 +1,16 @@
 """Next-token choice: repetition penalty (transformers'), presence/frequency penalties and logit bias (OpenAI's),
 then temperature, top-k and top-p (transformers' order).
 
-Log-probabilities, when asked for, are taken from the logits after the penalties and the bias and before
-temperature, top-k and top-p: what the model, as adjusted by the request, believes (OpenAI reports the same).
+A grammar (structured output) then masks every token that would leave it. Log-probabilities, when asked for, are
+taken from the logits after the penalties, the bias and the grammar's mask and before temperature, top-k and
+top-p: what the model, as adjusted by the request, believes (OpenAI reports the same).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -83,9 +85,11 @@ def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tens
 
 
 class Sampler:
-    def __init__(self, params: GenerationParams, prompt_tokens: int = 0):
+    def __init__(self, params: GenerationParams, prompt_tokens: int = 0, stop_tokens: set[int] | None = None):
         self.params = params
         self.prompt_tokens = prompt_tokens  # history[:, prompt_tokens:] is what was generated
+        self.stop_tokens = stop_tokens or set()
+        self.constraint: Any = None  # the request's grammar state, made at the first token (needs the vocab size)
         self.logprobs: deque[TokenLogprob] = deque()  # one per call when params.logprobs; consumers pop them
         self.generator = torch.Generator()
         if params.seed is not None:
@@ -104,10 +108,19 @@ class Sampler:
                                               p.frequency_penalty)
         if p.logit_bias:
             logits = apply_logit_bias(logits, p.logit_bias)
+        if p.grammar is not None:
+            logits = self._constrain(logits, history)
         token = self._choose(logits)
         if p.logprobs:
             self.logprobs.append(token_logprob(logits, token, p.top_logprobs))
         return token
+
+    def _constrain(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        from ryzanstein.engine.grammar import Constraint
+
+        if self.constraint is None:
+            self.constraint = Constraint(self.params.grammar, logits.size(-1), self.stop_tokens)
+        return self.constraint.mask(logits, history[0, self.prompt_tokens:].tolist())
 
     def take_logprob(self, token: int) -> TokenLogprob | None:
         """The record of `token`'s choice, skipping records of choices that were not kept (a step re-run to

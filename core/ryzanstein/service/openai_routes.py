@@ -20,6 +20,7 @@ from ryzanstein import compute
 from ryzanstein.engine.chat import chat_prompt_ids, check_text, completion_prompt_ids
 from ryzanstein.engine.embeddings import embed_ids
 from ryzanstein.engine.generate import GenerationStats, StreamChunk
+from ryzanstein.engine.grammar import compile_grammar
 from ryzanstein.engine.sampler import TokenLogprob
 from ryzanstein.errors import Cancelled, ContextTooLong, InvalidRequest, RyzansteinError
 from ryzanstein.service.logprobs_format import chat_logprobs, completion_logprobs
@@ -64,6 +65,11 @@ def vocabulary_size(lm: Any) -> int:
     return max(len(lm.tokenizer), int(getattr(lm.model.config, "vocab_size", 0) or 0))
 
 
+def logits_size(lm: Any) -> int:
+    """The width of the model's logits (its head), which a grammar's token mask must cover."""
+    return int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
+
+
 def check_logit_bias(body: SamplingFields, lm: Any) -> None:
     vocab = vocabulary_size(lm)
     for token, _ in body.logit_bias_pairs():
@@ -81,7 +87,11 @@ async def prepare(request: Request, body: SamplingFields, prompt_of: Any, max_to
     lm = await asyncio.to_thread(request.app.state.manager.get, body.model)
     prompt_ids = prompt_of(lm.tokenizer)
     check_logit_bias(body, lm)
-    params = body.generation_params(budget(max_tokens, len(prompt_ids), context_limit(request, lm)))
+    spec = body.grammar_spec()
+    grammar = None
+    if spec is not None:  # compiled before the request is queued: a bad schema is a 400, not a failed stream
+        grammar = await asyncio.to_thread(compile_grammar, spec, lm.tokenizer, logits_size(lm))
+    params = body.generation_params(budget(max_tokens, len(prompt_ids), context_limit(request, lm)), grammar)
     return lm, prompt_ids, params
 
 

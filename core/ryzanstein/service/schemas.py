@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ryzanstein.engine.grammar import GrammarSpec, schema_text
 from ryzanstein.engine.params import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, GenerationParams
 from ryzanstein.errors import InvalidRequest
 
@@ -107,7 +108,10 @@ class SamplingFields(StrictBody):
     def wanted_logprobs(self) -> tuple[bool, int]:
         return False, 0
 
-    def generation_params(self, max_tokens: int) -> GenerationParams:
+    def grammar_spec(self) -> GrammarSpec | None:
+        return None
+
+    def generation_params(self, max_tokens: int, grammar: Any = None) -> GenerationParams:
         logprobs, top = self.wanted_logprobs()
         return GenerationParams(
             max_tokens=max_tokens,
@@ -122,6 +126,7 @@ class SamplingFields(StrictBody):
             logit_bias=self.logit_bias_pairs(),
             logprobs=logprobs,
             top_logprobs=top,
+            grammar=grammar,
         )
 
 
@@ -132,21 +137,52 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="With logprobs: this many most likely tokens at each position.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {\"type\": \"text\"} (the default) "
-                                                   "for now; JSON modes are refused with a 400.")
+    response_format: dict[str, Any] | None = Field(None, description="{\"type\": \"text\"} (default), "
+                                                   "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+                                                   "\"json_schema\": {\"name\": …, \"schema\": {…}}}: the output "
+                                                   "is constrained token by token to parse (and match the schema).")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise InvalidRequest(f"response_format type {self.response_format.get('type')!r} is not supported by "
-                                 "this server yet; only 'text'.", param="response_format",
-                                 code="unsupported_parameter")
+        self.grammar_spec()  # a malformed response_format is a 400 before the model is touched
         return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        return response_format_spec(self.response_format)
 
     def wanted_logprobs(self) -> tuple[bool, int]:
         return self.logprobs, self.top_logprobs or 0
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def response_format_spec(response_format: dict[str, Any] | None) -> GrammarSpec | None:
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise InvalidRequest(f"response_format.type {kind!r} is not supported; use one of "
+                             f"{', '.join(RESPONSE_FORMATS)}.", param="response_format")
+    extra = set(response_format) - {"type", "json_schema"}
+    if extra or (kind != "json_schema" and "json_schema" in response_format):
+        raise InvalidRequest(f"response_format: unexpected field(s) {sorted(extra) or ['json_schema']}.",
+                             param="response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise InvalidRequest("response_format.json_schema must be an object with a name and a schema.",
+                             param="response_format")
+    unknown = set(spec) - {"name", "schema", "strict", "description"}
+    if unknown:
+        raise InvalidRequest(f"response_format.json_schema: unexpected field(s) {sorted(unknown)}.",
+                             param="response_format")
+    return GrammarSpec("json_schema", schema_text(spec.get("schema", {})))
 
 
 class CompletionRequest(SamplingFields):

@@ -1,0 +1,137 @@
+"""Structured output: a grammar (a JSON schema, any JSON, or an EBNF) turned into a per-token mask that the
+sampler applies, so every sampled token keeps the output inside the grammar.
+
+The engine is xgrammar, chosen by measurement on this CPU (docs/benchmarks/structured-output.md): with torch's
+two threads busy beside it, its mask took ~0.31 ms per token where llguidance's took 0.4–12 ms. It is installed
+without its declared dependencies (the Makefile's step 4): it lists triton, a GPU compiler it does not need here.
+
+A `Constraint` follows the tokens the request has generated (the sampler's history), not its own count of
+accepted tokens: whatever the engine keeps — speculative drafts cut back, a step run again — the matcher is
+brought to exactly that prefix (rolled back to the common prefix, then fed the rest) before each mask.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ryzanstein.errors import InvalidRequest, RyzansteinError
+
+
+class GrammarUnavailable(RyzansteinError):
+    status_code = 501
+    error_type = "server_error"
+    code = "structured_output_unavailable"
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the output must match. kind: "json_schema" (source = the schema as JSON), "json" (any JSON value
+    of the object type, OpenAI's json_object), or "ebnf" (source = a GBNF/EBNF grammar with a `root` rule)."""
+
+    kind: str
+    source: str = ""
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as exc:  # pragma: no cover - the Makefile installs it
+        raise GrammarUnavailable("Structured output needs the xgrammar package, which is not installed; run "
+                                 "`make test` or `pip install --no-deps xgrammar apache-tvm-ffi`.") from exc
+    return xgrammar
+
+
+class GrammarCompiler:
+    """One per tokenizer: xgrammar's vocabulary analysis (~0.15 s) is done once, compiled grammars are cached."""
+
+    _by_tokenizer: dict[int, GrammarCompiler] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, tokenizer: Any, vocab_size: int):
+        xgr = _xgrammar()
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> GrammarCompiler:
+        key = id(tokenizer)
+        with cls._lock:
+            compiler = cls._by_tokenizer.get(key)
+            if compiler is None or compiler.vocab_size != vocab_size:
+                compiler = cls._by_tokenizer[key] = GrammarCompiler(tokenizer, vocab_size)
+            return compiler
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        try:
+            if spec.kind == "json_schema":
+                return self.compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
+            if spec.kind == "json":
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                         strict_mode=False)
+            if spec.kind == "ebnf":
+                return self.compiler.compile_grammar(spec.source)
+        except Exception as exc:  # xgrammar reports bad schemas and grammars as RuntimeError/ValueError
+            raise InvalidRequest(f"The {spec.kind.replace('_', ' ')} cannot be used for structured output: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                                 param="response_format") from None
+        raise InvalidRequest(f"Unknown grammar kind {spec.kind!r}.", param="response_format")
+
+
+class Constraint:
+    """One request's grammar state: masks logits to the tokens the grammar allows after the generated prefix."""
+
+    def __init__(self, compiled: Any, vocab_size: int, stop_tokens: set[int]):
+        xgr = _xgrammar()
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_tokens) or None,
+                                          max_rollback_tokens=-1)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.consumed: list[int] = []
+
+    def follow(self, generated: list[int]) -> None:
+        common = 0
+        for a, b in zip(self.consumed, generated, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common < len(self.consumed):
+            self.matcher.rollback(len(self.consumed) - common)
+            del self.consumed[common:]
+        for token in generated[common:]:
+            if self.matcher.is_terminated():
+                break
+            if not self.matcher.accept_token(token):  # only a token we did not sample can be refused
+                raise InvalidRequest(f"token {token} does not fit the requested grammar", param="response_format")
+            self.consumed.append(token)
+
+    def mask(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        """logits: [1, vocab] float32; returns them with disallowed tokens at -inf."""
+        self.follow(generated)
+        if self.matcher.is_terminated():  # complete and its stop token taken: nothing left to constrain
+            return logits
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        masked = logits.clone()
+        self._xgr.apply_token_bitmask_inplace(masked, self.bitmask)
+        return masked
+
+    @property
+    def complete(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+def compile_grammar(spec: GrammarSpec, tokenizer: Any, vocab_size: int) -> Any:
+    """Compile a request's grammar (cached); raises InvalidRequest for a bad schema before any work starts."""
+    return GrammarCompiler.for_tokenizer(tokenizer, vocab_size).compile(spec)
+
+
+def schema_text(schema: Any) -> str:
+    if not isinstance(schema, dict):
+        raise InvalidRequest("response_format.json_schema.schema must be a JSON object (a JSON Schema).",
+                             param="response_format")
+    return json.dumps(schema)
