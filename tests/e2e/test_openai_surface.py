@@ -53,8 +53,7 @@ def test_an_unknown_v1_url_gets_openais_error_json(service):
 
 
 # -- never silently ignore --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("tool_choice", "required"), ("parallel_tool_calls", True),
+@pytest.mark.parametrize("field, value", [("functions", [{"name": "f"}]), ("function_call", "auto"),
                                           ("audio", {"voice": "alloy"}), ("reasoning_effort", "low"),
                                           ("service_tier", "auto"), ("store", True), ("prediction", {}),
                                           ("a_field_nobody_defined", 1)])

@@ -30,8 +30,9 @@ class GrammarUnavailable(RyzansteinError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What the output must match. kind: "json_schema" (source = the schema as JSON), "json" (any JSON value
-    of the object type, OpenAI's json_object), or "ebnf" (source = a GBNF/EBNF grammar with a `root` rule)."""
+    """What the output must match. kind: "json_schema" (source = the schema as JSON), "json" (any JSON object,
+    OpenAI's json_object), "ebnf" (source = a GBNF/EBNF grammar with a `root` rule) or "structural_tag" (source =
+    an xgrammar structural tag as JSON: free text with constrained tool calls)."""
 
     kind: str
     source: str = ""
@@ -76,10 +77,13 @@ class GrammarCompiler:
                                                          strict_mode=False)
             if spec.kind == "ebnf":
                 return self.compiler.compile_grammar(spec.source)
+            if spec.kind == "structural_tag":  # tool calls (engine/tools.py)
+                return self.compiler.compile_structural_tag(spec.source)
         except Exception as exc:  # xgrammar reports bad schemas and grammars as RuntimeError/ValueError
-            raise InvalidRequest(f"The {spec.kind.replace('_', ' ')} cannot be used for structured output: "
-                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-                                 param="response_format") from None
+            what, param = ("tools' parameter schemas", "tools") if spec.kind == "structural_tag" else (
+                f"The {spec.kind.replace('_', ' ')}", "response_format")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidRequest(f"{what} cannot be used for structured output: {reason}", param=param) from None
         raise InvalidRequest(f"Unknown grammar kind {spec.kind!r}.", param="response_format")
 
 

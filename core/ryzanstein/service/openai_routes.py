@@ -22,6 +22,7 @@ from ryzanstein.engine.embeddings import embed_ids
 from ryzanstein.engine.generate import GenerationStats, StreamChunk
 from ryzanstein.engine.grammar import compile_grammar
 from ryzanstein.engine.sampler import TokenLogprob
+from ryzanstein.engine.tools import CallStream, parse_calls
 from ryzanstein.errors import Cancelled, ContextTooLong, InvalidRequest, RyzansteinError
 from ryzanstein.service.logprobs_format import chat_logprobs, completion_logprobs
 from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
@@ -189,31 +190,52 @@ class Run:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     max_tokens = body.max_completion_tokens or body.max_tokens
-    lm, prompt_ids, params = await prepare(request, body, lambda tok: chat_prompt_ids(tok, body.messages),
+    tools = body.tool_request()
+    calling = tools is not None and tools.active
+    lm, prompt_ids, params = await prepare(request, body, lambda tok: chat_prompt_ids(tok, body.messages, tools),
                                            max_tokens)
     run = Run(request, body, "chatcmpl", lm, prompt_ids, params)
+
+    def lp(records: list[TokenLogprob]) -> dict | None:
+        return chat_logprobs(lm.tokenizer, records) if records else None
+
     if body.stream:
         await run.started()
         async def deltas() -> AsyncIterator[list]:
             yield [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                     "logprobs": None}]
+            calls = CallStream() if calling else None
             async for chunk in run.chunks:
-                if chunk.text or chunk.logprob is not None:  # a token may hold half a character: no text yet
-                    logprobs = (chat_logprobs(lm.tokenizer, [chunk.logprob]) if chunk.logprob is not None
-                                else None)
-                    yield [{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None,
-                            "logprobs": logprobs}]
+                records = [chunk.logprob] if chunk.logprob is not None else []
+                text, found = calls.feed(chunk.text) if calls else (chunk.text, [])
+                if chunk.finish_reason and calls:
+                    text += calls.flush()
+                if text or records:  # a token may hold half a character: no text yet
+                    yield [{"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": lp(records)}]
+                first = calls.calls - len(found) if calls else 0  # tool calls are numbered across the stream
+                for k, call in enumerate(found):
+                    yield [{"index": 0, "delta": {"tool_calls": [{"index": first + k, **call}]},
+                            "finish_reason": None, "logprobs": None}]
                 if chunk.finish_reason:
-                    yield [{"index": 0, "delta": {}, "finish_reason": openai_finish(chunk.finish_reason),
-                            "logprobs": None}]
+                    finish = openai_finish(chunk.finish_reason)
+                    if calls and calls.calls and finish == "stop":
+                        finish = "tool_calls"
+                    yield [{"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None}]
 
         return run.stream("chat.completion.chunk", deltas())
 
     text, finish, records = await collect_while_connected(request, run.chunks)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = openai_finish(finish)
+    if calling:
+        content, tool_calls = parse_calls(text)
+        message["content"] = content
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+            finish = "tool_calls" if finish == "stop" else finish
     logprobs = chat_logprobs(lm.tokenizer, records) if body.logprobs else None
-    return run.envelope("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": text},
-                                             "finish_reason": openai_finish(finish), "logprobs": logprobs}],
-                        usage=usage(run.stats))
+    return run.envelope("chat.completion", [{"index": 0, "message": message, "finish_reason": finish,
+                                             "logprobs": logprobs}], usage=usage(run.stats))
 
 
 @router.post("/v1/completions")

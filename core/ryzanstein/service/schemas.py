@@ -13,15 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ryzanstein.engine.grammar import GrammarSpec, schema_text
 from ryzanstein.engine.params import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, GenerationParams
+from ryzanstein.engine.tools import ToolRequest, check_tools
 from ryzanstein.errors import InvalidRequest
 
 # OpenAI request fields we know and do not implement, with the reason the 400 gives.
 NOT_IMPLEMENTED = {
-    "tools": "tools / function calling are not supported by this server yet",
-    "tool_choice": "tools / function calling are not supported by this server yet",
-    "parallel_tool_calls": "tools / function calling are not supported by this server yet",
-    "functions": "the deprecated functions API is not supported (nor tools, yet)",
-    "function_call": "the deprecated functions API is not supported (nor tools, yet)",
+    "functions": "the deprecated functions API is not supported; use tools",
+    "function_call": "the deprecated functions API is not supported; use tool_choice",
     "audio": "audio output is not supported: the models here generate text",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -142,15 +140,32 @@ class ChatCompletionRequest(SamplingFields):
                                                    "\"json_schema\": {\"name\": …, \"schema\": {…}}}: the output "
                                                    "is constrained token by token to parse (and match the schema).")
 
+    tools: list[dict[str, Any]] | None = Field(None, description="Function tools: {\"type\": \"function\", "
+                                               "\"function\": {\"name\", \"description\", \"parameters\"}}.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="auto (default with tools), none, required, "
+                                                     "or {\"type\": \"function\", \"function\": {\"name\": …}}.")
+    parallel_tool_calls: bool | None = Field(None, description="Allow several calls in one answer (default true).")
+
     @model_validator(mode="after")
     def _check_combinations(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
-        self.grammar_spec()  # a malformed response_format is a 400 before the model is touched
+        self.grammar_spec()  # a malformed response_format or tool list is a 400 before the model is touched
         return self
 
+    def tool_request(self) -> ToolRequest | None:
+        return check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+
     def grammar_spec(self) -> GrammarSpec | None:
-        return response_format_spec(self.response_format)
+        output = response_format_spec(self.response_format)
+        tools = self.tool_request()
+        if tools is None or not tools.active:
+            return output
+        if output is not None:
+            raise InvalidRequest("response_format with tools is not supported: a tool call's arguments already "
+                                 "follow its function's schema.", param="response_format",
+                                 code="unsupported_parameter")
+        return GrammarSpec("structural_tag", tools.structural_tag())
 
     def wanted_logprobs(self) -> tuple[bool, int]:
         return self.logprobs, self.top_logprobs or 0
