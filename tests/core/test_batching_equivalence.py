@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from ryzanstein.engine.batching import BatchEngine, EngineConfig, holding, model_eos
 from ryzanstein.engine.generate import StreamChunk
-from ryzanstein.engine.grammar import GrammarSpec, compile_grammar
+from ryzanstein.engine.grammar import GrammarSpec, compile_grammar, special_token_ids
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.models.loader import load_model_folder
 
@@ -190,6 +190,7 @@ def test_batched_output_equals_alone(tiny_lm, tmp_path_factory, reqs, chunk, kv_
         assert len(got.logprobs) == (len(got.tokens) if req.extras else 0)
         if req.extras and got.tokens:  # the grammar held: the text so far is the start of a JSON object
             assert tiny_lm.tokenizer.decode(got.tokens).lstrip().startswith("{")
+            assert not set(got.tokens) & special_token_ids(tiny_lm.tokenizer)
 
 
 def test_preemption_and_speculation_really_happen(tiny_lm, tmp_path):
@@ -302,3 +303,38 @@ def test_quantized_kv_cache_keeps_batched_equal_to_alone_and_swaps_exactly(tiny_
         torch.testing.assert_close(before, full.read(0, 10)[0], atol=0.5, rtol=0.2)
     finally:
         del tiny_lm.model.ryzanstein_kv_cache
+
+
+def test_a_grammar_cuts_speculative_drafts_to_what_it_allows(tiny_lm, tmp_path):
+    """Drafts that leave the grammar are cut before they are computed; the output is the same as without
+    speculation, and the cut really happens."""
+    req = Req([5, 6, 7, 8, 9, 10], 16, 0, None, None, True)
+    ref = run_engine(tiny_lm, EngineConfig(prefill_chunk=8, speculation="off"), [req], tmp_path)[0]
+    seen: list[int] = []
+
+    class NonsenseDrafter(OracleDrafter):
+        def propose(self, tokens, k, request_id=""):
+            return super().propose(tokens, k, request_id) + [7, 7, 7]  # special tokens: never valid JSON
+
+    drafter = NonsenseDrafter([(req.prompt, ref.tokens)])
+    config = EngineConfig(prefill_chunk=8, speculation="always", draft_tokens=4)
+    engine = BatchEngine("tiny", lambda: holding(tiny_lm), config=config, swap_dir=tmp_path, autostart=False)
+    engine.drafter = drafter
+    original = engine._drafts
+
+    def recording(plan):
+        drafts = original(plan)
+        seen.extend(len(d) for d in drafts.values())
+        return drafts
+
+    engine._drafts = recording
+    runner = engine.make_runner(tiny_lm.model)
+    out = Outcome()
+    try:
+        engine.submit(req.prompt, params_of(req), out, tiny_lm.tokenizer, model_eos(tiny_lm))
+        while engine.step(runner):
+            pass
+    finally:
+        runner.close()
+    assert (out.tokens, out.logprobs) == (ref.tokens, ref.logprobs)
+    assert seen and all(n <= 4 for n in seen)  # never the proposal's invalid tail (it would make 5-7)

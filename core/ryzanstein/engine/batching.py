@@ -282,6 +282,7 @@ class BatchEngine:
             room = min(seq.lookahead, seq.max_new_tokens - len(seq.generated) - 1)
             if room > 0:
                 proposal = self.drafter.propose(request.prompt_ids + seq.generated, room, seq.request_id)
+                proposal = request.sampler.allowed_prefix(seq.generated, proposal)  # a grammar cuts drafts short
                 if proposal:
                     drafts[seq.request_id] = proposal
         return drafts

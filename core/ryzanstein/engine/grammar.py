@@ -47,6 +47,24 @@ def _xgrammar() -> Any:
     return xgrammar
 
 
+@dataclass(frozen=True, eq=False)
+class CompiledGrammar:
+    """xgrammar's compiled grammar and the special tokens to keep out of the output: xgrammar reads a token like
+    `<gh_stars>` as its literal text (valid inside a JSON string), but detokenizing drops special tokens, so the
+    text the client gets would differ from the text the grammar checked."""
+
+    compiled: Any
+    special_ids: tuple[int, ...]
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Every token that decoding with skip_special_tokens drops: the named ones and added tokens marked special."""
+    ids = set(getattr(tokenizer, "all_special_ids", ()))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids.update(i for i, token in added.items() if getattr(token, "special", False))
+    return ids
+
+
 class GrammarCompiler:
     """One per tokenizer: xgrammar's vocabulary analysis (~0.15 s) is done once, compiled grammars are cached."""
 
@@ -58,6 +76,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+        self.special_ids = tuple(sorted(i for i in special_token_ids(tokenizer) if 0 <= i < vocab_size))
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> GrammarCompiler:
@@ -68,7 +87,10 @@ class GrammarCompiler:
                 compiler = cls._by_tokenizer[key] = GrammarCompiler(tokenizer, vocab_size)
             return compiler
 
-    def compile(self, spec: GrammarSpec) -> Any:
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        return CompiledGrammar(self._compile(spec), self.special_ids)
+
+    def _compile(self, spec: GrammarSpec) -> Any:
         try:
             if spec.kind == "json_schema":
                 return self.compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
@@ -90,12 +112,14 @@ class GrammarCompiler:
 class Constraint:
     """One request's grammar state: masks logits to the tokens the grammar allows after the generated prefix."""
 
-    def __init__(self, compiled: Any, vocab_size: int, stop_tokens: set[int]):
+    def __init__(self, grammar: CompiledGrammar, vocab_size: int, stop_tokens: set[int]):
         xgr = _xgrammar()
         self._xgr = xgr
-        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_tokens) or None,
+        self.matcher = xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=sorted(stop_tokens) or None,
                                           max_rollback_tokens=-1)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.banned = set(grammar.special_ids) - stop_tokens
+        self._banned_index = torch.tensor(sorted(self.banned), dtype=torch.long)
         self.consumed: list[int] = []
 
     def follow(self, generated: list[int]) -> None:
@@ -122,14 +146,26 @@ class Constraint:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         masked = logits.clone()
         self._xgr.apply_token_bitmask_inplace(masked, self.bitmask)
+        masked[0, self._banned_index] = float("-inf")
         return masked
+
+    def allowed_prefix(self, generated: list[int], draft: list[int]) -> list[int]:
+        self.follow(generated)
+        taken = 0
+        for token in draft:
+            if token in self.banned or self.matcher.is_terminated() or not self.matcher.accept_token(token):
+                break
+            taken += 1
+        if taken:
+            self.matcher.rollback(taken)
+        return draft[:taken]
 
     @property
     def complete(self) -> bool:
         return self.matcher.is_terminated()
 
 
-def compile_grammar(spec: GrammarSpec, tokenizer: Any, vocab_size: int) -> Any:
+def compile_grammar(spec: GrammarSpec, tokenizer: Any, vocab_size: int) -> CompiledGrammar:
     """Compile a request's grammar (cached); raises InvalidRequest for a bad schema before any work starts."""
     return GrammarCompiler.for_tokenizer(tokenizer, vocab_size).compile(spec)
 

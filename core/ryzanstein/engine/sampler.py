@@ -122,6 +122,13 @@ class Sampler:
             self.constraint = Constraint(self.params.grammar, logits.size(-1), self.stop_tokens)
         return self.constraint.mask(logits, history[0, self.prompt_tokens:].tolist())
 
+    def allowed_prefix(self, generated: list[int], draft: list[int]) -> list[int]:
+        """The part of a speculative draft the request's grammar allows (all of it without a grammar): tokens
+        past it would be rejected at verification anyway, so they are not computed."""
+        if self.constraint is None or not draft:
+            return draft
+        return self.constraint.allowed_prefix(generated, draft)
+
     def take_logprob(self, token: int) -> TokenLogprob | None:
         """The record of `token`'s choice, skipping records of choices that were not kept (a step re-run to
         isolate a failure samples again)."""
