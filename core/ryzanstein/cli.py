@@ -532,6 +532,47 @@ def bench_speculative(
     console.print(f"JSON: {write_result(result, path)}")
 
 
+@bench_app.command("structured")
+def bench_structured(
+    model: str = typer.Option(DEFAULT_MODEL),
+    tokens: int = typer.Option(64, min=8, help="Tokens per request in the grammar-overhead runs."),
+    repeats: int = typer.Option(3, min=1, help="Interleaved runs of each (min/median/max)."),
+    tool_tokens: int = typer.Option(96, min=16, help="Most tokens per tool-call answer."),
+    threads: int = typer.Option(0, min=0, help="torch threads; 0 = one per physical core."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/structured-<time>.json)."),
+) -> None:
+    """Structured output and tools: decode speed under a JSON-schema grammar vs unconstrained (same run), the
+    mask's cost per token, and tool-call success over 50 varied requests with tool_choice auto and required."""
+    import psutil
+
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_structured import bench_structured as run
+
+    lm = open_model(model)
+    result = run(lm, tokens=tokens, repeats=repeats, tool_tokens=tool_tokens,
+                 threads=threads or psutil.cpu_count(logical=False) or 1)
+    g = result["grammar"]
+    table = Table("decode", "ms/token min / median / max", "tokens/s (median)",
+                  title=f"bench structured: {model}, {g['tokens']} tokens, {g['repeats']} interleaved runs")
+    for name in ("plain", "json_schema"):
+        spread = g[f"{name}_ms_per_token"]
+        table.add_row(name, f"{spread['min']:.1f} / {spread['median']:.1f} / {spread['max']:.1f}",
+                      f"{g[f'{name}_tokens_per_s']:.1f}")
+    console.print(table)
+    console.print(f"grammar overhead: {g['overhead_us_per_token']:.0f} µs/token (difference of medians); the mask "
+                  f"alone: {g['mask_us_per_token_median']:.0f} µs median, {g['mask_us_per_token_max']:.0f} µs max; "
+                  f"compile {g['compile_ms']:.1f} ms; constrained output parses: {g['constrained_output_parses']}")
+    tools = Table("tool_choice", "requests", "answers with a call", "attempted calls that parse", "right tool",
+                  title="tool calls over 50 varied requests (4 tools)")
+    for row in result["tools"]:
+        share = row["attempted_calls_that_parse"]
+        tools.add_row(row["tool_choice"], str(row["requests"]), str(row["calls_made"]),
+                      "n/a" if share is None else f"{share:.0%}", str(row["right_tool"]))
+    console.print(tools)
+    path = output or Settings().data_dir / "bench" / f"structured-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
+
+
 @bench_app.command("cluster")
 def bench_cluster(
     model: str = typer.Option(DEFAULT_MODEL),

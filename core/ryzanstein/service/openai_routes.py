@@ -273,9 +273,9 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 
 
 def embedding_inputs(body: EmbeddingRequest, tokenizer: Any, limit: int, vocab: int) -> list[list[int]]:
-    raw = body.input
-    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
-        raw = [raw]  # type: ignore[list-item]
+    raw: list[Any] = list(body.input) if isinstance(body.input, list) else [body.input]
+    if raw and isinstance(raw[0], int):  # one list of token ids
+        raw = [raw]
     if not raw:
         raise InvalidRequest("input must not be empty.", param="input")
     if len(raw) > MAX_EMBEDDING_INPUTS:
@@ -316,7 +316,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
 
     def run() -> list[list[float]]:
         with state.manager.generating(body.model, wait_s=state.settings.queue_deadline_s) as held:
-            return [compute.call(lambda ids=ids: embed_ids(held.model, ids)) for ids in inputs]
+            return compute.call(lambda: [embed_ids(held.model, ids) for ids in inputs])
 
     vectors = await asyncio.to_thread(run)
     tokens = sum(len(ids) for ids in inputs)
