@@ -37,15 +37,21 @@ def render_markdown(matrix: dict) -> str:
         "(the others are served one at a time); *fine-tune* says a LoRA adapter trains on it (the loss falls over "
         "a few steps) and, with *merge*, that merging the adapter (export, hot-swap) gives peft's own output.",
         "",
+        "*structured* means a JSON-schema answer and a `tool_choice: required` tool call both come out whole and "
+        "parse (the grammar makes even random weights answer validly). Whether a model's own chat template renders "
+        "tools depends on the model, not the architecture: templates that write Hermes `<tool_call>` blocks "
+        "(Qwen 2/3, SmolLM3, Hermes fine-tunes) render them themselves; every other template — including the "
+        "default SmolLM2's and these tiny models' — gets the tools in its system message (docs/api.md, *Tools*).",
+        "",
         "| architecture | model class | tiny params | loads | generates | matches reference | quantizable | batched "
-        "| fine-tune |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| fine-tune | structured |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in matrix["rows"]:
         lines.append(f"| {row['family']} | `{row['model_class']}` | {row['parameters'] / 1e6:.1f} M | "
                      f"{yes(row['loads'])} | {yes(row['generates'])} | {yes(row['matches_reference'])} | "
                      f"{', '.join(row.get('quantizable', [])) or '**no**'} | {yes(row.get('batched', False))} | "
-                     f"{row.get('finetune') or '**no**'} |")
+                     f"{row.get('finetune') or '**no**'} | {yes(row.get('structured', False))} |")
     passing = sum(r["matches_reference"] for r in matrix["rows"])
     lines += ["", f"{passing} of {len(matrix['rows'])} architectures pass.", ""]
     return "\n".join(lines)

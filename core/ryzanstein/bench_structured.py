@@ -1,11 +1,12 @@
 """`ryzanstein bench structured`: what structured output and tools cost and how often they work.
 
 1. Grammar overhead: the same greedy requests on the batching engine, unconstrained and under a JSON schema,
-   interleaved (min/median/max of the runs); ms per token of each and the difference in µs. The mask's own
-   cost is also timed alone, by replaying the constrained answer's tokens through a fresh matcher.
+   interleaved (min/median/max over the runs of each run's median decode step); the difference in µs per
+   token. The mask's own cost is also timed alone, by replaying the constrained answer through a fresh matcher.
 2. Tool calls: 50 varied requests that call for one of four tools, on the same engine and prompts the API
    builds; with tool_choice "auto" (does the model call the right tool, and does every call parse) and with
-   "required" (every answer must be a call that parses).
+   "required" (every answer must be a call; one that finishes always parses — a model that repeats itself
+   inside a string runs into max_tokens, which is counted apart).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ryzanstein.engine.batching import BatchEngine, EngineConfig, collect, holding, model_eos
+from ryzanstein.engine.batching import BatchEngine, EngineConfig, StepStats, collect, holding, model_eos
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.grammar import Constraint, GrammarSpec, compile_grammar
 from ryzanstein.engine.params import GenerationParams
@@ -72,7 +74,13 @@ def tool_prompts() -> list[tuple[str, str]]:
     return prompts
 
 
-def grammar_overhead(lm: Any, engine: BatchEngine, tokens: int, repeats: int) -> dict:
+Progress = Callable[[str, float], None]
+
+
+def grammar_overhead(lm: Any, engine: BatchEngine, steps: list[StepStats], tokens: int, repeats: int,
+                     progress: Progress) -> dict:
+    """Median decode-step time (one row, no prefill) with and without the grammar: the mask runs inside the
+    step, so the difference is its cost per token, free of prefill and of answers of different lengths."""
     prompt = chat_prompt_ids(lm.tokenizer, STORY_PROMPT)
     vocab = int(lm.model.config.vocab_size)
     started = time.perf_counter()
@@ -81,13 +89,14 @@ def grammar_overhead(lm: Any, engine: BatchEngine, tokens: int, repeats: int) ->
     eos = model_eos(lm)
     runs: dict[str, list[float]] = {"plain": [], "json_schema": []}
     outputs: dict[str, list[int]] = {}
-    for _ in range(repeats):  # interleaved, so drift on a noisy machine hits both alike
+    for run in range(repeats):  # interleaved, so drift on a noisy machine hits both alike
+        progress(f"grammar overhead: run {run + 1}/{repeats}", run / repeats)
         for name, params in (("plain", GenerationParams(max_tokens=tokens)),
                              ("json_schema", GenerationParams(max_tokens=tokens, grammar=grammar))):
-            started = time.perf_counter()
-            out, _ = collect(engine, prompt, params, lm.tokenizer, eos)
-            runs[name].append((time.perf_counter() - started) * 1000 / max(1, len(out)))
-            outputs[name] = out
+            steps.clear()
+            outputs[name], _ = collect(engine, prompt, params, lm.tokenizer, eos)
+            decode = [s.step_ms for s in steps if s.batch == 1 and s.prefill_tokens == 0]
+            runs[name].append(statistics.median(decode))
     constrained = outputs["json_schema"]
     mask_us = []
     constraint = Constraint(grammar, vocab, eos)
@@ -116,13 +125,15 @@ def _spread(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def tool_calls(lm: Any, engine: BatchEngine, choice: str, max_tokens: int) -> dict:
+def tool_calls(lm: Any, engine: BatchEngine, choice: str, max_tokens: int, progress: Progress) -> dict:
     vocab = int(lm.model.config.vocab_size)
     request = check_tools(TOOLS, choice, False)
     assert request is not None
     grammar = compile_grammar(GrammarSpec("structural_tag", request.structural_tag()), lm.tokenizer, vocab)
-    rows = []
-    for text, wanted in tool_prompts():
+    rows: list[dict] = []
+    prompts = tool_prompts()
+    for text, wanted in prompts:
+        progress(f"tool calls, tool_choice={choice}: {len(rows) + 1}/{len(prompts)}", len(rows) / len(prompts))
         prompt = chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": text}], request)
         out, finish = collect(engine, prompt, GenerationParams(max_tokens=max_tokens, grammar=grammar),
                               lm.tokenizer, model_eos(lm))
@@ -132,25 +143,31 @@ def tool_calls(lm: Any, engine: BatchEngine, choice: str, max_tokens: int) -> di
                      "attempted_call": "<tool_call>" in answer, "parsed": bool(calls), "finish": finish,
                      "answer": answer[:200]})
     attempted = [r for r in rows if r["attempted_call"]]
+    finished = [r for r in attempted if r["finish"] == "stop"]
     return {"tool_choice": choice, "requests": len(rows),
             "calls_made": sum(r["parsed"] for r in rows),
+            "attempted_calls": len(attempted),
             "attempted_calls_that_parse": (sum(r["parsed"] for r in attempted) / len(attempted)) if attempted else None,
+            "cut_by_max_tokens": sum(r["finish"] == "length" for r in attempted),
+            "finished_calls_that_parse": (sum(r["parsed"] for r in finished) / len(finished)) if finished else None,
             "right_tool": sum(r["called"][:1] == [r["wanted"]] for r in rows),
             "rows": rows}
 
 
 def bench_structured(lm: Any, *, tokens: int = 64, repeats: int = 3, tool_tokens: int = 96,
-                     threads: int = 2) -> dict:
+                     threads: int = 2, progress: Progress = lambda stage, fraction: None) -> dict:
     from ryzanstein import compute
 
     compute.set_threads(threads)
-    engine = BatchEngine(lm.name, lambda: holding(lm), config=EngineConfig(speculation="off", max_running=1))
+    steps: list[StepStats] = []
+    engine = BatchEngine(lm.name, lambda: holding(lm), config=EngineConfig(speculation="off", max_running=1),
+                         on_stats=steps.append)
     try:
         collect(engine, chat_prompt_ids(lm.tokenizer, STORY_PROMPT), GenerationParams(max_tokens=4),
                 lm.tokenizer, set())  # warm-up
         return {"model": lm.name, "threads": threads,
-                "grammar": grammar_overhead(lm, engine, tokens, repeats),
-                "tools": [tool_calls(lm, engine, "auto", tool_tokens),
-                          tool_calls(lm, engine, "required", tool_tokens)]}
+                "grammar": grammar_overhead(lm, engine, steps, tokens, repeats, progress),
+                "tools": [tool_calls(lm, engine, "auto", tool_tokens, progress),
+                          tool_calls(lm, engine, "required", tool_tokens, progress)]}
     finally:
         engine.close()

@@ -549,25 +549,30 @@ def bench_structured(
     from ryzanstein.bench_structured import bench_structured as run
 
     lm = open_model(model)
-    result = run(lm, tokens=tokens, repeats=repeats, tool_tokens=tool_tokens,
-                 threads=threads or psutil.cpu_count(logical=False) or 1)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=1.0)
+        result = run(lm, tokens=tokens, repeats=repeats, tool_tokens=tool_tokens,
+                     threads=threads or psutil.cpu_count(logical=False) or 1,
+                     progress=lambda stage, f: bar.update(task, completed=f, description=stage))
     g = result["grammar"]
-    table = Table("decode", "ms/token min / median / max", "tokens/s (median)",
+    table = Table("decode", "ms/step min / median / max", "tokens/s (median)",
                   title=f"bench structured: {model}, {g['tokens']} tokens, {g['repeats']} interleaved runs")
     for name in ("plain", "json_schema"):
         spread = g[f"{name}_ms_per_token"]
         table.add_row(name, f"{spread['min']:.1f} / {spread['median']:.1f} / {spread['max']:.1f}",
                       f"{g[f'{name}_tokens_per_s']:.1f}")
     console.print(table)
-    console.print(f"grammar overhead: {g['overhead_us_per_token']:.0f} µs/token (difference of medians); the mask "
+    console.print(f"grammar overhead: {g['overhead_us_per_token']:.0f} µs/token (difference of median decode steps); "
+                  f"the mask "
                   f"alone: {g['mask_us_per_token_median']:.0f} µs median, {g['mask_us_per_token_max']:.0f} µs max; "
                   f"compile {g['compile_ms']:.1f} ms; constrained output parses: {g['constrained_output_parses']}")
-    tools = Table("tool_choice", "requests", "answers with a call", "attempted calls that parse", "right tool",
-                  title="tool calls over 50 varied requests (4 tools)")
+    tools = Table("tool_choice", "requests", "started a call", "cut by max_tokens", "finished calls that parse",
+                  "right tool", title="tool calls over 50 varied requests (4 tools)")
     for row in result["tools"]:
-        share = row["attempted_calls_that_parse"]
-        tools.add_row(row["tool_choice"], str(row["requests"]), str(row["calls_made"]),
-                      "n/a" if share is None else f"{share:.0%}", str(row["right_tool"]))
+        share = row["finished_calls_that_parse"]
+        tools.add_row(row["tool_choice"], str(row["requests"]), str(row["attempted_calls"]),
+                      str(row["cut_by_max_tokens"]), "n/a" if share is None else f"{share:.0%}",
+                      str(row["right_tool"]))
     console.print(tools)
     path = output or Settings().data_dir / "bench" / f"structured-{time.strftime('%Y%m%d-%H%M%S')}.json"
     console.print(f"JSON: {write_result(result, path)}")

@@ -50,7 +50,9 @@ class ToolRequest:
         forced = self.choice not in ("auto", "required")
         choice: Any = {"type": "function", "function": {"name": self.choice}} if forced else self.choice
         tag = xgrammar.get_model_structural_tag(XGRAMMAR_FORMAT, tools=list(self.tools), tool_choice=choice,
-                                                reasoning=False, parallel_tool_calls=self.parallel).model_dump()
+                                                reasoning=False, parallel_tool_calls=self.parallel,
+                                                max_whitespace_cnt=1).model_dump()  # compact JSON, as in
+        # response_format: unbounded whitespace lets a weak model loop on blanks inside the arguments
         fmt = tag["format"]
         if self.choice == "required" and fmt.get("type") == "triggered_tags":
             # xgrammar's "required" still allows prose around the calls, which a small model then rambles on in

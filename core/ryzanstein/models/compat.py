@@ -28,6 +28,7 @@ class CompatRow:
     quantizable: list[str] = field(default_factory=list)  # methods that ran and stayed close to fp32
     batched: bool = False  # runs in the continuous-batching engine (else one request at a time)
     finetune: str = ""  # "lora": LoRA trains; "lora+merge": and merge/hot-swap equal peft's output
+    structured: bool = False  # a JSON-schema answer and a required tool call both come out whole and parse
     error: str = ""
     seconds: float = 0.0
 
@@ -130,6 +131,40 @@ def finetune_support(path: str, ids: Any, steps: int = 8) -> str:
         return "lora" if "InvalidModel" in type(exc).__name__ and losses else ""
 
 
+BOUNDED_SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                                  "ok": {"type": "boolean"}},
+                  "required": ["colour", "ok"], "additionalProperties": False}  # bounded: random weights finish it
+
+
+def structured_support(lm: Any, tokens: int = 48) -> bool:
+    """Structured output and a required tool call on this architecture (random weights: the grammar alone
+    makes the answers valid, which is the point of the check)."""
+    import json
+
+    from ryzanstein.engine.chat import chat_prompt_ids
+    from ryzanstein.engine.generate import generate_text
+    from ryzanstein.engine.grammar import GrammarSpec, compile_grammar
+    from ryzanstein.engine.params import GenerationParams
+    from ryzanstein.engine.tools import check_tools, parse_calls
+
+    vocab = int(lm.model.config.vocab_size)
+    grammar = compile_grammar(GrammarSpec("json_schema", json.dumps(BOUNDED_SCHEMA)), lm.tokenizer, vocab)
+    prompt = chat_prompt_ids(lm.tokenizer, CHECK_MESSAGES)
+    text, finish, _ = generate_text(lm.model, lm.tokenizer, prompt, GenerationParams(max_tokens=tokens,
+                                                                                     grammar=grammar))
+    answer = json.loads(text)
+    json_ok = finish == "stop" and answer["colour"] in ("red", "green", "blue") and isinstance(answer["ok"], bool)
+    tool = {"type": "function", "function": {"name": "pick", "parameters": BOUNDED_SCHEMA}}
+    request = check_tools([tool], "required", False)
+    assert request is not None
+    grammar = compile_grammar(GrammarSpec("structural_tag", request.structural_tag()), lm.tokenizer, vocab)
+    prompt = chat_prompt_ids(lm.tokenizer, CHECK_MESSAGES, request)
+    text, finish, _ = generate_text(lm.model, lm.tokenizer, prompt, GenerationParams(max_tokens=tokens * 2,
+                                                                                     grammar=grammar))
+    _, calls = parse_calls(text)
+    return json_ok and finish == "stop" and [c["function"]["name"] for c in calls] == ["pick"]
+
+
 def check_architecture(arch: Architecture, tokenizer_dir: Path, workdir: Path, tokens: int = 24) -> CompatRow:
     import torch
     from transformers import AutoModelForCausalLM
@@ -164,6 +199,7 @@ def check_architecture(arch: Architecture, tokenizer_dir: Path, workdir: Path, t
         row.batched = engine_supported(lm.model)
         row.quantizable = quantizable_methods(info.path, ids)
         row.finetune = finetune_support(info.path, ids)
+        row.structured = structured_support(lm)
     except Exception as exc:  # a row records the failure instead of stopping the matrix
         row.error = f"{type(exc).__name__}: {exc}"[:300]
     row.seconds = time.perf_counter() - started
