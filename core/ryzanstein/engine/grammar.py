@@ -1,9 +1,10 @@
 """Structured output: a grammar (a JSON schema, any JSON, or an EBNF) turned into a per-token mask that the
 sampler applies, so every sampled token keeps the output inside the grammar.
 
-The engine is xgrammar, chosen by measurement on this CPU (docs/benchmarks/structured-output.md): with torch's
-two threads busy beside it, its mask took ~0.31 ms per token where llguidance's took 0.4–12 ms. It is installed
-without its declared dependencies (the Makefile's step 4): it lists triton, a GPU compiler it does not need here.
+The engine is xgrammar, chosen by measurement on this CPU (docs/benchmarks/README.md, "Structured output and
+tools"): its mask took ~0.3 ms per token where llguidance's took 0.35–0.47 ms, and 3–12 ms beside busy torch
+threads. It is installed without its declared dependencies (the Makefile's step 4): it lists triton, a GPU
+compiler it does not need here.
 
 A `Constraint` follows the tokens the request has generated (the sampler's history), not its own count of
 accepted tokens: whatever the engine keeps — speculative drafts cut back, a step run again — the matcher is
