@@ -20,7 +20,15 @@ from ryzanstein.engine.batching import EngineConfig
 from ryzanstein.engine.registry import Engines
 from ryzanstein.models.manager import ModelManager
 from ryzanstein.models.store import ModelStore
-from ryzanstein.service import api_routes, cluster_routes, finetune_routes, model_routes, openai_routes, quant_routes
+from ryzanstein.service import (
+    api_routes,
+    cluster_routes,
+    embedding_routes,
+    finetune_routes,
+    model_routes,
+    openai_routes,
+    quant_routes,
+)
 from ryzanstein.service.errors import install_error_handlers
 from ryzanstein.service.gate import Gate
 from ryzanstein.service.jobs import JobRunner
@@ -132,7 +140,7 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     async def openapi_schema() -> dict:
         return app.openapi()
 
-    for router in (api_routes.router, model_routes.router, openai_routes.router, quant_routes.router,
-                   finetune_routes.router, cluster_routes.router):
+    for router in (api_routes.router, model_routes.router, openai_routes.router, embedding_routes.router,
+                   quant_routes.router, finetune_routes.router, cluster_routes.router):
         app.include_router(router, dependencies=[Depends(require_token)])
     return app

@@ -1,10 +1,9 @@
-"""OpenAI-compatible routes: /v1/models, /v1/models/{id}, /v1/chat/completions, /v1/completions,
-/v1/embeddings."""
+"""OpenAI-compatible routes: /v1/models, /v1/models/{id}, /v1/chat/completions, /v1/completions
+(/v1/embeddings is in embedding_routes.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -16,16 +15,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ryzanstein import compute
-from ryzanstein.engine.chat import chat_prompt_ids, check_text, completion_prompt_ids
-from ryzanstein.engine.embeddings import embed_ids
+from ryzanstein.engine.chat import chat_prompt_ids, completion_prompt_ids
 from ryzanstein.engine.generate import GenerationStats, StreamChunk
 from ryzanstein.engine.grammar import compile_grammar
 from ryzanstein.engine.sampler import TokenLogprob
 from ryzanstein.engine.tools import CallStream, parse_calls
 from ryzanstein.errors import Cancelled, ContextTooLong, InvalidRequest, RyzansteinError
 from ryzanstein.service.logprobs_format import chat_logprobs, completion_logprobs
-from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
+from ryzanstein.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from ryzanstein.service.streaming import first_chunk_early, start_generation
 
 router = APIRouter()
@@ -268,59 +265,3 @@ async def completions(body: CompletionRequest, request: Request):
     return run.envelope("text_completion", [{"index": 0, "text": echoed + text, "logprobs": logprobs,
                                              "finish_reason": openai_finish(finish)}], usage=usage(run.stats))
 
-
-MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
-
-
-def embedding_inputs(body: EmbeddingRequest, tokenizer: Any, limit: int, vocab: int) -> list[list[int]]:
-    raw: list[Any] = list(body.input) if isinstance(body.input, list) else [body.input]
-    if raw and isinstance(raw[0], int):  # one list of token ids
-        raw = [raw]
-    if not raw:
-        raise InvalidRequest("input must not be empty.", param="input")
-    if len(raw) > MAX_EMBEDDING_INPUTS:
-        raise InvalidRequest(f"input holds {len(raw)} items; at most {MAX_EMBEDDING_INPUTS} per request.",
-                             param="input")
-    inputs = []
-    for i, item in enumerate(raw):
-        if isinstance(item, str):
-            if not item:
-                raise InvalidRequest(f"input[{i}] is an empty string.", param="input")
-            ids = list(tokenizer(check_text(item, f"input[{i}]"), add_special_tokens=False)["input_ids"])
-        else:
-            ids = list(item)  # token ids
-            if not ids or any(t < 0 or t >= vocab for t in ids):
-                raise InvalidRequest(f"input[{i}]: token ids must be a non-empty list of ids from 0 to {vocab - 1}.",
-                                     param="input")
-        if len(ids) > limit:
-            raise ContextTooLong(f"input[{i}] has {len(ids)} tokens; {body.model!r} accepts at most {limit}.",
-                                 param="input")
-        inputs.append(ids)
-    return inputs
-
-
-def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":  # what the openai client asks for by default: little-endian float32
-        import numpy as np
-
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return vector
-
-
-@router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    """Mean-pooled, unit-length last hidden states (docs/api.md, "Embeddings"); each input runs alone."""
-    state = request.app.state
-    lm = await asyncio.to_thread(state.manager.get, body.model)
-    inputs = embedding_inputs(body, lm.tokenizer, context_limit(request, lm), vocabulary_size(lm))
-
-    def run() -> list[list[float]]:
-        with state.manager.generating(body.model, wait_s=state.settings.queue_deadline_s) as held:
-            return compute.call(lambda: [embed_ids(held.model, ids) for ids in inputs])
-
-    vectors = await asyncio.to_thread(run)
-    tokens = sum(len(ids) for ids in inputs)
-    return {"object": "list", "model": body.model,
-            "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
-                     for i, v in enumerate(vectors)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
