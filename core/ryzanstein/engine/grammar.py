@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,8 @@ def special_token_ids(tokenizer: Any) -> set[int]:
 class GrammarCompiler:
     """One per tokenizer: xgrammar's vocabulary analysis (~0.15 s) is done once, compiled grammars are cached."""
 
-    _by_tokenizer: dict[int, GrammarCompiler] = {}
+    # Keyed by the tokenizer object itself, not id(): an evicted model's id can be reused by another tokenizer.
+    _by_tokenizer: weakref.WeakKeyDictionary[Any, GrammarCompiler] = weakref.WeakKeyDictionary()
     _lock = threading.Lock()
 
     def __init__(self, tokenizer: Any, vocab_size: int):
@@ -81,11 +83,10 @@ class GrammarCompiler:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> GrammarCompiler:
-        key = id(tokenizer)
         with cls._lock:
-            compiler = cls._by_tokenizer.get(key)
+            compiler = cls._by_tokenizer.get(tokenizer)
             if compiler is None or compiler.vocab_size != vocab_size:
-                compiler = cls._by_tokenizer[key] = GrammarCompiler(tokenizer, vocab_size)
+                compiler = cls._by_tokenizer[tokenizer] = GrammarCompiler(tokenizer, vocab_size)
             return compiler
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
@@ -160,10 +161,6 @@ class Constraint:
         if taken:
             self.matcher.rollback(taken)
         return draft[:taken]
-
-    @property
-    def complete(self) -> bool:
-        return self.matcher.is_terminated()
 
 
 def compile_grammar(spec: GrammarSpec, tokenizer: Any, vocab_size: int) -> CompiledGrammar:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ryzanstein.engine.sampler import TokenLogprob
-from ryzanstein.engine.token_text import token_bytes
+from ryzanstein.engine.token_text import token_bytes, token_text
 
 
 def _entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
@@ -28,13 +28,13 @@ def completion_logprobs(tokenizer: Any, records: list[TokenLogprob], text_offset
     """`text_offset`: where the first token's text starts in the choice's text."""
     tokens, offsets, tops = [], [], []
     for record in records:
-        text = token_bytes(tokenizer, record.token_id).decode("utf-8", errors="replace")
+        text = token_text(tokenizer, record.token_id)
         tokens.append(text)
         offsets.append(text_offset)
         text_offset += len(text)
         top: dict[str, float] = {}
         for t, lp in record.top:  # a dict keyed by text: two ids with the same text keep the likelier
-            top.setdefault(token_bytes(tokenizer, t).decode("utf-8", errors="replace"), lp)
+            top.setdefault(token_text(tokenizer, t), lp)
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [r.logprob for r in records], "top_logprobs": tops,
             "text_offset": offsets}

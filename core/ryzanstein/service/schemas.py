@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ryzanstein.engine.grammar import GrammarSpec, schema_text
 from ryzanstein.engine.params import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, GenerationParams
@@ -146,26 +146,32 @@ class ChatCompletionRequest(SamplingFields):
                                                      "or {\"type\": \"function\", \"function\": {\"name\": …}}.")
     parallel_tool_calls: bool | None = Field(None, description="Allow several calls in one answer (default true).")
 
+    _tools: ToolRequest | None = PrivateAttr(None)
+    _grammar: GrammarSpec | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _check_combinations(self) -> ChatCompletionRequest:
+        """Checked once, kept for the route: a malformed response_format or tool list is a 400 before the model
+        is touched."""
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
-        self.grammar_spec()  # a malformed response_format or tool list is a 400 before the model is touched
-        return self
-
-    def tool_request(self) -> ToolRequest | None:
-        return check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
-
-    def grammar_spec(self) -> GrammarSpec | None:
         output = response_format_spec(self.response_format)
-        tools = self.tool_request()
-        if tools is None or not tools.active:
-            return output
-        if output is not None:
+        self._tools = check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if self._tools is None or not self._tools.active:
+            self._grammar = output
+        elif output is not None:
             raise InvalidRequest("response_format with tools is not supported: a tool call's arguments already "
                                  "follow its function's schema.", param="response_format",
                                  code="unsupported_parameter")
-        return GrammarSpec("structural_tag", tools.structural_tag())
+        else:
+            self._grammar = GrammarSpec("structural_tag", self._tools.structural_tag())
+        return self
+
+    def tool_request(self) -> ToolRequest | None:
+        return self._tools
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        return self._grammar
 
     def wanted_logprobs(self) -> tuple[bool, int]:
         return self.logprobs, self.top_logprobs or 0
