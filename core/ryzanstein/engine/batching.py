@@ -236,8 +236,12 @@ class BatchEngine:
                 log.warning("engine %s: draft model unavailable (%s); using prompt lookup", self.name, exc)
         if self._probed_model != id(model):  # reloaded (maybe with other weights): probe its shapes again
             self.regimes = None
-        runner = BatchRunner(model, self.swap_dir, self.regimes)
+        runner = BatchRunner(model, self.swap_dir, self.regimes, self.config.prefill_chunk)
         self.regimes, self._probed_model = runner.regimes, id(model)
+        # an evicting cache holds at most this many rows, however long the sequence: admit by that
+        held = runner.pattern.evict_slots(self.config.prefill_chunk) if runner.pattern.kv_policy == "evict" else None
+        with self._lock:
+            self.scheduler.config.held_tokens_cap = held
         self._ready_at = time.perf_counter()
         return runner
 

@@ -3,7 +3,11 @@
 fp32 reads are views of the first `end` rows, permuted to [1, kv_heads, end, head_dim]: their strides do not
 depend on the capacity, so attention sees the same tensors whether the buffer was grown once or many times.
 Quantized caches (int8 / int4, see kvquant.py) store codes plus a scale (and min) per token and head and widen
-on read. Swap-out writes safetensors (never pickle) to a private temp folder and frees the buffers; swap-in
+on read. Sparse attention (sparse.py) reads only the rows it attends through `gather`, widening just those, and
+asks for per-block min/max key summaries (computed once per completed block, recomputed after a swap-in from the
+same rows, so they are identical). An evicting cache (window pattern, kv_policy="evict") holds the sinks and the
+recent window only: rows that left the window are dropped by moving the newer ones down, so memory stays flat.
+Swap-out writes safetensors (never pickle) to a private temp folder and frees the buffers; swap-in
 restores them bit for bit, so a preempted request continues exactly where it stopped.
 """
 
@@ -22,10 +26,15 @@ Fields = dict[str, torch.Tensor]
 
 
 class SequenceKV:
-    def __init__(self, layers: int, bits: int = 32, name: str = ""):
+    def __init__(self, layers: int, bits: int = 32, name: str = "", keep_first: int = 0,
+                 keep_last: int | None = None, max_rows: int | None = None):
         self.name = name  # the request id (a split model's remote stages key their caches by it)
         self.layers: list[Fields | None] = [None] * layers
         self.bits = bits
+        # eviction (keep_last set): positions < keep_first stay; older ones beyond the last keep_last go
+        self.keep_first, self.keep_last, self.max_rows = keep_first, keep_last, max_rows
+        self.dropped = [0] * layers  # per layer: positions removed after the first keep_first rows
+        self.summaries: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layers
         self.length = 0  # rows holding valid entries (set by the runner after each step)
         self.capacity = 0  # rows reserved (the scheduler's blocks × block size)
         self.swap_path: Path | None = None
@@ -35,7 +44,34 @@ class SequenceKV:
         return sum(t.numel() * t.element_size() for fields in self.layers if fields for t in fields.values())
 
     def reserve(self, capacity: int) -> None:
+        if self.max_rows is not None:
+            capacity = min(capacity, self.max_rows)
         self.capacity = max(self.capacity, capacity)
+
+    def _slots(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        dropped = self.dropped[layer]
+        if not dropped:
+            return positions
+        if bool((positions >= self.keep_first).logical_and(positions < self.keep_first + dropped).any()):
+            raise IndexError("an evicted position was read")  # a pattern/policy mismatch; never silently wrong
+        return torch.where(positions < self.keep_first, positions, positions - dropped)
+
+    def _evict_for(self, layer: int, position: int, rows: int) -> None:
+        """Before writing `rows` rows at `position`: when they would not fit in max_rows, drop the positions no
+        row from `position` on can attend (older than position - keep_last + 1), keeping the first keep_first."""
+        assert self.keep_last is not None and self.max_rows is not None
+        fields = self.layers[layer]
+        used = position - self.dropped[layer]
+        if fields is None or used + rows <= self.max_rows:
+            return
+        first_needed = max(self.keep_first, position - self.keep_last + 1)
+        drop = first_needed - self.keep_first - self.dropped[layer]
+        if drop <= 0:
+            return
+        start = self.keep_first
+        for tensor in fields.values():
+            tensor[start:used - drop] = tensor[start + drop:used].clone()
+        self.dropped[layer] += drop
 
     def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> Fields:
         if self.bits == 32:
@@ -59,13 +95,42 @@ class SequenceKV:
     def write(self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values: [rows, kv_heads, head_dim] for positions position .. position+rows-1."""
         encoded = self._encode(keys, values)
-        fields = self._ensure(layer, position + keys.shape[0], encoded)
+        if self.keep_last is not None:
+            self._evict_for(layer, position, keys.shape[0])
+        slot = position - self.dropped[layer]
+        fields = self._ensure(layer, slot + keys.shape[0], encoded)
         for key, tensor in encoded.items():
-            fields[key][position:position + keys.shape[0]] = tensor
+            fields[key][slot:slot + keys.shape[0]] = tensor
+
+    def gather(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [kv_heads, n, head_dim] (fp32) of the given positions; only they are widened."""
+        fields = self.layers[layer]
+        assert fields is not None
+        slots = self._slots(layer, positions)
+        if self.bits == 32:
+            k, v = fields["k"][slots], fields["v"][slots]
+        else:
+            k = dequantize(fields["kq"][slots], fields["ks"][slots], fields["kl"][slots], self.bits)
+            v = dequantize(fields["vq"][slots], fields["vs"][slots], fields["vl"][slots], self.bits)
+        return k.transpose(0, 1), v.transpose(0, 1)
+
+    def block_summaries(self, layer: int, blocks: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel max and min of the keys of blocks 0 .. blocks-1 of `size` rows: [kv_heads, blocks, dim]."""
+        known = self.summaries[layer]
+        have = 0 if known is None else known[0].shape[1]
+        if have < blocks:
+            keys, _ = self.gather(layer, torch.arange(have * size, blocks * size))
+            keys = keys.reshape(keys.shape[0], blocks - have, size, keys.shape[-1])
+            top, bottom = keys.amax(dim=2), keys.amin(dim=2)
+            if known is not None:
+                top, bottom = torch.cat([known[0], top], dim=1), torch.cat([known[1], bottom], dim=1)
+            known = self.summaries[layer] = (top, bottom)
+        assert known is not None
+        return known[0][:, :blocks], known[1][:, :blocks]
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         fields = self.layers[layer]
-        assert fields is not None
+        assert fields is not None and not self.dropped[layer], "read of an evicting cache past its window"
         if self.bits == 32:
             k, v = fields["k"][:end], fields["v"][:end]
         else:
@@ -74,20 +139,27 @@ class SequenceKV:
         return k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0)
 
     def swap_out(self, folder: Path, name: str) -> None:
-        tensors = {f"{key}.{i}": t[:self.length].contiguous()
+        tensors = {f"{key}.{i}": t[:self.length - self.dropped[i]].contiguous()
                    for i, fields in enumerate(self.layers) if fields for key, t in fields.items()}
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / f"{name}.safetensors"
         temp = path.with_suffix(".tmp")
-        save_file(tensors, str(temp))
+        save_file(tensors, str(temp), metadata={"dropped": ",".join(map(str, self.dropped))})
         os.replace(temp, path)
         self.swap_path = path
         self.layers = [None] * len(self.layers)
+        self.summaries = [None] * len(self.layers)  # recomputed from the same rows after swap-in
         self.capacity = 0
 
     def swap_in(self) -> None:
         if self.swap_path is None:
             return
+        from safetensors import safe_open
+
+        with safe_open(str(self.swap_path), "pt") as handle:
+            dropped = (handle.metadata() or {}).get("dropped")
+        if dropped:
+            self.dropped = [int(d) for d in dropped.split(",")]
         by_layer: dict[int, Fields] = {}
         for name, tensor in load_file(str(self.swap_path)).items():
             key, _, layer = name.partition(".")

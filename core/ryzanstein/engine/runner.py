@@ -29,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ryzanstein.engine.invariant import Mode, RowRegimes, distinct_linear_weights, patch_linears, probe_regimes
 from ryzanstein.engine.kvcache import SequenceKV
 from ryzanstein.engine.kvquant import bits_of
+from ryzanstein.engine.sparse import DENSE, AttentionPattern, segment_attention
 
 ATTENTION_NAME = "ryzanstein_engine"
 _step = threading.local()
@@ -52,6 +53,7 @@ def engine_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                                       scaling=scaling, **kwargs)
     layer = module.layer_idx
     gqa = query.shape[1] != key.shape[1]
+    pattern: AttentionPattern = _step.pattern
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
     for seg in segments:
         rows = slice(seg.row, seg.row + seg.rows)
@@ -59,9 +61,15 @@ def engine_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         q = query[:, :, rows]
         if seg.per_row:
             for i in range(seg.rows):
+                if not pattern.covers(seg.position + i + 1):
+                    o = segment_attention(pattern, seg.kv, layer, q[:, :, i:i + 1], seg.position + i, scaling)
+                    out[0, seg.row + i] = o[0, :, 0]
+                    continue
                 k, v = seg.kv.read(layer, seg.position + i + 1)
                 o = F.scaled_dot_product_attention(q[:, :, i:i + 1], k, v, scale=scaling, enable_gqa=gqa)
                 out[0, seg.row + i] = o[0, :, 0]
+        elif not pattern.covers(seg.position + seg.rows):
+            out[0, rows] = segment_attention(pattern, seg.kv, layer, q, seg.position, scaling)[0].transpose(0, 1)
         else:
             end = seg.position + seg.rows
             k, v = seg.kv.read(layer, end)
@@ -138,7 +146,7 @@ def verify_engine(model: Any, tolerance: float = 1e-3) -> None:
 class BatchRunner:
     """Runs scheduler steps for one model. Not thread-safe: one engine thread owns it."""
 
-    def __init__(self, model: Any, swap_dir: Path, regimes: RowRegimes | None = None):
+    def __init__(self, model: Any, swap_dir: Path, regimes: RowRegimes | None = None, prefill_chunk: int = 256):
         check_engine_support(model)
         self.model = model
         self.layers = model.config.get_text_config().num_hidden_layers
@@ -154,6 +162,9 @@ class BatchRunner:
         self.caches: dict[str, SequenceKV] = {}
         # KV-cache format chosen when the model was loaded (manager: kv_cache="int8"/"int4")
         self.kv_bits = bits_of(getattr(model, "ryzanstein_kv_cache", "fp32"))
+        # attention pattern chosen at load (manager: attention=…); dense unless asked
+        self.pattern: AttentionPattern = getattr(model, "ryzanstein_attention", DENSE)
+        self.prefill_chunk = prefill_chunk
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # 4-D: transformers builds no mask
 
     def close(self) -> None:
@@ -171,7 +182,11 @@ class BatchRunner:
     def cache(self, request_id: str) -> SequenceKV:
         kv = self.caches.get(request_id)
         if kv is None:
-            kv = self.caches[request_id] = SequenceKV(self.layers, self.kv_bits, request_id)
+            evicting = self.pattern.kv_policy == "evict"
+            kv = self.caches[request_id] = SequenceKV(
+                self.layers, self.kv_bits, request_id, keep_first=self.pattern.sinks,
+                keep_last=self.pattern.window if evicting else None,
+                max_rows=self.pattern.evict_slots(self.prefill_chunk) if evicting else None)
         return kv
 
     def release(self, request_id: str) -> None:
@@ -228,7 +243,7 @@ class BatchRunner:
         ids = torch.tensor([rows.tokens], dtype=torch.long)
         positions = torch.tensor([rows.positions], dtype=torch.long)
         keep = torch.tensor(rows.keep, dtype=torch.long)
-        _step.segments = rows.segments
+        _step.segments, _step.pattern = rows.segments, self.pattern
         try:
             with torch.inference_mode(), Mode(mode, self.regimes):
                 out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,

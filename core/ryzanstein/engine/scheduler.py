@@ -40,6 +40,7 @@ class SchedulerConfig:
     max_step_tokens: int = 512  # tokens computed per step (decode rows + prefill chunks)
     prefill_chunk: int = 256
     max_waiting: int = 256  # queued requests beyond this are refused (HTTP 429)
+    held_tokens_cap: int | None = None  # an evicting KV cache never holds more rows than this per sequence
 
     def __post_init__(self) -> None:
         for name in ("kv_blocks", "block_tokens", "max_running", "max_step_tokens", "prefill_chunk"):
@@ -118,7 +119,9 @@ class Scheduler:
 
     # -- admission -------------------------------------------------------------------------------------
     def blocks_for(self, tokens: int) -> int:
-        return math.ceil(tokens / self.config.block_tokens)
+        """Blocks a sequence of `tokens` tokens holds (capped for an evicting cache)."""
+        cap = self.config.held_tokens_cap
+        return math.ceil((tokens if cap is None else min(tokens, cap)) / self.config.block_tokens)
 
     @property
     def capacity_tokens(self) -> int:

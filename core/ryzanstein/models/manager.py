@@ -22,6 +22,14 @@ import psutil
 
 from ryzanstein import compute
 from ryzanstein.config import DEFAULT_MODEL, default_budget_bytes
+from ryzanstein.engine.long_context import (
+    ROPE_METHODS,
+    LongContext,
+    apply_long_context,
+    check_long_context,
+    held_kv_tokens,
+    resolve_rope,
+)
 from ryzanstein.errors import InvalidRequest, ModelBusy, OutOfMemoryBudget, QueueTimeout, RyzansteinError
 from ryzanstein.hardware import numa_nodes
 from ryzanstein.models.default import default_gguf_path
@@ -52,6 +60,8 @@ class LoadedEntry:
     on_unload: Callable[[], None] | None = None  # a split model closes its links to the workers
     split: dict[str, Any] | None = None  # which node runs which layers, for a split model
     failure: dict[str, Any] | None = None  # the last generation failed inside the service (health reports it)
+    long_context: LongContext = field(default_factory=LongContext)
+    long_context_applied: dict[str, Any] = field(default_factory=dict)
 
     @property
     def idle(self) -> bool:
@@ -72,8 +82,8 @@ def release_freed_memory() -> None:
 
 class ModelManager:
     def __init__(self, store: ModelStore, *, budget_bytes: int | None = None, evict: str = "lru",
-                 idle_ttl_s: float = 0.0, context_tokens: int = 8192,
-                 publish: EventFn = lambda kind, data: None):
+                 idle_ttl_s: float = 0.0, context_tokens: int = 8192, batching: bool = True,
+                 kv_budget_tokens: int | None = None, publish: EventFn = lambda kind, data: None):
         if evict not in {"lru", "never"}:
             raise InvalidRequest(f"evict={evict!r} is invalid: use 'lru' or 'never'.", param="evict")
         self.store = store
@@ -82,6 +92,7 @@ class ModelManager:
         self.evict = evict
         self.idle_ttl_s = idle_ttl_s
         self.context_tokens = context_tokens
+        self.batching, self.kv_budget_tokens = batching, kv_budget_tokens  # what long-context loads are checked by
         self._loaded: dict[str, LoadedEntry] = {}
         self._guard = threading.RLock()  # protects _loaded and counters
         self._load_lock = threading.Lock()  # one load at a time: clean RSS measurements, honest budget
@@ -170,13 +181,17 @@ class ModelManager:
         return entry.lm
 
     def load(self, name: str, pin_node: int | None = None, weights: str | None = None,
-             kv_cache: str | None = None) -> LoadedEntry:
+             kv_cache: str | None = None, long_context: LongContext | None = None) -> LoadedEntry:
         if weights not in (None, *WEIGHT_FORMATS):
             raise InvalidRequest(f"weights={weights!r} is invalid: use one of {', '.join(WEIGHT_FORMATS)}.",
                                  param="weights")
         if kv_cache not in (None, *KV_FORMATS):
             raise InvalidRequest(f"kv_cache={kv_cache!r} is invalid: use one of {', '.join(KV_FORMATS)}.",
                                  param="kv_cache")
+        if long_context is not None:  # the parts that need no model: refused before anything loads
+            long_context.pattern.check()
+            if long_context.rope not in ROPE_METHODS:
+                resolve_rope(long_context, 0)
         if name == DEFAULT_MODEL:
             self.ensure_default_imported()
         info = self.store.get(name)
@@ -190,11 +205,15 @@ class ModelManager:
                 if kv_cache is not None and kv_cache != existing.kv_cache:
                     raise ModelBusy(f"Model {name!r} is loaded with a {existing.kv_cache} KV cache; unload it to "
                                     f"load it with a {kv_cache} one.")
+                if long_context is not None and long_context != existing.long_context:
+                    raise ModelBusy(f"Model {name!r} is loaded with other long-context options "
+                                    f"({existing.long_context.to_dict()}); unload it to load it with these.")
                 if pin_node is not None:
                     existing.pin_node, existing.pin_cpus = pin_node, cpus
                 return existing
             weights, kv_cache = weights or "fp32", kv_cache or "fp32"
-            estimate = estimate_memory(Path(info.path), self.context_tokens)
+            long_context = long_context or LongContext()
+            estimate = estimate_memory(Path(info.path), held_kv_tokens(long_context, self.context_tokens))
             self._make_room(name, estimate)
             self.publish("model", {"name": name, "state": "loading", "estimate_bytes": estimate.total_bytes})
             import_runtime()  # one-time library imports are the process's cost, not this model's
@@ -204,8 +223,17 @@ class ModelManager:
                                                            weights))
             gc.collect()
             lm.model.ryzanstein_kv_cache = kv_cache
+            try:
+                context = check_long_context(lm.model.config, long_context, kv_budget_tokens=self.kv_budget_tokens,
+                                             batching=self.batching)
+                applied = apply_long_context(lm.model, long_context, context)
+            except InvalidRequest:
+                del lm
+                release_freed_memory()
+                raise
             entry = LoadedEntry(lm, estimate, max(0, rss_bytes() - before), time.perf_counter() - started,
-                                time.monotonic(), pin_node, cpus, weights, kv_cache)
+                                time.monotonic(), pin_node, cpus, weights, kv_cache, long_context=long_context,
+                                long_context_applied=applied)
             with self._guard:
                 self._loaded[name] = entry
         self.publish("model", {"name": name, "state": "loaded", "load_seconds": entry.load_seconds,

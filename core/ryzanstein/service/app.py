@@ -87,7 +87,8 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     hub = EventHub()
     manager = ModelManager(ModelStore(settings.models_dir), budget_bytes=settings.budget_bytes(),
                            evict=settings.evict, idle_ttl_s=settings.idle_ttl_s,
-                           context_tokens=settings.max_context_tokens, publish=hub.publish_threadsafe)
+                           context_tokens=settings.max_context_tokens, batching=settings.batching,
+                           kv_budget_tokens=settings.kv_cache_tokens, publish=hub.publish_threadsafe)
     meter = ThroughputMeter()
     engines = Engines(manager, EngineConfig(kv_cache_tokens=settings.kv_cache_tokens, max_running=settings.max_batch,
                                             max_waiting=settings.max_queued, speculation=settings.speculation,

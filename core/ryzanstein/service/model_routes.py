@@ -12,6 +12,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ryzanstein.engine.long_context import MAX_CONTEXT, LongContext
+from ryzanstein.engine.sparse import AttentionPattern
 from ryzanstein.errors import InvalidModel, InvalidRequest
 from ryzanstein.models.job_memory import folder_import_peak_bytes, gguf_import_peak_bytes
 from ryzanstein.models.manager import ModelManager
@@ -48,6 +50,29 @@ class LoadRequest(BaseModel):
                                                     "quarter of the weight memory, ~1.7x faster decode on AVX2.")
     kv_cache: Literal["fp32", "int8", "int4"] | None = Field(None, description="KV-cache storage of the batching "
                                                              "engine: int8/int4 hold 4x/7x more tokens per byte.")
+    context_tokens: int | None = Field(None, ge=16, le=MAX_CONTEXT, description="Longest prompt + completion; "
+                                       "beyond the model's native context it needs RoPE scaling.")
+    rope_scaling: Literal["auto", "none", "linear", "ntk", "yarn"] | None = Field(
+        None, description="How positions are stretched past the native context (auto: yarn when needed).")
+    attention: Literal["dense", "window", "strided", "block_sparse"] | None = Field(
+        None, description="Attention pattern of the batching engine (dense: exact; the others: long context).")
+    window: int | None = Field(None, description="Recent tokens every token attends (sparse patterns).")
+    sinks: int | None = Field(None, description="First tokens every token attends (sparse patterns).")
+    stride: int | None = Field(None, description="strided: every stride-th earlier token is attended too.")
+    block: int | None = Field(None, description="block_sparse: tokens per block.")
+    top_k: int | None = Field(None, description="block_sparse: blocks attended per head besides the window.")
+    kv_policy: Literal["keep", "evict"] | None = Field(None, description="evict (window only): drop keys and "
+                                                       "values that left the window; memory stays flat.")
+
+    def long_context(self) -> LongContext | None:
+        fields = ("context_tokens", "rope_scaling", "attention", "window", "sinks", "stride", "block", "top_k",
+                  "kv_policy")
+        if all(getattr(self, name) is None for name in fields):
+            return None
+        given = {name: getattr(self, name) for name in ("window", "sinks", "stride", "block", "top_k", "kv_policy")
+                 if getattr(self, name) is not None}
+        pattern = AttentionPattern(kind=self.attention or "dense", **given)
+        return LongContext(self.context_tokens, self.rope_scaling or "auto", pattern)
 
 
 def default_name(path: Path) -> str:
@@ -75,7 +100,8 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
     entry = manager.entry(name)
     if entry is not None:
         row.update(loaded=True, quantization=row["quantization"] if entry.weights == "fp32" else entry.weights,
-                   kv_cache=entry.kv_cache,
+                   kv_cache=entry.kv_cache, long_context={**entry.long_context.to_dict(),
+                                                          **entry.long_context_applied},
                    measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
                    active_requests=entry.active, pin_numa_node=entry.pin_node,
                    adapter=getattr(entry.lm.model, "ryzanstein_adapter", None),
@@ -150,7 +176,7 @@ async def load(name: str, request: Request, body: LoadRequest | None = None) -> 
     manager: ModelManager = request.app.state.manager
     pin = body.pin_numa_node if body else None
     await asyncio.to_thread(manager.load, name, pin, body.weights if body else None,
-                            body.kv_cache if body else None)
+                            body.kv_cache if body else None, body.long_context() if body else None)
     return await asyncio.to_thread(describe, manager, name)
 
 

@@ -77,6 +77,9 @@ def check_logit_bias(body: SamplingFields, lm: Any) -> None:
 
 
 def context_limit(request: Request, lm: Any) -> int:
+    loaded_for = getattr(lm.model, "ryzanstein_context", None)  # a long-context load chose its own length
+    if loaded_for:
+        return int(loaded_for)
     model_limit = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
     return min(int(model_limit), request.app.state.settings.max_context_tokens)
 

@@ -1,0 +1,183 @@
+"""Sparse attention patterns for long context, chosen per model load (dense stays the default).
+
+A query at position p attends keys j <= p of its own sequence:
+
+- dense: every j;
+- window: the first `sinks` tokens (attention sinks, StreamingLLM) and the last `window` ones, j > p - window;
+- strided: the window and sinks, plus every `stride`-th token of the far past (j % stride == 0);
+- block_sparse: the window and sinks, plus the `top_k` blocks of `block` tokens (wholly before the window) with
+  the highest upper bound on q·k, from per-block min/max key summaries (Quest). Decode rows choose per query
+  head; a prefill chunk chooses per head once for all its rows (the highest bound over its rows), so a chunk's
+  cost is its window plus top_k blocks, never the whole past.
+
+Only the attended rows are read (and widened, for an int8/int4 cache); when a pattern attends every key (the
+window is at least as long as the sequence) the dense code runs, so the output is identical to dense.
+`reference_mask` is the same pattern as a dense boolean mask, for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from ryzanstein.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from ryzanstein.engine.kvcache import SequenceKV
+
+PATTERNS = ("dense", "window", "strided", "block_sparse")
+KV_POLICIES = ("keep", "evict")
+EXPLANATIONS = {
+    "dense": "Every token sees every earlier token: exact, but cost and memory grow with the context.",
+    "window": "Each token sees the first few tokens and the last `window`: flat decode cost; far facts are lost.",
+    "strided": "The window plus every `stride`-th earlier token: a coarse view of the far past.",
+    "block_sparse": "The window plus the `top_k` most relevant earlier blocks (picked per head from key "
+                    "summaries): far facts stay reachable at a fraction of dense cost.",
+    "keep": "Keep every token's keys and values (needed by dense, strided and block-sparse patterns).",
+    "evict": "Window only: drop keys and values that left the window, so memory stays flat at any length.",
+}
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    kind: str = "dense"
+    window: int = 1024
+    sinks: int = 4
+    stride: int = 64
+    block: int = 64
+    top_k: int = 8
+    kv_policy: str = "keep"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self) -> None:
+        """Refuse what cannot run, naming the field and its limit (a load error, never a generation one)."""
+        if self.kind not in PATTERNS:
+            raise InvalidRequest(f"Unknown attention pattern {self.kind!r}: use one of {', '.join(PATTERNS)}.",
+                                 param="attention")
+        if self.kv_policy not in KV_POLICIES:
+            raise InvalidRequest(f"Unknown KV policy {self.kv_policy!r}: use one of {', '.join(KV_POLICIES)}.",
+                                 param="kv_policy")
+        if self.kind == "dense":
+            if self.kv_policy != "keep":
+                raise InvalidRequest("kv_policy='evict' needs the window pattern: dense attention reads every "
+                                     "token.", param="kv_policy")
+            return
+        limits = {"window": (16, 1 << 20), "sinks": (0, 1024), "stride": (2, 1 << 16), "block": (8, 4096),
+                  "top_k": (1, 1024)}
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise InvalidRequest(f"{name}={value} is invalid: it must be between {low} and {high}.",
+                                     param=name)
+        if self.kv_policy == "evict" and self.kind != "window":
+            raise InvalidRequest(f"kv_policy='evict' needs the window pattern: {self.kind} attention reads "
+                                 "tokens older than the window.", param="kv_policy")
+
+    def covers(self, end: int) -> bool:
+        """Whether every row up to position end-1 attends all earlier keys (then dense code runs)."""
+        return self.kind == "dense" or end <= self.window
+
+    def evict_slots(self, chunk: int) -> int:
+        """Rows an evicting cache holds at most: sinks, the window, one prefill chunk and room to compact less
+        often (compaction copies the window once per `window` tokens)."""
+        return self.sinks + 2 * self.window + chunk
+
+    def attended_tokens(self, length: int) -> int:
+        """Keys a decode row at `length` tokens reads (what the load dialog predicts from)."""
+        if self.covers(length):
+            return length
+        far = length - self.window
+        extra = {"window": 0, "strided": far // self.stride, "block_sparse": min(far // self.block, self.top_k)
+                 * self.block}.get(self.kind, far)
+        return min(length, self.window + self.sinks + extra)
+
+
+DENSE = AttentionPattern()
+
+
+def reference_mask(pattern: AttentionPattern, positions: torch.Tensor, end: int,
+                   chosen_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, end] (or [heads, rows, end] with chosen_blocks [heads, k]) boolean mask of the pattern."""
+    j = torch.arange(end)[None, :]
+    p = positions[:, None]
+    allowed = j <= p
+    if pattern.kind == "dense":
+        return allowed
+    near = (j < pattern.sinks) | (j > p - pattern.window)
+    if pattern.kind == "strided":
+        near = near | (j % pattern.stride == 0)
+    if chosen_blocks is not None:
+        in_block = torch.zeros(chosen_blocks.shape[0], 1, end, dtype=torch.bool)
+        for h in range(chosen_blocks.shape[0]):
+            for b in chosen_blocks[h].tolist():
+                in_block[h, 0, b * pattern.block:(b + 1) * pattern.block] = True
+        return allowed & (near | in_block)
+    return allowed & near
+
+
+def block_bounds(query: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor, groups: int) -> torch.Tensor:
+    """Upper bound of q·k over each block: sum_c max(q_c·max_c, q_c·min_c), split as relu(q)·max + min(q,0)·min.
+    query [heads, rows, dim]; top/bottom [kv_heads, blocks, dim] → [heads, rows, blocks]."""
+    heads = query.shape[0]
+    top = top.repeat_interleave(heads // groups, dim=0)
+    bottom = bottom.repeat_interleave(heads // groups, dim=0)
+    return query.clamp(min=0) @ top.transpose(1, 2) + query.clamp(max=0) @ bottom.transpose(1, 2)
+
+
+def choose_blocks(pattern: AttentionPattern, kv: SequenceKV, layer: int, query: torch.Tensor,
+                  candidates: int) -> torch.Tensor:
+    """[heads, k] ascending block indices: each head's top_k of the first `candidates` blocks by the highest
+    bound over the query rows (query [heads, rows, dim])."""
+    top, bottom = kv.block_summaries(layer, candidates, pattern.block)
+    bounds = block_bounds(query.float(), top, bottom, top.shape[0]).amax(dim=1)  # [heads, candidates]
+    chosen = torch.topk(bounds, pattern.top_k, dim=-1, sorted=False).indices
+    return torch.sort(chosen, dim=-1).values
+
+
+def near_positions(pattern: AttentionPattern, first: int, end: int) -> torch.Tensor:
+    """Ascending positions some row in [first, end) may attend besides chosen blocks: sinks, the strided far
+    past (strided pattern) and everything from the first row's window start to `end`."""
+    low = max(0, first - pattern.window + 1)
+    parts = [torch.arange(min(pattern.sinks, low))]
+    if pattern.kind == "strided":
+        strided = torch.arange(0, low, pattern.stride)
+        parts.append(strided[strided >= pattern.sinks])
+    parts.append(torch.arange(low, end))
+    return torch.cat(parts)
+
+
+def segment_attention(pattern: AttentionPattern, kv: SequenceKV, layer: int, query: torch.Tensor, first: int,
+                      scaling: float | None) -> torch.Tensor:
+    """Attention of rows at positions first .. first+rows-1 (query [1, heads, rows, dim]) over their sequence's
+    cache under `pattern`; the caller has written their keys/values. Returns [1, heads, rows, dim]."""
+    rows = query.shape[2]
+    end = first + rows
+    heads = query.shape[1]
+    near = near_positions(pattern, first, end)
+    row_positions = torch.arange(first, end)
+    mask = reference_mask(pattern, row_positions, end)[:, near]  # [rows, n]
+    k, v = kv.gather(layer, near)  # [kv_heads, n, dim]
+    groups = k.shape[0]
+    candidates = max(0, first - pattern.window + 1) // pattern.block if pattern.kind == "block_sparse" else 0
+    if candidates:
+        if candidates > pattern.top_k:
+            chosen = choose_blocks(pattern, kv, layer, query[0], candidates)  # [heads, top_k]
+        else:  # every candidate block is chosen, no bound needed
+            chosen = torch.arange(candidates).expand(heads, -1)
+        per_head = heads // groups
+        block_positions = (chosen[:, :, None] * pattern.block + torch.arange(pattern.block)).reshape(heads, -1)
+        union, inverse = torch.unique(block_positions, return_inverse=True)  # each row read (and widened) once
+        ku, vu = kv.gather(layer, union)
+        head_group = torch.arange(heads) // per_head
+        k = torch.cat([k.repeat_interleave(per_head, dim=0), ku[head_group[:, None], inverse]], dim=1)
+        v = torch.cat([v.repeat_interleave(per_head, dim=0), vu[head_group[:, None], inverse]], dim=1)
+        fresh = (block_positions >= pattern.sinks)[:, None, :].expand(heads, rows, -1)  # sinks are in `near`
+        mask = torch.cat([mask.expand(heads, rows, -1), fresh], dim=2)[None]
+        return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling)
+    gqa = heads != groups
+    return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=gqa)
