@@ -14,6 +14,7 @@ from rich.table import Column, Table
 from ryzanstein import __version__
 from ryzanstein.cli_cluster import cluster_app
 from ryzanstein.cli_finetune import adapters_app, bench_finetune, finetune
+from ryzanstein.cli_longctx import bench_longctx
 from ryzanstein.config import DEFAULT_MODEL, Settings
 from ryzanstein.errors import InvalidRequest, RyzansteinError
 
@@ -26,6 +27,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(cluster_app, name="cluster")
 app.command()(finetune)
 bench_app.command("finetune")(bench_finetune)
+bench_app.command("longctx")(bench_longctx)
 console = Console()
 # Every quantization method name (ryzanstein.quant.methods.known_methods(), kept equal by a test); written out
 # here so `--help` does not import torch.

@@ -21,6 +21,7 @@ from ryzanstein.engine.sparse import (
     DENSE,
     AttentionPattern,
     block_bounds,
+    candidate_blocks,
     choose_blocks,
     reference_mask,
     segment_attention,
@@ -58,10 +59,9 @@ def test_each_pattern_equals_dense_attention_with_the_same_mask(kind, bits, head
         q = query[:, :, first:first + rows]
         got = segment_attention(pattern, kv, 0, q, first, None)
         positions = torch.arange(first, first + rows)
-        candidates = max(0, first - pattern.window + 1) // pattern.block
-        if kind == "block_sparse" and candidates:
-            chosen = (choose_blocks(pattern, kv, 0, q[0], candidates) if candidates > pattern.top_k
-                      else torch.arange(candidates).expand(query_heads, -1))
+        first_block, last_block = candidate_blocks(pattern, first)
+        if last_block > first_block:
+            chosen = choose_blocks(pattern, kv, 0, q[0], first_block, last_block)
             mask = reference_mask(pattern, positions, length, chosen)[None]
         else:
             mask = reference_mask(pattern, positions, length)
@@ -79,15 +79,15 @@ def test_block_choice_is_the_true_top_k_of_an_upper_bound():
     query = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(4))
     candidates = 12
     top, bottom = kv.block_summaries(0, candidates, pattern.block)
-    bounds = block_bounds(query, top, bottom, 2)
+    bounds = block_bounds(query, top, bottom)
     for head, row, block in itertools.product(range(4), range(5), range(candidates)):
         block_keys = keys[head // 2, block * 16:(block + 1) * 16]
         brute = torch.maximum(query[head, row] * block_keys.amax(0), query[head, row] * block_keys.amin(0)).sum()
         assert float(bounds[head, row, block]) == pytest.approx(float(brute), rel=1e-5, abs=1e-5)
         assert float((block_keys @ query[head, row]).max()) <= float(bounds[head, row, block]) + 1e-5
-    chosen = choose_blocks(pattern, kv, 0, query, candidates)
+    chosen = choose_blocks(pattern, kv, 0, query, 1, candidates)  # block 0 holds the sinks: never a candidate
     for head in range(4):
-        best = sorted(range(candidates), key=lambda b: -float(bounds[head, :, b].max()))[:pattern.top_k]
+        best = sorted(range(1, candidates), key=lambda b: -float(bounds[head, :, b].max()))[:pattern.top_k]
         assert chosen[head].tolist() == sorted(best)
 
 

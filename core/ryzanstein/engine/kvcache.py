@@ -114,6 +114,21 @@ class SequenceKV:
             v = dequantize(fields["vq"][slots], fields["vs"][slots], fields["vl"][slots], self.bits)
         return k.transpose(0, 1), v.transpose(0, 1)
 
+    def gather_heads(self, layer: int, positions: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query head: keys and values [heads, n, head_dim] of positions [heads, n] from that head's KV head
+        (query heads of one KV head are consecutive)."""
+        fields = self.layers[layer]
+        assert fields is not None
+        slots = self._slots(layer, positions)
+        kv_heads = next(iter(fields.values())).shape[1]
+        group = (torch.arange(heads) // (heads // kv_heads))[:, None]
+        if self.bits == 32:
+            return fields["k"][slots, group], fields["v"][slots, group]
+        return (dequantize(fields["kq"][slots, group], fields["ks"][slots, group], fields["kl"][slots, group],
+                           self.bits),
+                dequantize(fields["vq"][slots, group], fields["vs"][slots, group], fields["vl"][slots, group],
+                           self.bits))
+
     def block_summaries(self, layer: int, blocks: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel max and min of the keys of blocks 0 .. blocks-1 of `size` rows: [kv_heads, blocks, dim]."""
         known = self.summaries[layer]

@@ -103,7 +103,13 @@ DENSE = AttentionPattern()
 def reference_mask(pattern: AttentionPattern, positions: torch.Tensor, end: int,
                    chosen_blocks: torch.Tensor | None = None) -> torch.Tensor:
     """[rows, end] (or [heads, rows, end] with chosen_blocks [heads, k]) boolean mask of the pattern."""
-    j = torch.arange(end)[None, :]
+    return pattern_mask(pattern, positions, torch.arange(end), chosen_blocks)
+
+
+def pattern_mask(pattern: AttentionPattern, positions: torch.Tensor, keys: torch.Tensor,
+                 chosen_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Which of the key positions `keys` each query position attends ([rows, len(keys)])."""
+    j = keys[None, :]
     p = positions[:, None]
     allowed = j <= p
     if pattern.kind == "dense":
@@ -112,30 +118,41 @@ def reference_mask(pattern: AttentionPattern, positions: torch.Tensor, end: int,
     if pattern.kind == "strided":
         near = near | (j % pattern.stride == 0)
     if chosen_blocks is not None:
-        in_block = torch.zeros(chosen_blocks.shape[0], 1, end, dtype=torch.bool)
-        for h in range(chosen_blocks.shape[0]):
-            for b in chosen_blocks[h].tolist():
-                in_block[h, 0, b * pattern.block:(b + 1) * pattern.block] = True
+        in_block = torch.stack([torch.isin(keys // pattern.block, blocks) for blocks in chosen_blocks])[:, None]
         return allowed & (near | in_block)
     return allowed & near
 
 
-def block_bounds(query: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor, groups: int) -> torch.Tensor:
+def block_bounds(query: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     """Upper bound of q·k over each block: sum_c max(q_c·max_c, q_c·min_c), split as relu(q)·max + min(q,0)·min.
-    query [heads, rows, dim]; top/bottom [kv_heads, blocks, dim] → [heads, rows, blocks]."""
+    query [heads, rows, dim]; top/bottom [kv_heads, blocks, dim] → [heads, rows, blocks] (query heads of one KV
+    head are consecutive, as transformers' repeat_kv lays them out)."""
+    heads, rows, dim = query.shape
+    groups = top.shape[0]
+    grouped = query.reshape(groups, heads // groups * rows, dim)
+    bounds = grouped.clamp(min=0) @ top.transpose(1, 2) + grouped.clamp(max=0) @ bottom.transpose(1, 2)
+    return bounds.reshape(heads, rows, -1)
+
+
+def candidate_blocks(pattern: AttentionPattern, first: int) -> tuple[int, int]:
+    """[first, last) blocks a row at `first` may choose: after the sinks (so no key is taken twice) and wholly
+    before its window."""
+    if pattern.kind != "block_sparse":
+        return 0, 0
+    low = max(0, first - pattern.window + 1)
+    return -(-pattern.sinks // pattern.block), low // pattern.block
+
+
+def choose_blocks(pattern: AttentionPattern, kv: SequenceKV, layer: int, query: torch.Tensor, first_block: int,
+                  last_block: int) -> torch.Tensor:
+    """[heads, k] ascending block indices: each head's top_k of blocks [first_block, last_block) by the highest
+    bound over the query rows (query [heads, rows, dim]); all of them when there are at most top_k."""
     heads = query.shape[0]
-    top = top.repeat_interleave(heads // groups, dim=0)
-    bottom = bottom.repeat_interleave(heads // groups, dim=0)
-    return query.clamp(min=0) @ top.transpose(1, 2) + query.clamp(max=0) @ bottom.transpose(1, 2)
-
-
-def choose_blocks(pattern: AttentionPattern, kv: SequenceKV, layer: int, query: torch.Tensor,
-                  candidates: int) -> torch.Tensor:
-    """[heads, k] ascending block indices: each head's top_k of the first `candidates` blocks by the highest
-    bound over the query rows (query [heads, rows, dim])."""
-    top, bottom = kv.block_summaries(layer, candidates, pattern.block)
-    bounds = block_bounds(query.float(), top, bottom, top.shape[0]).amax(dim=1)  # [heads, candidates]
-    chosen = torch.topk(bounds, pattern.top_k, dim=-1, sorted=False).indices
+    if last_block - first_block <= pattern.top_k:
+        return torch.arange(first_block, last_block).expand(heads, -1)
+    top, bottom = kv.block_summaries(layer, last_block, pattern.block)
+    bounds = block_bounds(query.float(), top[:, first_block:], bottom[:, first_block:]).amax(dim=1)
+    chosen = torch.topk(bounds, pattern.top_k, dim=-1, sorted=False).indices + first_block
     return torch.sort(chosen, dim=-1).values
 
 
@@ -155,29 +172,19 @@ def segment_attention(pattern: AttentionPattern, kv: SequenceKV, layer: int, que
                       scaling: float | None) -> torch.Tensor:
     """Attention of rows at positions first .. first+rows-1 (query [1, heads, rows, dim]) over their sequence's
     cache under `pattern`; the caller has written their keys/values. Returns [1, heads, rows, dim]."""
-    rows = query.shape[2]
+    heads, rows = query.shape[1], query.shape[2]
     end = first + rows
-    heads = query.shape[1]
     near = near_positions(pattern, first, end)
-    row_positions = torch.arange(first, end)
-    mask = reference_mask(pattern, row_positions, end)[:, near]  # [rows, n]
-    k, v = kv.gather(layer, near)  # [kv_heads, n, dim]
-    groups = k.shape[0]
-    candidates = max(0, first - pattern.window + 1) // pattern.block if pattern.kind == "block_sparse" else 0
-    if candidates:
-        if candidates > pattern.top_k:
-            chosen = choose_blocks(pattern, kv, layer, query[0], candidates)  # [heads, top_k]
-        else:  # every candidate block is chosen, no bound needed
-            chosen = torch.arange(candidates).expand(heads, -1)
-        per_head = heads // groups
-        block_positions = (chosen[:, :, None] * pattern.block + torch.arange(pattern.block)).reshape(heads, -1)
-        union, inverse = torch.unique(block_positions, return_inverse=True)  # each row read (and widened) once
-        ku, vu = kv.gather(layer, union)
-        head_group = torch.arange(heads) // per_head
-        k = torch.cat([k.repeat_interleave(per_head, dim=0), ku[head_group[:, None], inverse]], dim=1)
-        v = torch.cat([v.repeat_interleave(per_head, dim=0), vu[head_group[:, None], inverse]], dim=1)
-        fresh = (block_positions >= pattern.sinks)[:, None, :].expand(heads, rows, -1)  # sinks are in `near`
-        mask = torch.cat([mask.expand(heads, rows, -1), fresh], dim=2)[None]
-        return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling)
-    gqa = heads != groups
-    return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    # a decode row attends every near position; a chunk's later rows see less of it (causal, sliding window)
+    mask = None if rows == 1 else pattern_mask(pattern, torch.arange(first, end), near)
+    first_block, last_block = candidate_blocks(pattern, first)
+    if last_block <= first_block:
+        k, v = kv.gather(layer, near)
+        return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling,
+                                              enable_gqa=heads != k.shape[0])
+    chosen = choose_blocks(pattern, kv, layer, query[0], first_block, last_block)
+    blocks = (chosen[:, :, None] * pattern.block + torch.arange(pattern.block)).reshape(heads, -1)
+    k, v = kv.gather_heads(layer, torch.cat([blocks, near.expand(heads, -1)], dim=1), heads)
+    if mask is not None:  # chosen blocks lie wholly before every row's window: all rows attend them
+        mask = torch.cat([mask.new_ones(rows, blocks.shape[1]), mask], dim=1)
+    return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling)

@@ -1,0 +1,85 @@
+"""`ryzanstein bench longctx`: the long-context table (patterns vs dense, 4K–32K) and passkey retrieval."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ryzanstein.config import DEFAULT_MODEL, Settings
+from ryzanstein.errors import InvalidRequest
+
+console = Console()
+MB = 2**20
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 64:
+        raise typer.BadParameter(f"{name}={text!r}: give token counts of at least 64, such as 4096,8192.")
+    return values
+
+
+def bench_longctx(
+    model: str = typer.Option(DEFAULT_MODEL),
+    lengths: str = typer.Option("4096,8192,16384,32768", help="Context lengths, comma-separated."),
+    configs: str = typer.Option("dense,window-evict,strided,block_sparse,block_sparse-int8kv",
+                                help="Patterns/KV policies to measure (see the JSON's configs)."),
+    dense_max: int = typer.Option(32768, min=64, help="Longest context dense runs at (its cost is quadratic)."),
+    passkey_lengths: str = typer.Option("2048,4096,8192", help="Passkey context lengths."),
+    passkey_configs: str = typer.Option("dense,window-evict,block_sparse", help="Patterns in the passkey test."),
+    rope: str = typer.Option("yarn", help="RoPE scaling for the longest length: yarn, ntk, linear."),
+    threads: int = typer.Option(0, min=0, help="torch threads; 0 = one per physical core."),
+    output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/longctx-<time>.json)."),
+) -> None:
+    """Long context: prefill seconds, decode ms/token, KV bytes, peak RSS and perplexity for each attention
+    pattern against dense (same model, same run, Python's own documentation as text), then passkey retrieval."""
+    import psutil
+
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_longctx import CONFIGS
+    from ryzanstein.bench_longctx import bench_longctx as run
+    from ryzanstein.cli import fail, open_model
+    from ryzanstein.engine.long_context import LongContext, apply_long_context
+
+    sizes, keys = _ints(lengths, "lengths"), _ints(passkey_lengths, "passkey_lengths")
+    names, key_names = configs.split(","), passkey_configs.split(",")
+    unknown = sorted(set(names + key_names) - set(CONFIGS))
+    if unknown:
+        fail(InvalidRequest(f"Unknown configs {unknown}: use {', '.join(CONFIGS)}."))
+    lm = open_model(model)
+    longest = max(sizes + keys) + 64
+    try:
+        applied = apply_long_context(lm.model, LongContext(longest, rope), longest)
+    except InvalidRequest as exc:
+        fail(exc)
+    lm.model.ryzanstein_rope = applied
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=1.0)
+        result = run(lm, sizes, names, dense_max=dense_max, passkey_lengths=keys, passkey_configs=key_names,
+                     depths=[0.1, 0.5, 0.9], threads=threads or psutil.cpu_count(logical=False) or 1,
+                     progress=lambda stage, f: bar.update(task, completed=f, description=stage))
+    table = Table("context", "config", "prefill s", "vs dense", "decode ms/token", "KV MB", "peak RSS +MB",
+                  "perplexity", "vs dense", title=f"bench longctx: {model}, {result['threads']} threads, rope "
+                  f"{applied['rope_scaling']} x{applied.get('rope_factor', 1)}")
+    for row in result["rows"]:
+        table.add_row(str(row["context"]), row["config"], f"{row['prefill_s']:.1f}",
+                      f"{row.get('prefill_speedup_vs_dense', float('nan')):.2f}x",
+                      f"{row['decode_ms_per_token']:.1f}", f"{row['kv_bytes'] / MB:.0f}",
+                      f"{row['peak_rss_growth_bytes'] / MB:.0f}", f"{row['perplexity']:.2f}",
+                      f"{row.get('perplexity_change_pct', float('nan')):+.1f}%")
+    console.print(table)
+    keys_table = Table("context", "config", "found", "accuracy", title="passkey retrieval (depths 10/50/90%)")
+    for row in result["passkey"]:
+        keys_table.add_row(str(row["context"]), row["config"], f"{row['found']}/{len(row['depths'])}",
+                           f"{row['accuracy_pct']:.0f}%")
+    console.print(keys_table)
+    path = output or Settings().data_dir / "bench" / f"longctx-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
