@@ -71,8 +71,10 @@ class ServiceClient:
     def import_model(self, path: str, name: str | None = None) -> dict:
         return self._request("POST", "/api/models/import", {"path": path, "name": name or None})
 
-    def load_model(self, name: str, pin_numa_node: int | None = None) -> dict:
-        return self._request("POST", f"/api/models/{name}/load", {"pin_numa_node": pin_numa_node}, timeout=600)
+    def load_model(self, name: str, pin_numa_node: int | None = None, options: dict | None = None) -> dict:
+        """options: the load dialog's choices (kv_cache, context_tokens, rope_scaling, attention, window, …)."""
+        return self._request("POST", f"/api/models/{name}/load", {"pin_numa_node": pin_numa_node,
+                                                                  **(options or {})}, timeout=600)
 
     def remote_code(self, name: str) -> dict:
         """The Python files a trust_remote_code model runs on load, with SHA-256 and approval."""

@@ -59,3 +59,47 @@ def test_refused_import_shows_the_service_message(qtbot, window, monkeypatch):
     window.models.start_import("/nonexistent/folder")
     qtbot.waitUntil(lambda: bool(shown), timeout=20_000)
     assert shown[0][0] == "Import refused" and "does not exist" in shown[0][1]
+
+
+def test_load_dialog_explains_predicts_kv_memory_and_loads_long_context(qtbot, window, default_model_dir, tmp_path):
+    """Load with options: block-sparse attention at 32K tokens with YaRN; the prediction follows the choices,
+    eviction is offered for the window pattern only, and the service reports what it applied."""
+    from ryzanstein.engine.long_context import LongContext, held_kv_tokens
+    from ryzanstein.engine.sparse import AttentionPattern
+    from ryzanstein_desktop.views.load_dialog import held_tokens
+
+    view = window.models
+    window.tabs.setCurrentWidget(view)
+    view.start_import(str(save_tiny_model(tmp_path / "long", "llama", default_model_dir)), "gui-long")
+    qtbot.waitUntil(lambda: state_of(view, "gui-long") == "on disk", timeout=60_000)
+    view.select("gui-long")
+    dialog = view.load_selected_with_options()
+    assert "unknown" not in dialog.predicted_text()
+    dialog.context.setCurrentIndex(dialog.context.findData(32768))
+    dense = dialog.predicted_text()
+    dialog.pattern.setCurrentIndex(dialog.pattern.findData("window"))
+    dialog.policy.setCurrentIndex(dialog.policy.findData("evict"))
+    assert "flat" in dialog.predicted_text() and dialog.predicted_text() != dense
+    assert "drop keys and values" in dialog.help["policy"].text()
+    dialog.pattern.setCurrentIndex(dialog.pattern.findData("block_sparse"))
+    assert dialog.policy.currentData() == "keep", "eviction is for the window pattern only"
+    assert "relevant earlier blocks" in dialog.help["pattern"].text()
+    dialog.window.setValue(256)
+    for context, kind, policy, window_, sinks in [(32768, "window", "evict", 256, 4), (5000, "dense", "keep", 9, 0),
+                                                   (1 << 17, "window", "evict", 4096, 16)]:
+        core = held_kv_tokens(LongContext(context, "yarn", AttentionPattern(kind, window=max(window_, 16),
+                                                                            sinks=sinks, kv_policy=policy)), 8192)
+        assert held_tokens(context, kind, policy, max(window_, 16), sinks) == core
+    Path("docs/screenshots").mkdir(parents=True, exist_ok=True)
+    assert dialog.grab().save("docs/screenshots/load-options.png")
+    assert dialog.options() == {"kv_cache": "fp32", "context_tokens": 32768, "rope_scaling": "auto",
+                                "attention": "block_sparse", "window": 256, "sinks": 4, "kv_policy": "keep",
+                                "block": 64, "top_k": 16}
+    dialog.accept()
+    qtbot.waitUntil(lambda: state_of(view, "gui-long") == "loaded", timeout=60_000)
+    applied = view.row("gui-long")["long_context"]
+    assert applied["attention"]["kind"] == "block_sparse" and applied["rope_scaling"] == "yarn"
+    assert applied["context_tokens"] == 32768 and applied["rope_factor"] == 4.0
+    view.select("gui-long")
+    click(qtbot, view.unload_button)
+    qtbot.waitUntil(lambda: state_of(view, "gui-long") == "on disk", timeout=20_000)

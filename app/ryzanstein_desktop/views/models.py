@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 
 from ryzanstein_desktop.bridge import Bridge
 from ryzanstein_desktop.views.finetune_wizard import FinetuneWizard
+from ryzanstein_desktop.views.load_dialog import LoadOptionsDialog
 from ryzanstein_desktop.views.quantize_wizard import QuantizeWizard
 from ryzanstein_desktop.widgets.error_dialog import show_error
 
@@ -93,7 +94,11 @@ class ModelsView(QWidget):
         self.import_gguf_button = QPushButton("Import GGUF…")
         self.import_gguf_button.clicked.connect(self._pick_gguf)
         self.load_button = QPushButton("Load")
-        self.load_button.clicked.connect(self.load_selected)
+        self.load_button.clicked.connect(lambda: self.load_selected())  # not clicked(bool) as the options
+        self.load_options_button = QPushButton("Load with options…")
+        self.load_options_button.setToolTip("Context length, RoPE scaling, attention pattern (long context) and "
+                                            "KV-cache format, with the predicted KV memory")
+        self.load_options_button.clicked.connect(self.load_selected_with_options)
         self.pin_box = QComboBox()
         self.pin_box.addItem("any NUMA node", None)
         self.pin_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -114,8 +119,8 @@ class ModelsView(QWidget):
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
         buttons = QHBoxLayout()
-        for widget in (self.import_folder_button, self.import_gguf_button, self.load_button, self.pin_box,
-                       self.unload_button, self.delete_button):
+        for widget in (self.import_folder_button, self.import_gguf_button, self.load_button,
+                       self.load_options_button, self.pin_box, self.unload_button, self.delete_button):
             buttons.addWidget(widget)
         buttons.addStretch(1)
         buttons.addWidget(self.refresh_button)
@@ -242,6 +247,7 @@ class ModelsView(QWidget):
     def _update_buttons(self) -> None:
         row = self.row(self.selected_name() or "")
         self.load_button.setEnabled(row is not None and not row["loaded"])
+        self.load_options_button.setEnabled(row is not None and not row["loaded"])
         self.unload_button.setEnabled(row is not None and row["loaded"])
         self.delete_button.setEnabled(row is not None and not row["loaded"])
         self._fill_adapters(row)
@@ -306,14 +312,24 @@ class ModelsView(QWidget):
             self.bridge.call(lambda c: c.cancel_job(job_id), lambda job: None,
                              lambda msg: show_error(self, "Cancel failed", msg))
 
-    def load_selected(self) -> None:
+    def load_selected_with_options(self) -> LoadOptionsDialog | None:
+        row = self.row(self.selected_name() or "")
+        if row is None:
+            return None
+        dialog = LoadOptionsDialog(row, self)
+        dialog.accepted.connect(lambda: self.load_selected(dialog.options()))
+        dialog.open()
+        return dialog
+
+    def load_selected(self, options: dict | None = None) -> None:
         name, pin = self.selected_name(), self.pin_box.currentData()
         if not name:
             return
         self.load_button.setEnabled(False)
+        self.load_options_button.setEnabled(False)
 
         def load() -> None:
-            self.bridge.call(lambda c: c.load_model(name, pin), lambda row: self.refresh(),
+            self.bridge.call(lambda c: c.load_model(name, pin, options), lambda row: self.refresh(),
                              lambda msg: self._failed("Load failed", msg))
 
         def checked(code: dict) -> None:

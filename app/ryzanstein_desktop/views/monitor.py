@@ -1,5 +1,5 @@
 """Monitor: live plots of the last 5 minutes: memory, memory per NUMA node, tokens/s, CPU %, and each model's
-batching engine (requests decoding together, queue depth, KV-cache use). The service keeps the last five minutes
+batching engine (requests decoding together, queue depth, KV-cache bytes per model). The service keeps the last five minutes
 of samples, so the plots are full as soon as the app connects.
 
 "Used" memory means the same everywhere: total minus what the kernel can hand out now (free memory plus page
@@ -28,7 +28,7 @@ class MonitorView(QWidget):
         self.cpu = LivePlot("CPU", "%", y_max=100)
         self.model_numa = LivePlot("Models per NUMA node", "GiB")
         self.batch = LivePlot("Batching: requests per step / waiting", "requests", y_min_span=4)
-        self.kv = LivePlot("KV cache in use", "%", y_max=100)
+        self.kv = LivePlot("KV cache per model", "MiB")
         grid = QGridLayout(self)
         grid.addWidget(self.memory, 0, 0)
         grid.addWidget(self.numa, 0, 1)
@@ -70,8 +70,7 @@ class MonitorView(QWidget):
             busy = engine.get("busy", False)
             self.batch.add_point(f"{name} · decoding", t, engine.get("batch", 0) if busy else 0)
             self.batch.add_point(f"{name} · waiting", t, engine.get("waiting", 0) if busy else 0)
-            total = engine.get("kv_total_tokens") or 1
-            self.kv.add_point(name, t, 100.0 * engine.get("kv_used_tokens", 0) / total if busy else 0.0)
+            self.kv.add_point(name, t, engine.get("kv_bytes", 0) / 2**20 if busy else 0.0)
         for model in sample.get("models", []):
             for node, size in model["numa_bytes"].items():
                 self.model_numa.add_point(f"{model['name']} · node {node}", t, size / GB)

@@ -88,6 +88,12 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
         row.update(parameters=estimate.parameters, stored_dtype=estimate.stored_dtype, estimate=estimate.to_dict())
     except (OSError, ValueError, KeyError) as exc:
         row.update(parameters=None, stored_dtype=None, estimate=None, estimate_error=str(exc))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        config = json.loads((Path(info.path) / "config.json").read_text())
+        config = config.get("text_config", config)
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        row["native_context"] = int(rope.get("original_max_position_embeddings")
+                                    or config.get("max_position_embeddings") or 0) or None
     recipe_path = Path(info.path) / "quantization.json"
     if recipe_path.is_file():
         with contextlib.suppress(OSError, ValueError):
