@@ -14,7 +14,7 @@ from rich.table import Column, Table
 from ryzanstein import __version__
 from ryzanstein.cli_cluster import cluster_app
 from ryzanstein.cli_finetune import adapters_app, bench_finetune, finetune
-from ryzanstein.cli_longctx import bench_longctx
+from ryzanstein.cli_longctx import bench_longctx, models_load
 from ryzanstein.config import DEFAULT_MODEL, Settings
 from ryzanstein.errors import InvalidRequest, RyzansteinError
 
@@ -195,6 +195,9 @@ def models_list() -> None:
     print_wide(table)
     if not models:
         console.print(f"The store ({store.root}) is empty; `ryzanstein serve` imports the default model.")
+
+
+models_app.command("load")(models_load)
 
 
 @models_app.command("import")

@@ -83,3 +83,45 @@ def bench_longctx(
     console.print(keys_table)
     path = output or Settings().data_dir / "bench" / f"longctx-{time.strftime('%Y%m%d-%H%M%S')}.json"
     console.print(f"JSON: {write_result(result, path)}")
+
+
+def models_load(
+    name: str = typer.Argument(..., help="Model from the store."),
+    kv_cache: str = typer.Option(None, help="fp32, int8 or int4."),
+    context: int = typer.Option(None, help="Context length in tokens (beyond the native one: RoPE scaling)."),
+    rope: str = typer.Option(None, help="auto, yarn, ntk, linear or none."),
+    attention: str = typer.Option(None, help="dense, window, strided or block_sparse."),
+    window: int = typer.Option(None, help="Recent tokens each token attends (sparse patterns)."),
+    sinks: int = typer.Option(None, help="First tokens each token attends (sparse patterns)."),
+    stride: int = typer.Option(None, help="strided: every stride-th earlier token too."),
+    block: int = typer.Option(None, help="block_sparse: tokens per block."),
+    top_k: int = typer.Option(None, help="block_sparse: blocks attended per head besides the window."),
+    kv_policy: str = typer.Option(None, help="keep, or evict (window only: memory stays flat)."),
+) -> None:
+    """Load a model in the running service with long-context and KV-cache options (the Models view's "Load with
+    options…"); prints what was applied and the memory estimate."""
+    import httpx
+
+    from ryzanstein.cli import fail
+    from ryzanstein.cli_chat import RunningService
+
+    service = RunningService.find()
+    if service is None:
+        fail(InvalidRequest("No service is running: start it with `ryzanstein serve` (or the desktop app)."))
+    body = {key: value for key, value in {
+        "kv_cache": kv_cache, "context_tokens": context, "rope_scaling": rope, "attention": attention,
+        "window": window, "sinks": sinks, "stride": stride, "block": block, "top_k": top_k,
+        "kv_policy": kv_policy}.items() if value is not None}
+    response = httpx.post(f"{service.url}/api/models/{name}/load", json=body, headers=service.headers, timeout=900)
+    payload = response.json()
+    if response.status_code != 200:
+        error = payload.get("error", payload)
+        console.print(f"[red]error:[/red] {error.get('message', payload)}")
+        raise typer.Exit(1)
+    applied = payload.get("long_context") or {}
+    estimate = payload.get("estimate") or {}
+    console.print(f"[bold]{name}[/bold] loaded: KV cache {payload.get('kv_cache')}, context "
+                  f"{applied.get('context_tokens')} tokens (native {applied.get('native_context')}, RoPE "
+                  f"{applied.get('rope_scaling')}), attention {applied.get('attention', {}).get('kind')}; KV "
+                  f"reserved {estimate.get('kv_cache_bytes', 0) / MB:.0f} MiB at "
+                  f"{estimate.get('context_tokens')} tokens.")

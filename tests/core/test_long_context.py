@@ -61,8 +61,9 @@ def test_each_pattern_equals_dense_attention_with_the_same_mask(kind, bits, head
         positions = torch.arange(first, first + rows)
         first_block, last_block = candidate_blocks(pattern, first)
         if last_block > first_block:
-            chosen = choose_blocks(pattern, kv, 0, q[0], first_block, last_block)
-            mask = reference_mask(pattern, positions, length, chosen)[None]
+            chosen = choose_blocks(pattern, kv, 0, q[0], first_block, last_block, kv_heads)
+            per_head = chosen.repeat_interleave(query_heads // kv_heads, dim=0)
+            mask = reference_mask(pattern, positions, length, per_head)[None]
         else:
             mask = reference_mask(pattern, positions, length)
         want = F.scaled_dot_product_attention(q, all_keys, all_values, attn_mask=mask,
@@ -85,10 +86,11 @@ def test_block_choice_is_the_true_top_k_of_an_upper_bound():
         brute = torch.maximum(query[head, row] * block_keys.amax(0), query[head, row] * block_keys.amin(0)).sum()
         assert float(bounds[head, row, block]) == pytest.approx(float(brute), rel=1e-5, abs=1e-5)
         assert float((block_keys @ query[head, row]).max()) <= float(bounds[head, row, block]) + 1e-5
-    chosen = choose_blocks(pattern, kv, 0, query, 1, candidates)  # block 0 holds the sinks: never a candidate
-    for head in range(4):
-        best = sorted(range(1, candidates), key=lambda b: -float(bounds[head, :, b].max()))[:pattern.top_k]
-        assert chosen[head].tolist() == sorted(best)
+    chosen = choose_blocks(pattern, kv, 0, query, 1, candidates, 2)  # block 0 holds the sinks: not a candidate
+    for group in range(2):  # query heads 2g, 2g+1 share KV head g and choose together
+        best = sorted(range(1, candidates),
+                      key=lambda b: -float(bounds[2 * group:2 * group + 2, :, b].max()))[:pattern.top_k]
+        assert chosen[group].tolist() == sorted(best)
 
 
 @pytest.fixture(scope="module")

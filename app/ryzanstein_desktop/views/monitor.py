@@ -1,6 +1,6 @@
 """Monitor: live plots of the last 5 minutes: memory, memory per NUMA node, tokens/s, CPU %, and each model's
-batching engine (requests decoding together, queue depth, KV-cache bytes per model). The service keeps the last five minutes
-of samples, so the plots are full as soon as the app connects.
+batching engine (requests decoding together, queue depth, KV-cache bytes per model). The service keeps the last
+five minutes of samples, so the plots are full as soon as the app connects.
 
 "Used" memory means the same everywhere: total minus what the kernel can hand out now (free memory plus page
 cache and reclaimable slab), for the system and for each NUMA node."""

@@ -107,27 +107,69 @@ class SequenceKV:
         fields = self.layers[layer]
         assert fields is not None
         slots = self._slots(layer, positions)
+
+        def pick(name: str) -> torch.Tensor:  # index_select over rows: several times faster than t[slots]
+            tensor = fields[name]
+            return tensor.view(tensor.shape[0], -1).index_select(0, slots).view(-1, *tensor.shape[1:])
+
         if self.bits == 32:
-            k, v = fields["k"][slots], fields["v"][slots]
+            k, v = pick("k"), pick("v")
         else:
-            k = dequantize(fields["kq"][slots], fields["ks"][slots], fields["kl"][slots], self.bits)
-            v = dequantize(fields["vq"][slots], fields["vs"][slots], fields["vl"][slots], self.bits)
+            k = dequantize(pick("kq"), pick("ks"), pick("kl"), self.bits)
+            v = dequantize(pick("vq"), pick("vs"), pick("vl"), self.bits)
         return k.transpose(0, 1), v.transpose(0, 1)
 
-    def gather_heads(self, layer: int, positions: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query head: keys and values [heads, n, head_dim] of positions [heads, n] from that head's KV head
-        (query heads of one KV head are consecutive)."""
+    def gather_spans(self, layer: int, spans: list[range | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `gather` for ascending pieces: ranges are sliced (one copy at memory speed), tensors gathered."""
         fields = self.layers[layer]
         assert fields is not None
-        slots = self._slots(layer, positions)
-        kv_heads = next(iter(fields.values())).shape[1]
-        group = (torch.arange(heads) // (heads // kv_heads))[:, None]
+        dropped = self.dropped[layer]
+        pieces: list[slice | torch.Tensor] = []
+        for span in spans:
+            if not isinstance(span, range):
+                pieces.append(self._slots(layer, span))
+            elif dropped and span.start >= self.keep_first:
+                if span.start < self.keep_first + dropped:
+                    raise IndexError("an evicted position was read")
+                pieces.append(slice(span.start - dropped, span.stop - dropped))
+            else:
+                assert not dropped or span.stop <= self.keep_first
+                pieces.append(slice(span.start, span.stop))
+
+        def pick(name: str) -> torch.Tensor:
+            tensor = fields[name]
+            parts = [tensor[p] if isinstance(p, slice) else tensor.view(tensor.shape[0], -1).index_select(0, p)
+                     .view(-1, *tensor.shape[1:]) for p in pieces]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
         if self.bits == 32:
-            return fields["k"][slots, group], fields["v"][slots, group]
-        return (dequantize(fields["kq"][slots, group], fields["ks"][slots, group], fields["kl"][slots, group],
-                           self.bits),
-                dequantize(fields["vq"][slots, group], fields["vs"][slots, group], fields["vl"][slots, group],
-                           self.bits))
+            k, v = pick("k"), pick("v")
+        else:
+            k = dequantize(pick("kq"), pick("ks"), pick("kl"), self.bits)
+            v = dequantize(pick("vq"), pick("vs"), pick("vl"), self.bits)
+        return k.transpose(0, 1), v.transpose(0, 1)
+
+    def kv_heads(self, layer: int) -> int:
+        fields = self.layers[layer]
+        assert fields is not None
+        return next(iter(fields.values())).shape[1]
+
+    def gather_groups(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per KV head g: keys and values [kv_heads, n, head_dim] of positions[g] ([kv_heads, n]); one
+        index_select over the flattened (row, head) axis, only those rows widened."""
+        fields = self.layers[layer]
+        assert fields is not None
+        kv_heads = positions.shape[0]
+        rows = (self._slots(layer, positions) * kv_heads + torch.arange(kv_heads)[:, None]).reshape(-1)
+
+        def pick(name: str) -> torch.Tensor:
+            tensor = fields[name]
+            return tensor.view(-1, tensor.shape[-1]).index_select(0, rows).view(*positions.shape, -1)
+
+        if self.bits == 32:
+            return pick("k"), pick("v")
+        return (dequantize(pick("kq"), pick("ks"), pick("kl"), self.bits),
+                dequantize(pick("vq"), pick("vs"), pick("vl"), self.bits))
 
     def block_summaries(self, layer: int, blocks: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel max and min of the keys of blocks 0 .. blocks-1 of `size` rows: [kv_heads, blocks, dim]."""

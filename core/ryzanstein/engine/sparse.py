@@ -5,10 +5,11 @@ A query at position p attends keys j <= p of its own sequence:
 - dense: every j;
 - window: the first `sinks` tokens (attention sinks, StreamingLLM) and the last `window` ones, j > p - window;
 - strided: the window and sinks, plus every `stride`-th token of the far past (j % stride == 0);
-- block_sparse: the window and sinks, plus the `top_k` blocks of `block` tokens (wholly before the window) with
-  the highest upper bound on q·k, from per-block min/max key summaries (Quest). Decode rows choose per query
-  head; a prefill chunk chooses per head once for all its rows (the highest bound over its rows), so a chunk's
-  cost is its window plus top_k blocks, never the whole past.
+- block_sparse: the window and sinks, plus the `top_k` blocks of `block` tokens (wholly before the window and
+  after the sinks) with the highest upper bound on q·k, from per-block min/max key summaries (Quest). Each KV
+  head chooses for its query heads (the highest bound over them: one gather serves the group, as GQA shares
+  keys); a prefill chunk chooses once for all its rows, so its cost is its window plus top_k blocks, never the
+  whole past.
 
 Only the attended rows are read (and widened, for an int8/int4 cache); when a pattern attends every key (the
 window is at least as long as the sequence) the dense code runs, so the output is identical to dense.
@@ -144,28 +145,33 @@ def candidate_blocks(pattern: AttentionPattern, first: int) -> tuple[int, int]:
 
 
 def choose_blocks(pattern: AttentionPattern, kv: SequenceKV, layer: int, query: torch.Tensor, first_block: int,
-                  last_block: int) -> torch.Tensor:
-    """[heads, k] ascending block indices: each head's top_k of blocks [first_block, last_block) by the highest
-    bound over the query rows (query [heads, rows, dim]); all of them when there are at most top_k."""
-    heads = query.shape[0]
+                  last_block: int, kv_heads: int) -> torch.Tensor:
+    """[kv_heads, k] ascending block indices: each KV head's top_k of blocks [first_block, last_block) by the
+    highest bound over its query heads and rows (query [heads, rows, dim]); all of them when at most top_k."""
     if last_block - first_block <= pattern.top_k:
-        return torch.arange(first_block, last_block).expand(heads, -1)
+        return torch.arange(first_block, last_block).expand(kv_heads, -1)
     top, bottom = kv.block_summaries(layer, last_block, pattern.block)
-    bounds = block_bounds(query.float(), top[:, first_block:], bottom[:, first_block:]).amax(dim=1)
+    bounds = block_bounds(query.float(), top[:, first_block:], bottom[:, first_block:])
+    bounds = bounds.reshape(kv_heads, -1, bounds.shape[-1]).amax(dim=1)
     chosen = torch.topk(bounds, pattern.top_k, dim=-1, sorted=False).indices + first_block
     return torch.sort(chosen, dim=-1).values
 
 
-def near_positions(pattern: AttentionPattern, first: int, end: int) -> torch.Tensor:
-    """Ascending positions some row in [first, end) may attend besides chosen blocks: sinks, the strided far
-    past (strided pattern) and everything from the first row's window start to `end`."""
+def near_spans(pattern: AttentionPattern, first: int, end: int) -> list[range | torch.Tensor]:
+    """Ascending pieces of what some row in [first, end) may attend besides chosen blocks: the sinks, the strided
+    far past (strided pattern) and everything from the first row's window start to `end`. Ranges are read as
+    slices (a copy at memory speed), not gathered row by row."""
     low = max(0, first - pattern.window + 1)
-    parts = [torch.arange(min(pattern.sinks, low))]
+    spans: list[range | torch.Tensor] = [range(0, min(pattern.sinks, low))]
     if pattern.kind == "strided":
         strided = torch.arange(0, low, pattern.stride)
-        parts.append(strided[strided >= pattern.sinks])
-    parts.append(torch.arange(low, end))
-    return torch.cat(parts)
+        spans.append(strided[strided >= pattern.sinks])
+    spans.append(range(low, end))
+    return [span for span in spans if len(span)]
+
+
+def span_positions(spans: list[range | torch.Tensor]) -> torch.Tensor:
+    return torch.cat([torch.arange(s.start, s.stop) if isinstance(s, range) else s for s in spans])
 
 
 def segment_attention(pattern: AttentionPattern, kv: SequenceKV, layer: int, query: torch.Tensor, first: int,
@@ -174,17 +180,21 @@ def segment_attention(pattern: AttentionPattern, kv: SequenceKV, layer: int, que
     cache under `pattern`; the caller has written their keys/values. Returns [1, heads, rows, dim]."""
     heads, rows = query.shape[1], query.shape[2]
     end = first + rows
-    near = near_positions(pattern, first, end)
+    spans = near_spans(pattern, first, end)
     # a decode row attends every near position; a chunk's later rows see less of it (causal, sliding window)
-    mask = None if rows == 1 else pattern_mask(pattern, torch.arange(first, end), near)
+    mask = None if rows == 1 else pattern_mask(pattern, torch.arange(first, end), span_positions(spans))
     first_block, last_block = candidate_blocks(pattern, first)
     if last_block <= first_block:
-        k, v = kv.gather(layer, near)
+        k, v = kv.gather_spans(layer, spans)
         return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling,
                                               enable_gqa=heads != k.shape[0])
-    chosen = choose_blocks(pattern, kv, layer, query[0], first_block, last_block)
-    blocks = (chosen[:, :, None] * pattern.block + torch.arange(pattern.block)).reshape(heads, -1)
-    k, v = kv.gather_heads(layer, torch.cat([blocks, near.expand(heads, -1)], dim=1), heads)
+    kv_heads = kv.kv_heads(layer)
+    chosen = choose_blocks(pattern, kv, layer, query[0], first_block, last_block, kv_heads)
+    blocks = (chosen[:, :, None] * pattern.block + torch.arange(pattern.block)).reshape(kv_heads, -1)
+    k_blocks, v_blocks = kv.gather_groups(layer, blocks)
+    k_near, v_near = kv.gather_spans(layer, spans)
+    k, v = torch.cat([k_blocks, k_near], dim=1), torch.cat([v_blocks, v_near], dim=1)
     if mask is not None:  # chosen blocks lie wholly before every row's window: all rows attend them
         mask = torch.cat([mask.new_ones(rows, blocks.shape[1]), mask], dim=1)
-    return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling)
+    return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask, scale=scaling,
+                                          enable_gqa=heads != kv_heads)

@@ -106,6 +106,7 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
     entry = manager.entry(name)
     if entry is not None:
         row.update(loaded=True, quantization=row["quantization"] if entry.weights == "fp32" else entry.weights,
+                   estimate=entry.estimate.to_dict(),  # as loaded: its own context length and KV policy
                    kv_cache=entry.kv_cache, long_context={**entry.long_context.to_dict(),
                                                           **entry.long_context_applied},
                    measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
