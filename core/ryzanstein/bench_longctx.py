@@ -33,6 +33,9 @@ CONFIGS: dict[str, tuple[AttentionPattern, str]] = {
     "strided": (AttentionPattern("strided", window=1024, sinks=4, stride=64), "fp32"),
     "block_sparse": (AttentionPattern("block_sparse", window=512, sinks=4, block=64, top_k=16), "fp32"),
     "block_sparse-int8kv": (AttentionPattern("block_sparse", window=512, sinks=4, block=64, top_k=16), "int8"),
+    "pooled-evict": (AttentionPattern("pooled", window=1024, sinks=4, block=64, kv_policy="evict"), "fp32"),
+    "block_sparse-lowrankkv": (AttentionPattern("block_sparse", window=512, sinks=4, block=64, top_k=16),
+                               "lowrank"),
 }
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 Progress = Callable[[str, float], None]
@@ -155,6 +158,12 @@ def bench_longctx(lm: Any, lengths: list[int], configs: list[str], *, dense_max:
                   chunk: int = 256, threads: int = 1, progress: Progress = lambda stage, f: None) -> dict:
     torch.set_num_threads(threads)
     ids = documentation_ids(lm.tokenizer)
+    lowrank = None
+    if any(CONFIGS[name][1] == "lowrank" for name in [*configs, *passkey_configs]):
+        from ryzanstein.engine.kvlowrank import calibrate_lowrank, calibration_ids
+
+        progress("calibrating the low-rank KV bases", 0.0)
+        lowrank = lm.model.ryzanstein_kv_lowrank = calibrate_lowrank(lm.model, calibration_ids(lm.tokenizer))
     if max(lengths) + decode_tokens + 1 > len(ids):
         raise ValueError(f"the documentation text has {len(ids)} tokens; the longest length must be below that")
     jobs = [(length, name) for length in lengths for name in configs if name != "dense" or length <= dense_max]
@@ -178,4 +187,81 @@ def bench_longctx(lm: Any, lengths: list[int], configs: list[str], *, dense_max:
             "decode_tokens": decode_tokens, "text": "pydoc_data/topics.py (Python's own documentation)",
             "configs": {name: {"pattern": CONFIGS[name][0].to_dict(), "kv_cache": CONFIGS[name][1]}
                         for name in set(configs) | set(passkey_configs)},
-            "rope": getattr(lm.model, "ryzanstein_rope", None), "rows": rows, "passkey": passkeys}
+            "rope": getattr(lm.model, "ryzanstein_rope", None), "rows": rows, "passkey": passkeys,
+            "kv_lowrank": None if lowrank is None else {"rank": lowrank.rank, "head_dim": lowrank.head_dim,
+                                                        **lowrank.errors}}
+
+
+SYNTHETIC_CONFIGS: dict[str, AttentionPattern] = {
+    "dense": AttentionPattern(),
+    "window-evict": AttentionPattern("window", window=1024, sinks=4, kv_policy="evict"),
+    "block_sparse": AttentionPattern("block_sparse", window=512, sinks=4, block=64, top_k=16),
+}
+
+
+def fill_cache(kv: Any, layers: int, length: int, kv_heads: int, dim: int, seed: int = 0) -> None:
+    """Random keys/values for positions 0 .. length-1 of every layer (a synthetic model's prompt would cost
+    hours to prefill; its cache only needs the right shape and a spread of values)."""
+    generator = torch.Generator().manual_seed(seed)
+    piece = 2048
+    keys = torch.randn(piece, kv_heads, dim, generator=generator)
+    values = torch.randn(piece, kv_heads, dim, generator=generator)
+    for layer in range(layers):
+        for start in range(0, length, piece):
+            rows = min(piece, length - start)
+            kv.write(layer, start, keys[:rows] * (1 + layer % 3), values[:rows])
+    kv.length = length
+
+
+def bench_longctx_synthetic(sm: Any, lengths: list[int], configs: list[str], *, kv_format: str = "int4",
+                            decode_tokens: int = 4, threads: int = 1,
+                            progress: Progress = lambda stage, f: None) -> dict:
+    """Decode ms/token at each context length for each pattern on a synthetic (random-weight) model, from a
+    cache filled with random keys/values: speed and memory only. An evicting window reads exactly what the
+    window pattern reads, from a cache of sinks + 2 windows + a chunk; its KV bytes are that many rows."""
+    from ryzanstein.engine.kvcache import SequenceKV
+    from ryzanstein.engine.kvquant import bits_of
+
+    torch.set_num_threads(threads)
+    config = sm.model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    dim = config.hidden_size // config.num_attention_heads
+    longest = max(lengths) + decode_tokens
+    progress(f"filling a {kv_format} KV cache of {longest} tokens", 0.0)
+    with PeakRSS() as fill_rss:
+        kv = SequenceKV(layers, bits_of(kv_format), "bench")
+        kv.reserve(longest)
+        fill_cache(kv, layers, longest, kv_heads, dim)
+    bytes_per_token = kv.nbytes / longest
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    jobs = [(length, name) for length in lengths for name in configs]
+    for i, (length, name) in enumerate(jobs):
+        progress(f"{name} at {length} tokens", (i + 1) / (len(jobs) + 1))
+        pattern = SYNTHETIC_CONFIGS[name]
+        reading = AttentionPattern("window", window=pattern.window, sinks=pattern.sinks) \
+            if pattern.kv_policy == "evict" else pattern
+        sm.model.ryzanstein_attention, sm.model.ryzanstein_kv_cache = reading, kv_format
+        runner = BatchRunner(sm.model, Path(tempfile.gettempdir()))
+        runner.caches["bench"] = kv
+        steps = []
+        try:
+            for step in range(decode_tokens + 1):  # the first step is a warm-up (and computes block summaries)
+                token = int(torch.randint(0, config.vocab_size, (1,), generator=generator))
+                kv.length = length + step
+                started = time.perf_counter()
+                runner.forward(build_rows([(kv, [token], length + step, True, "all")]), "decode")
+                if step:
+                    steps.append((time.perf_counter() - started) * 1000)
+        finally:
+            runner.caches.clear()
+            runner.close()
+        held = min(length, pattern.evict_slots(256)) if pattern.kv_policy == "evict" else length
+        rows.append({"config": name, "context": length, "decode_ms_per_token": round(statistics.median(steps), 1),
+                     "decode_ms_min_max": [round(min(steps), 1), round(max(steps), 1)],
+                     "kv_bytes": int(held * bytes_per_token), "attended_keys": reading.attended_tokens(length)})
+    progress("done", 1.0)
+    return {"model": sm.name, "synthetic": True, "note": "random weights: speed and memory only",
+            "weights": sm.weights, "linear_bytes": sm.linear_bytes, "kv_cache": kv_format, "threads": threads,
+            "decode_tokens": decode_tokens, "cache_fill_rss_growth_bytes": fill_rss.growth,
+            "configs": {name: SYNTHETIC_CONFIGS[name].to_dict() for name in configs}, "rows": rows}

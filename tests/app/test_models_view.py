@@ -85,11 +85,13 @@ def test_load_dialog_explains_predicts_kv_memory_and_loads_long_context(qtbot, w
     assert dialog.policy.currentData() == "keep", "eviction is for the window pattern only"
     assert "relevant earlier blocks" in dialog.help["pattern"].text()
     dialog.window.setValue(256)
-    for context, kind, policy, window_, sinks in [(32768, "window", "evict", 256, 4), (5000, "dense", "keep", 9, 0),
-                                                   (1 << 17, "window", "evict", 4096, 16)]:
-        core = held_kv_tokens(LongContext(context, "yarn", AttentionPattern(kind, window=max(window_, 16),
-                                                                            sinks=sinks, kv_policy=policy)), 8192)
-        assert held_tokens(context, kind, policy, max(window_, 16), sinks) == core
+    cases = [(32768, "window", "evict", 256, 4), (5000, "dense", "keep", 16, 0), (1 << 17, "window", "evict", 4096, 16),
+             (1 << 17, "pooled", "evict", 1024, 4), (3000, "pooled", "evict", 2048, 0),
+             (32768, "block_sparse", "keep", 512, 4)]
+    for context, kind, policy, window_, sinks in cases:
+        core = held_kv_tokens(LongContext(context, "yarn", AttentionPattern(kind, window=window_, sinks=sinks,
+                                                                            block=64, kv_policy=policy)), 8192)
+        assert held_tokens(context, kind, policy, window_, sinks, 64) == core
     Path("docs/screenshots").mkdir(parents=True, exist_ok=True)
     assert dialog.grab().save("docs/screenshots/load-options.png")
     assert dialog.options() == {"kv_cache": "fp32", "context_tokens": 32768, "rope_scaling": "auto",

@@ -31,6 +31,7 @@ from ryzanstein.models.loader import load_model_folder
 from tests.core.test_batching_equivalence import GRAMMAR, Req, requests, run_engine
 
 PATTERNS = {
+    "pooled": AttentionPattern("pooled", window=32, sinks=4, block=16),
     "window": AttentionPattern("window", window=32, sinks=4),
     "strided": AttentionPattern("strided", window=32, sinks=4, stride=8),
     "block_sparse": AttentionPattern("block_sparse", window=32, sinks=4, block=16, top_k=3),
@@ -46,7 +47,8 @@ def filled_cache(bits: int, length: int, kv_heads: int, dim: int, seed: int = 0)
     return kv
 
 
-@pytest.mark.parametrize("kind,bits,heads", itertools.product(PATTERNS, (32, 8, 4), ((4, 2), (4, 4))))
+@pytest.mark.parametrize("kind,bits,heads", itertools.product(("window", "strided", "block_sparse"), (32, 8, 4),
+                                                              ((4, 2), (4, 4))))
 def test_each_pattern_equals_dense_attention_with_the_same_mask(kind, bits, heads):
     """Random inputs, GQA (4 query heads on 2 KV heads) and MHA, fp32/int8/int4 caches, decode rows and prefill
     chunks at many depths: the gathered sparse computation equals dense SDPA over the whole cache, masked."""
@@ -69,6 +71,32 @@ def test_each_pattern_equals_dense_attention_with_the_same_mask(kind, bits, head
         want = F.scaled_dot_product_attention(q, all_keys, all_values, attn_mask=mask,
                                               enable_gqa=query_heads != kv_heads)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits,heads", itertools.product((32, 8), ((4, 2), (4, 4))))
+def test_pooled_attention_equals_dense_over_segments_replaced_by_their_means(bits, heads):
+    """Segment pooling folds a segment's count into its score: the same as dense attention over a cache where
+    every position of a pooled segment holds the segment's mean key and value (an independent reference)."""
+    pattern = AttentionPattern("pooled", window=32, sinks=4, block=16)
+    (query_heads, kv_heads), length, dim = heads, 400, 16
+    kv = filled_cache(bits, length, kv_heads, dim, seed=5)
+    query = torch.randn(1, query_heads, length, dim, generator=torch.Generator().manual_seed(6))
+    keys, values = (t.clone() for t in kv.read(0, length))
+    for first, rows in [(33, 1), (90, 1), (399, 1), (64, 16), (200, 64), (300, 100)]:
+        q = query[:, :, first:first + rows]
+        got = segment_attention(pattern, kv, 0, q, first, None)
+        segments = pattern.pooled_segments(first)
+        k, v = keys.clone(), values.clone()
+        pooled = torch.zeros(length, dtype=torch.bool)
+        for segment in range(segments):
+            span = slice(4 + segment * 16, 4 + (segment + 1) * 16)
+            k[:, :, span] = keys[:, :, span].mean(dim=2, keepdim=True)
+            v[:, :, span] = values[:, :, span].mean(dim=2, keepdim=True)
+            pooled[span] = True
+        mask = reference_mask(pattern, torch.arange(first, first + rows), length) | pooled
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=query_heads != kv_heads)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        assert segments == (0 if first < 36 else (first - 31 - 4) // 16)
 
 
 def test_block_choice_is_the_true_top_k_of_an_upper_bound():
@@ -130,6 +158,15 @@ def test_a_window_as_long_as_the_sequence_is_identical_to_dense(tiny_lm, tmp_pat
         assert torch.equal(engine_logits(tiny_lm, wide, prompt, follow, tmp_path), dense), kind
 
 
+def test_an_evicting_pooled_cache_keeps_only_means_and_gives_the_same_logits(tiny_lm, tmp_path):
+    prompt, follow = [5 + (i * 7) % 90 for i in range(200)], list(range(20, 40))
+    keep = AttentionPattern("pooled", window=32, sinks=4, block=16)
+    evict = AttentionPattern("pooled", window=32, sinks=4, block=16, kv_policy="evict")
+    assert torch.equal(engine_logits(tiny_lm, evict, prompt, follow, tmp_path),
+                       engine_logits(tiny_lm, keep, prompt, follow, tmp_path))
+    assert held_kv_tokens(LongContext(10_000, "yarn", evict), 8192) == 4 + 64 + 256 + 16 + (10_000 - 32 - 4) // 16
+
+
 def test_an_evicting_window_cache_stays_flat_and_gives_the_same_logits(tiny_lm, tmp_path):
     prompt, follow = [5 + (i * 7) % 90 for i in range(150)], list(range(20, 60))
     keep = AttentionPattern("window", window=32, sinks=4)
@@ -165,9 +202,11 @@ def test_an_evicting_window_cache_stays_flat_and_gives_the_same_logits(tiny_lm, 
         del tiny_lm.model.ryzanstein_attention
 
 
-def test_swap_of_a_compressed_sparse_cache_is_exact(tiny_lm, tmp_path):
+@pytest.mark.parametrize("pattern", [PATTERNS["block_sparse"],
+                                     AttentionPattern("pooled", window=32, sinks=4, block=16, kv_policy="evict")])
+def test_swap_of_a_compressed_sparse_cache_is_exact(tiny_lm, tmp_path, pattern):
+    """int8/int4 rows, block summaries and pooled means (the only trace of evicted rows) survive a swap."""
     prompt, follow = [5 + (i * 11) % 80 for i in range(120)], list(range(30, 40))
-    pattern = PATTERNS["block_sparse"]
     for bits in (8, 4):
         tiny_lm.model.ryzanstein_attention = pattern
         tiny_lm.model.ryzanstein_kv_cache = {8: "int8", 4: "int4"}[bits]
@@ -200,18 +239,20 @@ def test_sparse_patterns_stay_close_to_dense_on_a_short_input(tiny_lm, tmp_path)
 
 
 PATTERN_CHOICES = [
+    AttentionPattern("pooled", window=16, sinks=2, block=8),
+    AttentionPattern("pooled", window=16, sinks=2, block=8, kv_policy="evict"),
     AttentionPattern("window", window=16, sinks=2),
     AttentionPattern("window", window=16, sinks=2, kv_policy="evict"),
     AttentionPattern("strided", window=16, sinks=2, stride=3),
     AttentionPattern("block_sparse", window=16, sinks=2, block=8, top_k=2),
 ]
-_alone: dict[tuple, object] = {}
+_alone: dict[object, object] = {}
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           derandomize=True)
 @given(reqs=st.lists(requests, min_size=1, max_size=5), pattern=st.sampled_from(PATTERN_CHOICES),
-       kv_tokens=st.sampled_from([96, 4096]), bits=st.sampled_from(["fp32", "int8"]),
+       kv_tokens=st.sampled_from([96, 4096]), bits=st.sampled_from(["fp32", "int8", "lowrank"]),
        speculation=st.sampled_from(["off", "always"]))
 def test_batched_output_equals_alone_under_every_pattern(tiny_lm, tmp_path_factory, reqs, pattern, kv_tokens,
                                                          bits, speculation):
@@ -219,6 +260,12 @@ def test_batched_output_equals_alone_under_every_pattern(tiny_lm, tmp_path_facto
                 r.extras) for r in reqs]  # long enough to leave the window
     tmp = tmp_path_factory.mktemp("swap")
     tiny_lm.model.ryzanstein_attention, tiny_lm.model.ryzanstein_kv_cache = pattern, bits
+    if bits == "lowrank":
+        from ryzanstein.engine.kvlowrank import calibrate_lowrank, calibration_ids
+
+        if "lowrank" not in _alone:
+            _alone["lowrank"] = calibrate_lowrank(tiny_lm.model, calibration_ids(tiny_lm.tokenizer, 256))
+        tiny_lm.model.ryzanstein_kv_lowrank = _alone["lowrank"]
     try:
         refs = []
         for req in reqs:
@@ -235,6 +282,8 @@ def test_batched_output_equals_alone_under_every_pattern(tiny_lm, tmp_path_facto
             assert got.tokens == ref.tokens[:n] and got.logprobs == ref.logprobs[:len(got.logprobs)]
     finally:
         del tiny_lm.model.ryzanstein_attention, tiny_lm.model.ryzanstein_kv_cache
+        if hasattr(tiny_lm.model, "ryzanstein_kv_lowrank"):
+            del tiny_lm.model.ryzanstein_kv_lowrank
 
 
 @pytest.mark.parametrize("method", ["linear", "yarn", "ntk"])
@@ -279,7 +328,8 @@ def test_bad_long_context_options_are_refused_at_load_naming_the_limit(tiny_lm):
     refused(LongContext(None, "auto", AttentionPattern("window", window=0)), "window=0 is invalid")
     refused(LongContext(None, "auto", AttentionPattern("sliding")), "Unknown attention pattern 'sliding'")
     refused(LongContext(None, "spline"), "Unknown RoPE scaling 'spline'")
-    refused(LongContext(None, "auto", AttentionPattern("strided", kv_policy="evict")), "needs the window pattern")
+    refused(LongContext(None, "auto", AttentionPattern("strided", kv_policy="evict")),
+            "needs the window or pooled pattern")
     refused(LongContext(native * 2, "yarn"), "KV-cache budget \\(1000 tokens", budget=1000)
     refused(LongContext(native * 2, "yarn", AttentionPattern("window", window=2048, kv_policy="evict")),
             "smaller than the window", budget=1000)
@@ -291,3 +341,74 @@ def test_bad_long_context_options_are_refused_at_load_naming_the_limit(tiny_lm):
         del config.sliding_window, config.use_sliding_window
     evict = LongContext(1 << 17, "yarn", AttentionPattern("window", window=512, kv_policy="evict"))
     assert held_kv_tokens(evict, 8192) == 4 + 1024 + 256  # flat, whatever the context
+
+
+def test_synthetic_model_is_built_packed_and_benchmarks_every_pattern():
+    """A random model of a real shape never holds fp32 linear weights; the synthetic long-context bench decodes
+    under each pattern from a filled cache, and an evicting window holds a fixed number of rows."""
+    from ryzanstein.bench_longctx import bench_longctx_synthetic
+    from ryzanstein.models.synthetic import synthetic_model
+
+    sm = synthetic_model("llama-tiny")
+    linears = [m for m in sm.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(hasattr(m, "weight_int4") and m.weight.numel() == 0 for m in linears)
+    apply_long_context(sm.model, LongContext(4096, "yarn"), 4096)
+    result = bench_longctx_synthetic(sm, [2400, 3000], ["dense", "window-evict", "block_sparse"], decode_tokens=2)
+    rows = {(r["config"], r["context"]): r for r in result["rows"]}
+    assert result["note"] == "random weights: speed and memory only" and len(rows) == 6
+    assert rows["window-evict", 3000]["kv_bytes"] == rows["window-evict", 2400]["kv_bytes"]  # flat
+    assert rows["dense", 3000]["kv_bytes"] == 1.25 * rows["dense", 2400]["kv_bytes"]
+    assert rows["block_sparse", 3000]["attended_keys"] == 4 + 512 + 16 * 64 < rows["dense", 3000]["attended_keys"]
+    with pytest.raises(InvalidRequest, match="Unknown synthetic shape"):
+        synthetic_model("llama-70b")
+
+
+def test_lowrank_cache_rank_is_chosen_by_measured_error_and_stays_close_to_dense(tiny_lm, tmp_path):
+    """PCA bases from calibration text: the chosen rank is the smallest within the error bound on that text,
+    the cache holds rank/head_dim of the fp32 bytes, a swap is exact, and the model's next-token distribution
+    stays within a KL bound of the fp32 cache on a short input."""
+    from ryzanstein.engine.kvlowrank import calibrate_lowrank, calibration_ids, collect_keys_values
+
+    ids = calibration_ids(tiny_lm.tokenizer, 512)
+    codec = calibrate_lowrank(tiny_lm.model, ids, max_error=0.05)
+    assert 1 <= codec.rank < codec.head_dim and max(codec.errors.values()) <= 0.05
+    tighter = calibrate_lowrank(tiny_lm.model, ids, max_error=0.01)
+    assert tighter.rank > codec.rank  # the bound, not a constant, picks the rank
+    # measured on the calibration text itself: the worst relative reconstruction error is what was promised
+    for layer, (keys, values) in enumerate(collect_keys_values(tiny_lm.model, ids)):
+        fields = codec.encode(layer, keys, values)
+        rebuilt_k, rebuilt_v = codec.widen(layer, lambda name, f=fields: f[name])
+        for x, rebuilt in ((keys, rebuilt_k), (values, rebuilt_v)):
+            centred = x - x.mean(dim=0)
+            error = (x - rebuilt).square().sum(dim=(0, 2)) / centred.square().sum(dim=(0, 2))
+            assert float(error.max()) <= 0.05 + 1e-4
+    tiny_lm.model.ryzanstein_kv_lowrank = codec
+    try:
+        prompt, follow = [5 + (i * 13) % 97 for i in range(40)], list(range(40, 52))
+        dense = engine_logits(tiny_lm, DENSE, prompt, follow, tmp_path).log_softmax(-1)
+        tiny_lm.model.ryzanstein_attention, tiny_lm.model.ryzanstein_kv_cache = DENSE, "lowrank"
+        runner = BatchRunner(tiny_lm.model, tmp_path, prefill_chunk=16)
+        try:
+            kv = runner.cache("low")
+            got = []
+            for start in range(0, 40, 16):
+                got.append(runner.forward(build_rows([(kv, prompt[start:start + 16], start, False, "last")]),
+                                          "prefill"))
+                kv.length = min(40, start + 16)
+            rows = kv.layers[0]["kr"].shape[0]  # keys + values, fp32 coordinates of `rank` per head and row
+            assert kv.nbytes == len(kv.layers) * rows * kv.kv_heads(0) * codec.rank * 4 * 2
+            runner.swap_out("low")
+            runner.swap_in("low", 64)
+            for i, token in enumerate(follow):
+                kv = runner.cache("low")
+                got.append(runner.forward(build_rows([(kv, [token], 40 + i, True, "all")]), "decode"))
+                kv.length += 1
+        finally:
+            runner.close()
+        low = torch.cat(got).log_softmax(-1)
+        kl = float((dense.exp() * (dense - low)).sum(-1).max())
+        assert 0 < kl < 0.05, kl
+    finally:
+        for name in ("ryzanstein_kv_lowrank", "ryzanstein_attention", "ryzanstein_kv_cache"):
+            if hasattr(tiny_lm.model, name):
+                delattr(tiny_lm.model, name)

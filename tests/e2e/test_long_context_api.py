@@ -30,7 +30,7 @@ def loaded(api) -> bool:
 
 @pytest.mark.parametrize("body,message", [
     ({"attention": "window", "window": 0}, "window=0 is invalid: it must be between 16"),
-    ({"attention": "block_sparse", "kv_policy": "evict"}, "needs the window pattern"),
+    ({"attention": "block_sparse", "kv_policy": "evict"}, "needs the window or pooled pattern"),
     ({"context_tokens": 100_000, "rope_scaling": "none"}, "trained on 8192 tokens; choose rope_scaling"),
     ({"context_tokens": 100_000}, "8x is the most"),
     ({"context_tokens": 65536, "attention": "dense"}, "KV-cache budget (32768 tokens"),

@@ -20,26 +20,34 @@ PATTERN_HELP = {
     "strided": "The window plus every `stride`-th earlier token: a coarse view of the far past.",
     "block_sparse": "The window plus the most relevant earlier blocks per head: far facts stay reachable at a "
                     "fraction of dense cost.",
+    "pooled": "The window plus the far past averaged in blocks (one entry per block): a blurred memory of "
+              "everything, with eviction growing block times slower than dense.",
 }
 POLICY_HELP = {
     "keep": "Keep every token's keys and values (dense, strided and block-sparse need them).",
-    "evict": "Window only: drop keys and values that left the window, so memory stays flat at any length.",
+    "evict": "Window and pooled only: drop keys and values that left the window (pooled keeps their averages), "
+             "so memory stays flat or grows slowly.",
 }
 KV_HELP = {"fp32": "Exact.", "int8": "A quarter of the memory; near-exact.", "int4": "A seventh of the memory; "
-           "small drift."}
+           "small drift.", "lowrank": "Keys and values in a basis fitted at load (rank chosen for 5% error): "
+           "about half the memory, measured when it loads."}
 ROPE_HELP = {"auto": "YaRN when the context is longer than the model was trained on, else nothing.",
              "yarn": "Interpolates slow rotations only and sharpens attention: the usual best choice.",
              "ntk": "A larger rotary base, fixed for the chosen length (NTK-aware).",
              "linear": "Divides every position by the factor: simple, blurs nearby positions.",
              "none": "As trained: the context cannot exceed the native length."}
-KV_BYTES_FACTOR = {"fp32": 1.0, "int8": 0.27, "int4": 0.16}  # codes + per-token scales, head_dim 64
+KV_BYTES_FACTOR = {"fp32": 1.0, "int8": 0.27, "int4": 0.16,  # codes + per-token scales, head_dim 64
+                   "lowrank": 0.5}  # a typical rank; the real one is chosen by measured error at load
 PREFILL_CHUNK = 256
 
 
-def held_tokens(context: int, pattern: str, policy: str, window: int, sinks: int) -> int:
+def held_tokens(context: int, pattern: str, policy: str, window: int, sinks: int, block: int) -> int:
     """KV rows one sequence holds at most (the service's held_kv_tokens; a test keeps the two equal)."""
     if pattern == "window" and policy == "evict":
         return min(context, sinks + 2 * window + PREFILL_CHUNK)
+    if pattern == "pooled" and policy == "evict":
+        segments = max(0, context - 1 - window + 1 - sinks) // block
+        return min(context, sinks + 2 * window + PREFILL_CHUNK + block + segments)
     return context
 
 
@@ -123,10 +131,11 @@ class LoadOptionsDialog(QDialog):
         for spin in (self.window, self.sinks):
             spin.setEnabled(sparse)
         self.stride.setEnabled(pattern == "strided")
-        self.block.setEnabled(pattern == "block_sparse")
+        self.block.setEnabled(pattern in ("block_sparse", "pooled"))
         self.top_k.setEnabled(pattern == "block_sparse")
-        self.policy.model().item(1).setEnabled(pattern == "window")  # eviction: window only
-        if policy == "evict" and pattern != "window":
+        evictable = pattern in ("window", "pooled")
+        self.policy.model().item(1).setEnabled(evictable)  # eviction: patterns that never read old rows exactly
+        if policy == "evict" and not evictable:
             self.policy.setCurrentIndex(0)
         self.prediction.setText(self.predicted_text())
 
@@ -135,7 +144,7 @@ class LoadOptionsDialog(QDialog):
         if not context or not self.bytes_per_token:
             return "Predicted KV memory: unknown for this model."
         held = held_tokens(context, self.pattern.currentData(), self.policy.currentData(), self.window.value(),
-                           self.sinks.value())
+                           self.sinks.value(), self.block.value())
         per_sequence = held * self.bytes_per_token * KV_BYTES_FACTOR[self.kv_cache.currentData()]
         note = " (flat: older tokens are dropped)" if held < context else ""
         return (f"Predicted KV memory per sequence at {context:,} tokens: {per_sequence / 2**20:,.0f} MiB{note}. "
@@ -155,4 +164,6 @@ class LoadOptionsDialog(QDialog):
                 chosen["stride"] = self.stride.value()
             if pattern == "block_sparse":
                 chosen.update(block=self.block.value(), top_k=self.top_k.value())
+            if pattern == "pooled":
+                chosen["block"] = self.block.value()
         return chosen

@@ -239,7 +239,9 @@ class BatchEngine:
         runner = BatchRunner(model, self.swap_dir, self.regimes, self.config.prefill_chunk)
         self.regimes, self._probed_model = runner.regimes, id(model)
         # an evicting cache holds at most this many rows, however long the sequence: admit by that
-        held = runner.pattern.evict_slots(self.config.prefill_chunk) if runner.pattern.kv_policy == "evict" else None
+        # (a pooled cache also grows by one entry per segment: admitted at its full length, conservatively)
+        evicting = runner.pattern.kv_policy == "evict" and runner.pattern.kind == "window"
+        held = runner.pattern.evict_slots(self.config.prefill_chunk) if evicting else None
         with self._lock:
             self.scheduler.config.held_tokens_cap = held
         self._ready_at = time.perf_counter()

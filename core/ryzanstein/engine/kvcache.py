@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,18 +25,47 @@ from safetensors.torch import load_file, save_file
 from ryzanstein.engine.kvquant import dequantize, quantize
 
 Fields = dict[str, torch.Tensor]
+Pick = Callable[[str], torch.Tensor]  # a field's selected rows
+
+
+class PlainCodec:
+    def encode(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Fields:
+        return {"k": keys, "v": values}
+
+    def widen(self, layer: int, pick: Pick, heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return pick("k"), pick("v")
+
+
+class QuantCodec:
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def encode(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Fields:
+        kq, ks, kl = quantize(keys.float(), self.bits)
+        vq, vs, vl = quantize(values.float(), self.bits)
+        return {"kq": kq, "ks": ks, "kl": kl, "vq": vq, "vs": vs, "vl": vl}
+
+    def widen(self, layer: int, pick: Pick, heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dequantize(pick("kq"), pick("ks"), pick("kl"), self.bits),
+                dequantize(pick("vq"), pick("vs"), pick("vl"), self.bits))
 
 
 class SequenceKV:
     def __init__(self, layers: int, bits: int = 32, name: str = "", keep_first: int = 0,
-                 keep_last: int | None = None, max_rows: int | None = None):
+                 keep_last: int | None = None, max_rows: int | None = None, pool_size: int = 0,
+                 lowrank: Any = None):
         self.name = name  # the request id (a split model's remote stages key their caches by it)
         self.layers: list[Fields | None] = [None] * layers
         self.bits = bits
+        # how rows are stored and widened: fp32, int8/int4 codes, or low-rank coordinates (kvlowrank.py)
+        self.codec: Any = lowrank if lowrank is not None else (PlainCodec() if bits == 32 else QuantCodec(bits))
         # eviction (keep_last set): positions < keep_first stay; older ones beyond the last keep_last go
         self.keep_first, self.keep_last, self.max_rows = keep_first, keep_last, max_rows
         self.dropped = [0] * layers  # per layer: positions removed after the first keep_first rows
         self.summaries: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layers
+        # pooled pattern: mean key/value of each segment of pool_size rows after the first keep_first
+        self.pool_size = pool_size
+        self.pooled: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layers
         self.length = 0  # rows holding valid entries (set by the runner after each step)
         self.capacity = 0  # rows reserved (the scheduler's blocks × block size)
         self.swap_path: Path | None = None
@@ -65,6 +96,10 @@ class SequenceKV:
         if fields is None or used + rows <= self.max_rows:
             return
         first_needed = max(self.keep_first, position - self.keep_last + 1)
+        if self.pool_size:  # drop whole segments only, after pooling them (their means are what stays)
+            segments = (first_needed - self.keep_first) // self.pool_size
+            first_needed = self.keep_first + segments * self.pool_size
+            self.pooled_segments(layer, segments, self.pool_size, self.keep_first)
         drop = first_needed - self.keep_first - self.dropped[layer]
         if drop <= 0:
             return
@@ -73,12 +108,6 @@ class SequenceKV:
             tensor[start:used - drop] = tensor[start + drop:used].clone()
         self.dropped[layer] += drop
 
-    def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> Fields:
-        if self.bits == 32:
-            return {"k": keys, "v": values}
-        kq, ks, kl = quantize(keys.float(), self.bits)
-        vq, vs, vl = quantize(values.float(), self.bits)
-        return {"kq": kq, "ks": ks, "kl": kl, "vq": vq, "vs": vs, "vl": vl}
 
     def _ensure(self, layer: int, rows: int, sample: Fields) -> Fields:
         current = self.layers[layer]
@@ -94,7 +123,7 @@ class SequenceKV:
 
     def write(self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values: [rows, kv_heads, head_dim] for positions position .. position+rows-1."""
-        encoded = self._encode(keys, values)
+        encoded = self.codec.encode(layer, keys, values)
         if self.keep_last is not None:
             self._evict_for(layer, position, keys.shape[0])
         slot = position - self.dropped[layer]
@@ -112,11 +141,7 @@ class SequenceKV:
             tensor = fields[name]
             return tensor.view(tensor.shape[0], -1).index_select(0, slots).view(-1, *tensor.shape[1:])
 
-        if self.bits == 32:
-            k, v = pick("k"), pick("v")
-        else:
-            k = dequantize(pick("kq"), pick("ks"), pick("kl"), self.bits)
-            v = dequantize(pick("vq"), pick("vs"), pick("vl"), self.bits)
+        k, v = self.codec.widen(layer, pick)
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def gather_spans(self, layer: int, spans: list[range | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,12 +167,23 @@ class SequenceKV:
                      .view(-1, *tensor.shape[1:]) for p in pieces]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        if self.bits == 32:
-            k, v = pick("k"), pick("v")
-        else:
-            k = dequantize(pick("kq"), pick("ks"), pick("kl"), self.bits)
-            v = dequantize(pick("vq"), pick("vs"), pick("vl"), self.bits)
+        k, v = self.codec.widen(layer, pick)
         return k.transpose(0, 1), v.transpose(0, 1)
+
+    def pooled_segments(self, layer: int, count: int, size: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean key and value [kv_heads, count, dim] of each segment of `size` rows from position `start`,
+        computed once per segment (before eviction drops its rows) and kept."""
+        known = self.pooled[layer]
+        have = 0 if known is None else known[0].shape[1]
+        if have < count:
+            keys, values = self.gather_spans(layer, [range(start + have * size, start + count * size)])
+            shape = (keys.shape[0], count - have, size, keys.shape[-1])
+            means = keys.reshape(shape).mean(dim=2), values.reshape(shape).mean(dim=2)
+            if known is not None:
+                means = torch.cat([known[0], means[0]], dim=1), torch.cat([known[1], means[1]], dim=1)
+            known = self.pooled[layer] = means
+        assert known is not None
+        return known[0][:, :count], known[1][:, :count]
 
     def kv_heads(self, layer: int) -> int:
         fields = self.layers[layer]
@@ -166,10 +202,7 @@ class SequenceKV:
             tensor = fields[name]
             return tensor.view(-1, tensor.shape[-1]).index_select(0, rows).view(*positions.shape, -1)
 
-        if self.bits == 32:
-            return pick("k"), pick("v")
-        return (dequantize(pick("kq"), pick("ks"), pick("kl"), self.bits),
-                dequantize(pick("vq"), pick("vs"), pick("vl"), self.bits))
+        return self.codec.widen(layer, pick, heads_first=True)
 
     def block_summaries(self, layer: int, blocks: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel max and min of the keys of blocks 0 .. blocks-1 of `size` rows: [kv_heads, blocks, dim]."""
@@ -188,16 +221,15 @@ class SequenceKV:
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         fields = self.layers[layer]
         assert fields is not None and not self.dropped[layer], "read of an evicting cache past its window"
-        if self.bits == 32:
-            k, v = fields["k"][:end], fields["v"][:end]
-        else:
-            k = dequantize(fields["kq"][:end], fields["ks"][:end], fields["kl"][:end], self.bits)
-            v = dequantize(fields["vq"][:end], fields["vs"][:end], fields["vl"][:end], self.bits)
+        k, v = self.codec.widen(layer, lambda name: fields[name][:end])
         return k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0)
 
     def swap_out(self, folder: Path, name: str) -> None:
         tensors = {f"{key}.{i}": t[:self.length - self.dropped[i]].contiguous()
                    for i, fields in enumerate(self.layers) if fields for key, t in fields.items()}
+        for i, pooled in enumerate(self.pooled):  # evicted rows live on only in their means: keep them exactly
+            if pooled is not None:
+                tensors[f"pooledk.{i}"], tensors[f"pooledv.{i}"] = pooled[0].contiguous(), pooled[1].contiguous()
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / f"{name}.safetensors"
         temp = path.with_suffix(".tmp")
@@ -206,6 +238,7 @@ class SequenceKV:
         self.swap_path = path
         self.layers = [None] * len(self.layers)
         self.summaries = [None] * len(self.layers)  # recomputed from the same rows after swap-in
+        self.pooled = [None] * len(self.layers)
         self.capacity = 0
 
     def swap_in(self) -> None:
@@ -222,6 +255,8 @@ class SequenceKV:
             key, _, layer = name.partition(".")
             by_layer.setdefault(int(layer), {})[key] = tensor
         for i, fields in by_layer.items():
+            if "pooledk" in fields:
+                self.pooled[i] = (fields.pop("pooledk"), fields.pop("pooledv"))
             if fields:
                 rows = next(iter(fields.values())).shape[0]
                 target = self._ensure(i, rows, fields)

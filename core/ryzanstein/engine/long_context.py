@@ -96,10 +96,12 @@ def check_long_context(config: Any, options: LongContext, *, kv_budget_tokens: i
 
 
 def held_kv_tokens(options: LongContext, default_context: int, prefill_chunk: int = 256) -> int:
-    """KV rows one sequence holds at most: the whole context, or the window for an evicting cache."""
+    """KV rows one sequence holds at most: the whole context, or for an evicting cache the window (plus one pooled
+    entry per segment of the far past, for the pooled pattern)."""
     context = options.context_tokens or default_context
-    if options.pattern.kv_policy == "evict":
-        return min(context, options.pattern.evict_slots(prefill_chunk))
+    pattern = options.pattern
+    if pattern.kv_policy == "evict":
+        return min(context, pattern.evict_slots(prefill_chunk) + pattern.pooled_segments(context))
     return context
 
 

@@ -161,7 +161,9 @@ class BatchRunner:
         model.set_attn_implementation(ATTENTION_NAME)
         self.caches: dict[str, SequenceKV] = {}
         # KV-cache format chosen when the model was loaded (manager: kv_cache="int8"/"int4")
-        self.kv_bits = bits_of(getattr(model, "ryzanstein_kv_cache", "fp32"))
+        kv_format = getattr(model, "ryzanstein_kv_cache", "fp32")
+        self.kv_lowrank = getattr(model, "ryzanstein_kv_lowrank", None) if kv_format == "lowrank" else None
+        self.kv_bits = 32 if self.kv_lowrank is not None else bits_of(kv_format)
         # attention pattern chosen at load (manager: attention=…); dense unless asked
         self.pattern: AttentionPattern = getattr(model, "ryzanstein_attention", DENSE)
         self.prefill_chunk = prefill_chunk
@@ -186,7 +188,8 @@ class BatchRunner:
             kv = self.caches[request_id] = SequenceKV(
                 self.layers, self.kv_bits, request_id, keep_first=self.pattern.sinks,
                 keep_last=self.pattern.window if evicting else None,
-                max_rows=self.pattern.evict_slots(self.prefill_chunk) if evicting else None)
+                max_rows=self.pattern.evict_slots(self.prefill_chunk) if evicting else None,
+                pool_size=self.pattern.block if self.pattern.kind == "pooled" else 0, lowrank=self.kv_lowrank)
         return kv
 
     def release(self, request_id: str) -> None:

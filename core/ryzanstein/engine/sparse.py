@@ -5,6 +5,9 @@ A query at position p attends keys j <= p of its own sequence:
 - dense: every j;
 - window: the first `sinks` tokens (attention sinks, StreamingLLM) and the last `window` ones, j > p - window;
 - strided: the window and sinks, plus every `stride`-th token of the far past (j % stride == 0);
+- pooled: the window and sinks, plus the far past in segments of `block` tokens (wholly before the window), each
+  pooled into its mean key and mean value, whose score gets + log(block): exactly as if the segment were `block`
+  copies of its mean (segment pooling; with eviction, only the means are kept);
 - block_sparse: the window and sinks, plus the `top_k` blocks of `block` tokens (wholly before the window and
   after the sinks) with the highest upper bound on q·k, from per-block min/max key summaries (Quest). Each KV
   head chooses for its query heads (the highest bound over them: one gather serves the group, as GQA shares
@@ -18,6 +21,7 @@ window is at least as long as the sequence) the dense code runs, so the output i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +33,8 @@ from ryzanstein.errors import InvalidRequest
 if TYPE_CHECKING:
     from ryzanstein.engine.kvcache import SequenceKV
 
-PATTERNS = ("dense", "window", "strided", "block_sparse")
+PATTERNS = ("dense", "window", "strided", "block_sparse", "pooled")
+EVICTING = ("window", "pooled")  # patterns that never read a token older than the window exactly
 KV_POLICIES = ("keep", "evict")
 EXPLANATIONS = {
     "dense": "Every token sees every earlier token: exact, but cost and memory grow with the context.",
@@ -37,8 +42,11 @@ EXPLANATIONS = {
     "strided": "The window plus every `stride`-th earlier token: a coarse view of the far past.",
     "block_sparse": "The window plus the `top_k` most relevant earlier blocks (picked per head from key "
                     "summaries): far facts stay reachable at a fraction of dense cost.",
+    "pooled": "The window plus the far past pooled: each earlier segment of `block` tokens becomes one averaged "
+              "entry that counts as `block` tokens; memory grows `block` times slower.",
     "keep": "Keep every token's keys and values (needed by dense, strided and block-sparse patterns).",
-    "evict": "Window only: drop keys and values that left the window, so memory stays flat at any length.",
+    "evict": "Window and pooled only: drop keys and values that left the window (pooled keeps their averages), "
+             "so memory stays flat (window) or grows slowly (pooled).",
 }
 
 
@@ -65,8 +73,8 @@ class AttentionPattern:
                                  param="kv_policy")
         if self.kind == "dense":
             if self.kv_policy != "keep":
-                raise InvalidRequest("kv_policy='evict' needs the window pattern: dense attention reads every "
-                                     "token.", param="kv_policy")
+                raise InvalidRequest("kv_policy='evict' needs the window or pooled pattern: dense attention reads "
+                                     "every token.", param="kv_policy")
             return
         limits = {"window": (16, 1 << 20), "sinks": (0, 1024), "stride": (2, 1 << 16), "block": (8, 4096),
                   "top_k": (1, 1024)}
@@ -75,8 +83,8 @@ class AttentionPattern:
             if not low <= value <= high:
                 raise InvalidRequest(f"{name}={value} is invalid: it must be between {low} and {high}.",
                                      param=name)
-        if self.kv_policy == "evict" and self.kind != "window":
-            raise InvalidRequest(f"kv_policy='evict' needs the window pattern: {self.kind} attention reads "
+        if self.kv_policy == "evict" and self.kind not in EVICTING:
+            raise InvalidRequest(f"kv_policy='evict' needs the window or pooled pattern: {self.kind} attention reads "
                                  "tokens older than the window.", param="kv_policy")
 
     def covers(self, end: int) -> bool:
@@ -86,7 +94,13 @@ class AttentionPattern:
     def evict_slots(self, chunk: int) -> int:
         """Rows an evicting cache holds at most: sinks, the window, one prefill chunk and room to compact less
         often (compaction copies the window once per `window` tokens)."""
-        return self.sinks + 2 * self.window + chunk
+        return self.sinks + 2 * self.window + chunk + (self.block if self.kind == "pooled" else 0)
+
+    def pooled_segments(self, first: int) -> int:
+        """Segments a row at `first` reads pooled: those wholly between the sinks and its window."""
+        if self.kind != "pooled":
+            return 0
+        return max(0, max(0, first - self.window + 1) - self.sinks) // self.block
 
     def attended_tokens(self, length: int) -> int:
         """Keys a decode row at `length` tokens reads (what the load dialog predicts from)."""
@@ -94,7 +108,7 @@ class AttentionPattern:
             return length
         far = length - self.window
         extra = {"window": 0, "strided": far // self.stride, "block_sparse": min(far // self.block, self.top_k)
-                 * self.block}.get(self.kind, far)
+                 * self.block, "pooled": self.pooled_segments(length - 1)}.get(self.kind, far)
         return min(length, self.window + self.sinks + extra)
 
 
@@ -183,6 +197,16 @@ def segment_attention(pattern: AttentionPattern, kv: SequenceKV, layer: int, que
     spans = near_spans(pattern, first, end)
     # a decode row attends every near position; a chunk's later rows see less of it (causal, sliding window)
     mask = None if rows == 1 else pattern_mask(pattern, torch.arange(first, end), span_positions(spans))
+    segments = pattern.pooled_segments(first)
+    if segments:
+        k_pool, v_pool = kv.pooled_segments(layer, segments, pattern.block, pattern.sinks)
+        k_near, v_near = kv.gather_spans(layer, spans)
+        k, v = torch.cat([k_pool, k_near], dim=1), torch.cat([v_pool, v_near], dim=1)
+        near_bias = torch.zeros(1, k_near.shape[1]) if mask is None else \
+            torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, float("-inf"))
+        bias = torch.cat([torch.full((near_bias.shape[0], segments), math.log(pattern.block)), near_bias], dim=1)
+        return F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=bias, scale=scaling,
+                                              enable_gqa=heads != k.shape[0])
     first_block, last_block = candidate_blocks(pattern, first)
     if last_block <= first_block:
         k, v = kv.gather_spans(layer, spans)

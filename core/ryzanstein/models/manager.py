@@ -40,7 +40,7 @@ from ryzanstein.numa import model_bytes_per_node, pin_current_thread
 
 EventFn = Callable[[str, dict[str, Any]], None]
 WEIGHT_FORMATS = ("fp32", "int8")
-KV_FORMATS = ("fp32", "int8", "int4")
+KV_FORMATS = ("fp32", "int8", "int4", "lowrank")
 MB = 2**20
 
 
@@ -227,6 +227,12 @@ class ModelManager:
                 context = check_long_context(lm.model.config, long_context, kv_budget_tokens=self.kv_budget_tokens,
                                              batching=self.batching)
                 applied = apply_long_context(lm.model, long_context, context)
+                if kv_cache == "lowrank":  # bases of the keys as this load computes them (after RoPE scaling)
+                    from ryzanstein.engine.kvlowrank import calibrate_lowrank, calibration_ids
+
+                    codec = calibrate_lowrank(lm.model, calibration_ids(lm.tokenizer))
+                    lm.model.ryzanstein_kv_lowrank = codec
+                    applied["kv_lowrank"] = {"rank": codec.rank, "head_dim": codec.head_dim, **codec.errors}
             except InvalidRequest:
                 del lm
                 release_freed_memory()

@@ -48,8 +48,10 @@ class LoadRequest(BaseModel):
     pin_numa_node: int | None = Field(None, ge=0, description="Run this model's compute on one node's CPUs.")
     weights: Literal["fp32", "int8"] | None = Field(None, description="fp32 (exact), or int8 weight-only: a "
                                                     "quarter of the weight memory, ~1.7x faster decode on AVX2.")
-    kv_cache: Literal["fp32", "int8", "int4"] | None = Field(None, description="KV-cache storage of the batching "
-                                                             "engine: int8/int4 hold 4x/7x more tokens per byte.")
+    kv_cache: Literal["fp32", "int8", "int4", "lowrank"] | None = Field(
+        None, description="KV-cache storage of the batching engine: int8/int4 hold 4x/7x more tokens per byte; "
+                          "lowrank stores keys/values in a per-layer PCA basis, rank chosen at load by measured "
+                          "error (5%).")
     context_tokens: int | None = Field(None, ge=16, le=MAX_CONTEXT, description="Longest prompt + completion; "
                                        "beyond the model's native context it needs RoPE scaling.")
     rope_scaling: Literal["auto", "none", "linear", "ntk", "yarn"] | None = Field(
