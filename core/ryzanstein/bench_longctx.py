@@ -118,6 +118,18 @@ def measure(lm: Any, ids: list[int], length: int, name: str, decode_tokens: int,
         runner.close()
 
 
+def rotary_state(model: Any) -> list[tuple[Any, torch.Tensor, float]]:
+    from ryzanstein.engine.long_context import rotary_modules
+
+    return [(m, m.inv_freq.clone(), m.attention_scaling) for m in rotary_modules(model)]
+
+
+def set_rotary_state(state: list[tuple[Any, torch.Tensor, float]]) -> None:
+    for module, inv_freq, scaling in state:
+        module.inv_freq, module.original_inv_freq, module.attention_scaling = inv_freq.clone(), inv_freq.clone(), \
+            scaling
+
+
 def passkey_prompt(tokenizer: Any, length: int, depth: float, key: str) -> list[int]:
     filler = len(tokenizer(FILLER)["input_ids"])
     reps = max(1, (length - 60) // filler)
@@ -155,7 +167,10 @@ def passkey(lm: Any, name: str, length: int, depths: list[float], chunk: int) ->
 
 def bench_longctx(lm: Any, lengths: list[int], configs: list[str], *, dense_max: int, passkey_lengths: list[int],
                   passkey_configs: list[str], depths: list[float], decode_tokens: int = 16, ppl_tokens: int = 512,
-                  chunk: int = 256, threads: int = 1, progress: Progress = lambda stage, f: None) -> dict:
+                  chunk: int = 256, threads: int = 1, native_rope: tuple[int, list] | None = None,
+                  progress: Progress = lambda stage, f: None) -> dict:
+    """native_rope: (native context, rotary_state before scaling): passkey runs within the native context use
+    the model as trained, as a user would load it for them (scaling for the longest length blurs short ones)."""
     torch.set_num_threads(threads)
     ids = documentation_ids(lm.tokenizer)
     lowrank = None
@@ -164,7 +179,7 @@ def bench_longctx(lm: Any, lengths: list[int], configs: list[str], *, dense_max:
 
         progress("calibrating the low-rank KV bases", 0.0)
         lowrank = lm.model.ryzanstein_kv_lowrank = calibrate_lowrank(lm.model, calibration_ids(lm.tokenizer))
-    if max(lengths) + decode_tokens + 1 > len(ids):
+    if max(lengths, default=0) + decode_tokens + 1 > len(ids):
         raise ValueError(f"the documentation text has {len(ids)} tokens; the longest length must be below that")
     jobs = [(length, name) for length in lengths for name in configs if name != "dense" or length <= dense_max]
     keys = [(length, name) for name in passkey_configs for length in passkey_lengths
@@ -174,9 +189,13 @@ def bench_longctx(lm: Any, lengths: list[int], configs: list[str], *, dense_max:
     for i, (length, name) in enumerate(jobs):
         progress(f"{name} at {length} tokens", i / total)
         rows.append(measure(lm, ids, length, name, decode_tokens, ppl_tokens, chunk))
+    scaled = rotary_state(lm.model)
     for j, (length, name) in enumerate(keys):
         progress(f"passkey: {name} at {length} tokens", (len(jobs) + j) / total)
-        passkeys.append(passkey(lm, name, length, depths, chunk))
+        native = native_rope is not None and length <= native_rope[0]
+        set_rotary_state(native_rope[1] if native_rope is not None and native else scaled)
+        passkeys.append({**passkey(lm, name, length, depths, chunk), "rope": "native" if native else "scaled"})
+    set_rotary_state(scaled)
     progress("done", 1.0)
     for row in rows:  # against dense at the same length, where dense ran
         dense = next((r for r in rows if r["config"] == "dense" and r["context"] == row["context"]), None)

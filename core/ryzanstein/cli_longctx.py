@@ -35,6 +35,8 @@ def bench_longctx(
     dense_max: int = typer.Option(32768, min=64, help="Longest context dense runs at (its cost is quadratic)."),
     passkey_lengths: str = typer.Option("2048,4096,8192", help="Passkey context lengths."),
     passkey_configs: str = typer.Option("dense,window-evict,block_sparse", help="Patterns in the passkey test."),
+    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Where the passkey hides (fractions of the text)."),
+    skip_table: bool = typer.Option(False, "--skip-table", help="Only the passkey test."),
     rope: str = typer.Option("yarn", help="RoPE scaling for the longest length: yarn, ntk, linear."),
     synthetic: str = typer.Option(None, help="A random-weight model of this shape instead (speed and memory "
                                   "only): llama-1b, llama-3b, llama-7b, llama3-8b."),
@@ -62,8 +64,18 @@ def bench_longctx(
     unknown = sorted(set(names + key_names) - set(CONFIGS))
     if unknown:
         fail(InvalidRequest(f"Unknown configs {unknown}: use {', '.join(CONFIGS)}."))
+    try:
+        where = [float(d) for d in depths.split(",")]
+        if not where or not all(0 <= d <= 1 for d in where):
+            raise ValueError
+    except ValueError:
+        fail(InvalidRequest(f"depths={depths!r} is invalid: give fractions from 0 to 1, such as 0.1,0.5,0.9."))
     lm = open_model(model)
     longest = max(sizes + keys) + 64
+    from ryzanstein.bench_longctx import rotary_state
+    from ryzanstein.engine.long_context import native_context
+
+    native = (native_context(lm.model.config), rotary_state(lm.model))
     try:
         applied = apply_long_context(lm.model, LongContext(longest, rope), longest)
     except InvalidRequest as exc:
@@ -71,8 +83,9 @@ def bench_longctx(
     lm.model.ryzanstein_rope = applied
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("starting", total=1.0)
-        result = run(lm, sizes, names, dense_max=dense_max, passkey_lengths=keys, passkey_configs=key_names,
-                     depths=[0.1, 0.5, 0.9], threads=threads or psutil.cpu_count(logical=False) or 1,
+        result = run(lm, [] if skip_table else sizes, names, dense_max=dense_max, passkey_lengths=keys,
+                     passkey_configs=key_names, depths=where, native_rope=native,
+                     threads=threads or psutil.cpu_count(logical=False) or 1,
                      progress=lambda stage, f: bar.update(task, completed=f, description=stage))
     table = Table("context", "config", "prefill s", "vs dense", "decode ms/token", "KV MB", "peak RSS +MB",
                   "perplexity", "vs dense", title=f"bench longctx: {model}, {result['threads']} threads, rope "
@@ -84,9 +97,10 @@ def bench_longctx(
                       f"{row['peak_rss_growth_bytes'] / MB:.0f}", f"{row['perplexity']:.2f}",
                       f"{row.get('perplexity_change_pct', float('nan')):+.1f}%")
     console.print(table)
-    keys_table = Table("context", "config", "found", "accuracy", title="passkey retrieval (depths 10/50/90%)")
+    keys_table = Table("context", "config", "RoPE", "found", "accuracy",
+                       title=f"passkey retrieval (depths {', '.join(f'{d:.0%}' for d in where)})")
     for row in result["passkey"]:
-        keys_table.add_row(str(row["context"]), row["config"], f"{row['found']}/{len(row['depths'])}",
+        keys_table.add_row(str(row["context"]), row["config"], row["rope"], f"{row['found']}/{len(row['depths'])}",
                            f"{row['accuracy_pct']:.0f}%")
     console.print(keys_table)
     path = output or Settings().data_dir / "bench" / f"longctx-{time.strftime('%Y%m%d-%H%M%S')}.json"

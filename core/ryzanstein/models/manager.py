@@ -226,6 +226,15 @@ class ModelManager:
             try:
                 context = check_long_context(lm.model.config, long_context, kv_budget_tokens=self.kv_budget_tokens,
                                              batching=self.batching)
+                if long_context.pattern.kind != "dense":  # patterns run in the batching engine only
+                    from ryzanstein.engine.runner import UnsupportedModel, check_engine_support
+
+                    try:
+                        check_engine_support(lm.model)
+                    except UnsupportedModel as exc:
+                        raise InvalidRequest(f"The {long_context.pattern.kind} pattern runs in the batching "
+                                             f"engine, which cannot run this model ({exc}); load it with "
+                                             "attention 'dense'.", param="attention") from exc
                 applied = apply_long_context(lm.model, long_context, context)
                 if kv_cache == "lowrank":  # bases of the keys as this load computes them (after RoPE scaling)
                     from ryzanstein.engine.kvlowrank import calibrate_lowrank, calibration_ids
