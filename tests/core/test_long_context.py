@@ -341,6 +341,8 @@ def test_bad_long_context_options_are_refused_at_load_naming_the_limit(tiny_lm):
         del config.sliding_window, config.use_sliding_window
     evict = LongContext(1 << 17, "yarn", AttentionPattern("window", window=512, kv_policy="evict"))
     assert held_kv_tokens(evict, 8192) == 4 + 1024 + 256  # flat, whatever the context
+    # a plain load under a small budget still loads (long requests are refused one at a time, as before)
+    assert check_long_context(config, LongContext(), kv_budget_tokens=100, batching=False) == native
 
 
 def test_synthetic_model_is_built_packed_and_benchmarks_every_pattern():

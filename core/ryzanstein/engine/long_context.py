@@ -83,7 +83,8 @@ def check_long_context(config: Any, options: LongContext, *, kv_budget_tokens: i
         if not batching:
             raise InvalidRequest(f"The {pattern.kind} pattern runs in the batching engine, which is off in this "
                                  "service (batching=false); load it with attention 'dense'.", param="attention")
-    if kv_budget_tokens is not None:
+    asked = options.context_tokens is not None or pattern.kv_policy == "evict"  # a plain load keeps working
+    if kv_budget_tokens is not None and asked:  # with a small budget: long requests are refused one by one
         held = pattern.sinks + pattern.window if pattern.kind != "dense" else context
         needed = held if pattern.kv_policy == "evict" else context
         if needed > kv_budget_tokens:
