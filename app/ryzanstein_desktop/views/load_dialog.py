@@ -29,8 +29,8 @@ POLICY_HELP = {
              "so memory stays flat or grows slowly.",
 }
 KV_HELP = {"fp32": "Exact.", "int8": "A quarter of the memory; near-exact.", "int4": "A seventh of the memory; "
-           "small drift.", "lowrank": "Keys and values in a basis fitted at load (rank chosen for 5% error): "
-           "about half the memory, measured when it loads."}
+           "small drift.", "lowrank": "Keys and values in a basis fitted at load; the rank is the smallest that keeps "
+           "answers within 0.01 nats of fp32 on calibration text (its memory is known once loaded)."}
 ROPE_HELP = {"auto": "YaRN when the context is longer than the model was trained on, else nothing.",
              "yarn": "Interpolates slow rotations only and sharpens attention: the usual best choice.",
              "ntk": "A larger rotary base, fixed for the chosen length (NTK-aware).",

@@ -50,8 +50,8 @@ class LoadRequest(BaseModel):
                                                     "quarter of the weight memory, ~1.7x faster decode on AVX2.")
     kv_cache: Literal["fp32", "int8", "int4", "lowrank"] | None = Field(
         None, description="KV-cache storage of the batching engine: int8/int4 hold 4x/7x more tokens per byte; "
-                          "lowrank stores keys/values in a per-layer PCA basis, rank chosen at load by measured "
-                          "error (5%).")
+                          "lowrank stores keys/values in a per-layer PCA basis, rank chosen at load as the smallest "
+                          "whose measured KL to fp32 on calibration text is at most 0.01.")
     context_tokens: int | None = Field(None, ge=16, le=MAX_CONTEXT, description="Longest prompt + completion; "
                                        "beyond the model's native context it needs RoPE scaling.")
     rope_scaling: Literal["auto", "none", "linear", "ntk", "yarn"] | None = Field(
