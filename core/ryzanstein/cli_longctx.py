@@ -130,6 +130,7 @@ def models_load(
     service = RunningService.find()
     if service is None:
         fail(InvalidRequest("No service is running: start it with `ryzanstein serve` (or the desktop app)."))
+    assert service is not None
     body = {key: value for key, value in {
         "kv_cache": kv_cache, "context_tokens": context, "rope_scaling": rope, "attention": attention,
         "window": window, "sinks": sinks, "stride": stride, "block": block, "top_k": top_k,

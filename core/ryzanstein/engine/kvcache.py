@@ -72,7 +72,10 @@ class SequenceKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for fields in self.layers if fields for t in fields.values())
+        """Rows plus what sparse attention keeps beside them (block summaries, pooled means)."""
+        rows = sum(t.numel() * t.element_size() for fields in self.layers if fields for t in fields.values())
+        extra = sum(t.numel() * t.element_size() for pair in (*self.summaries, *self.pooled) if pair for t in pair)
+        return rows + extra
 
     def reserve(self, capacity: int) -> None:
         if self.max_rows is not None:

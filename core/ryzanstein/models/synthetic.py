@@ -15,7 +15,7 @@ import torch
 from ryzanstein.errors import InvalidRequest
 
 # The shapes of public checkpoints (config.json values): Llama 3.2 1B/3B, Llama 2 7B, Llama 3 8B.
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                  "max_position_embeddings": 8192},
@@ -65,8 +65,8 @@ def synthetic_model(shape: str, weights: str = "int4", group: int = 32, seed: in
         raise InvalidRequest(f"weights={weights!r} is invalid for a synthetic model: use int4 or int8.",
                              param="weights")
     kernel()  # build (or load) the kernels before allocating gigabytes
-    config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
