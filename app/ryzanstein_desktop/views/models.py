@@ -119,8 +119,8 @@ class ModelsView(QWidget):
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
         buttons = QHBoxLayout()
-        for widget in (self.import_folder_button, self.import_gguf_button, self.load_button,
-                       self.load_options_button, self.pin_box, self.unload_button, self.delete_button):
+        for widget in (self.import_folder_button, self.import_gguf_button, self.load_button, self.pin_box,
+                       self.unload_button, self.delete_button):
             buttons.addWidget(widget)
         buttons.addStretch(1)
         buttons.addWidget(self.refresh_button)
@@ -130,6 +130,7 @@ class ModelsView(QWidget):
         self.adapter_box.setMinimumWidth(180)
         self.adapter_box.activated.connect(self._adapter_chosen)
         tools = QHBoxLayout()  # a second row: the window stays narrow enough for small screens
+        tools.addWidget(self.load_options_button)
         tools.addWidget(self.quantize_button)
         tools.addWidget(self.finetune_button)
         # Background jobs (quantizations, fine-tunes, merges), also when their wizard was closed or the app was

@@ -53,7 +53,7 @@ def engine_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                                       scaling=scaling, **kwargs)
     layer = module.layer_idx
     gqa = query.shape[1] != key.shape[1]
-    pattern: AttentionPattern = _step.pattern
+    pattern: AttentionPattern = getattr(_step, "pattern", None) or DENSE  # cluster stages set segments only
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
     for seg in segments:
         rows = slice(seg.row, seg.row + seg.rows)
@@ -252,7 +252,7 @@ class BatchRunner:
                 out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
                                  use_cache=False, logits_to_keep=keep)
         finally:
-            _step.segments = None
+            _step.segments, _step.pattern = None, None
         return out.logits[0].float()
 
 
