@@ -3,7 +3,7 @@
 fp32 reads are views of the first `end` rows, permuted to [1, kv_heads, end, head_dim]: their strides do not
 depend on the capacity, so attention sees the same tensors whether the buffer was grown once or many times.
 Quantized caches (int8 / int4, see kvquant.py) store codes plus a scale (and min) per token and head and widen
-on read. Sparse attention (sparse.py) reads only the rows it attends through `gather`, widening just those, and
+on read. Sparse attention (sparse.py) reads only the rows it attends through `gather_spans`, widening just those, and
 asks for per-block min/max key summaries (computed once per completed block, recomputed after a swap-in from the
 same rows, so they are identical). An evicting cache (window pattern, kv_policy="evict") holds the sinks and the
 recent window only: rows that left the window are dropped by moving the newer ones down, so memory stays flat.
@@ -134,21 +134,9 @@ class SequenceKV:
         for key, tensor in encoded.items():
             fields[key][slot:slot + keys.shape[0]] = tensor
 
-    def gather(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [kv_heads, n, head_dim] (fp32) of the given positions; only they are widened."""
-        fields = self.layers[layer]
-        assert fields is not None
-        slots = self._slots(layer, positions)
-
-        def pick(name: str) -> torch.Tensor:  # index_select over rows: several times faster than t[slots]
-            tensor = fields[name]
-            return tensor.view(tensor.shape[0], -1).index_select(0, slots).view(-1, *tensor.shape[1:])
-
-        k, v = self.codec.widen(layer, pick)
-        return k.transpose(0, 1), v.transpose(0, 1)
-
     def gather_spans(self, layer: int, spans: list[range | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like `gather` for ascending pieces: ranges are sliced (one copy at memory speed), tensors gathered."""
+        """Keys and values [kv_heads, n, head_dim] (fp32) of ascending pieces of positions: ranges are sliced (one
+        copy at memory speed), tensors index_selected; only those rows are widened."""
         fields = self.layers[layer]
         assert fields is not None
         dropped = self.dropped[layer]
@@ -212,7 +200,7 @@ class SequenceKV:
         known = self.summaries[layer]
         have = 0 if known is None else known[0].shape[1]
         if have < blocks:
-            keys, _ = self.gather(layer, torch.arange(have * size, blocks * size))
+            keys, _ = self.gather_spans(layer, [range(have * size, blocks * size)])
             keys = keys.reshape(keys.shape[0], blocks - have, size, keys.shape[-1])
             top, bottom = keys.amax(dim=2), keys.amin(dim=2)
             if known is not None:

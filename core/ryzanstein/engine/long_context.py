@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ryzanstein.engine.sparse import DENSE, AttentionPattern
 from ryzanstein.errors import InvalidRequest
 
@@ -143,6 +141,3 @@ def apply_long_context(model: Any, options: LongContext, context: int) -> dict[s
         model.ryzanstein_context = context
     return applied
 
-
-def inverse_frequencies(model: Any) -> torch.Tensor:
-    return rotary_modules(model)[0].inv_freq

@@ -36,18 +36,6 @@ if TYPE_CHECKING:
 PATTERNS = ("dense", "window", "strided", "block_sparse", "pooled")
 EVICTING = ("window", "pooled")  # patterns that never read a token older than the window exactly
 KV_POLICIES = ("keep", "evict")
-EXPLANATIONS = {
-    "dense": "Every token sees every earlier token: exact, but cost and memory grow with the context.",
-    "window": "Each token sees the first few tokens and the last `window`: flat decode cost; far facts are lost.",
-    "strided": "The window plus every `stride`-th earlier token: a coarse view of the far past.",
-    "block_sparse": "The window plus the `top_k` most relevant earlier blocks (picked per head from key "
-                    "summaries): far facts stay reachable at a fraction of dense cost.",
-    "pooled": "The window plus the far past pooled: each earlier segment of `block` tokens becomes one averaged "
-              "entry that counts as `block` tokens; memory grows `block` times slower.",
-    "keep": "Keep every token's keys and values (needed by dense, strided and block-sparse patterns).",
-    "evict": "Window and pooled only: drop keys and values that left the window (pooled keeps their averages), "
-             "so memory stays flat (window) or grows slowly (pooled).",
-}
 
 
 @dataclass(frozen=True)
