@@ -124,6 +124,14 @@ class SequenceKV:
         self.layers[layer] = grown
         return grown
 
+    def plain_rows(self, layer: int, rows: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole fp32 key and value buffers [capacity ≥ rows, kv_heads, head_dim] of a layer, for the native
+        step to write and read in place."""
+        assert isinstance(self.codec, PlainCodec) and self.keep_last is None, "native steps use plain caches"
+        sample = {"k": torch.empty(0, kv_heads, head_dim), "v": torch.empty(0, kv_heads, head_dim)}
+        fields = self._ensure(layer, rows, sample)
+        return fields["k"], fields["v"]
+
     def write(self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values: [rows, kv_heads, head_dim] for positions position .. position+rows-1."""
         encoded = self.codec.encode(layer, keys, values)

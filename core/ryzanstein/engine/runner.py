@@ -127,7 +127,7 @@ def verify_engine(model: Any, tolerance: float = 1e-3) -> None:
     ids = list(range(5, 17))
     with torch.inference_mode():
         reference = model(input_ids=torch.tensor([ids])).logits[0, 9:12].float()
-    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    runner = BatchRunner(model, Path(tempfile.gettempdir()), native=False)  # the native path checks itself
     try:
         kv = runner.cache("verify")
         kv.reserve(16)
@@ -146,7 +146,8 @@ def verify_engine(model: Any, tolerance: float = 1e-3) -> None:
 class BatchRunner:
     """Runs scheduler steps for one model. Not thread-safe: one engine thread owns it."""
 
-    def __init__(self, model: Any, swap_dir: Path, regimes: RowRegimes | None = None, prefill_chunk: int = 256):
+    def __init__(self, model: Any, swap_dir: Path, regimes: RowRegimes | None = None, prefill_chunk: int = 256,
+                 native: bool = True):
         check_engine_support(model)
         self.model = model
         self.layers = model.config.get_text_config().num_hidden_layers
@@ -167,7 +168,20 @@ class BatchRunner:
         # attention pattern chosen at load (manager: attention=…); dense unless asked
         self.pattern: AttentionPattern = getattr(model, "ryzanstein_attention", DENSE)
         self.prefill_chunk = prefill_chunk
+        # the whole step in one C++ call where the model and these settings allow it (native.py)
+        from ryzanstein.engine.native import attach
+
+        self.native = attach(model, self._native_blocker(kv_format)) if native else None
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # 4-D: transformers builds no mask
+
+    def _native_blocker(self, kv_format: str) -> str | None:
+        if self.split is not None:
+            return "a model split across the cluster"
+        if kv_format != "fp32":
+            return f"a {kv_format} KV cache"
+        if self.pattern.kind != "dense":
+            return f"the {self.pattern.kind} attention pattern"
+        return None
 
     def close(self) -> None:
         from ryzanstein.engine.invariant import unpatch_linears
@@ -243,6 +257,8 @@ class BatchRunner:
         return torch.cat([head, tail])
 
     def _forward(self, rows: Rows, mode: str) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.forward(rows)
         ids = torch.tensor([rows.tokens], dtype=torch.long)
         positions = torch.tensor([rows.positions], dtype=torch.long)
         keep = torch.tensor(rows.keep, dtype=torch.long)

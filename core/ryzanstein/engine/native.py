@@ -1,0 +1,251 @@
+"""The native decode path: one C++ call runs a whole engine step of a llama-family model (`native_step.cpp`).
+
+Supported: Llama, Mistral (without sliding window), Qwen2, Qwen3, Granite and Phi-3 decoders with RMSNorm,
+RoPE (default, linear, YaRN or our fixed NTK: whatever inverse frequencies the model's rotary embedding holds)
+and a gated SiLU MLP; weights fp32, int8 or int4 (the store's formats, read in place); an fp32 KV cache with
+dense attention. Everything else — other architectures, bf16 weights, quantized or low-rank KV caches, sparse
+attention patterns, models split across the cluster, adapters — runs on the transformers path, which stays the
+reference. The engine picks the native path by itself; `decode_path="reference"` at load forces transformers.
+
+The instruction set is chosen at run time: AVX-512 VNNI, AVX-VNNI or AVX2, the best the CPU has;
+`RYZANSTEIN_ISA=avx2|avxvnni|avx512vnni` forces a lower one (tests cover each path that way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ryzanstein.errors import InvalidRequest
+
+log = logging.getLogger("ryzanstein.native")
+SOURCES = (Path(__file__).with_name("native_step.cpp"), Path(__file__).with_name("native_isa.h"))
+ISA_LEVELS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 3}
+ISA_ENV = "RYZANSTEIN_ISA"
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "granite", "phi3")
+DECODE_PATHS = ("auto", "native", "reference")
+STATIC_ROPE = ("default", "linear", "yarn", "llama3")  # inverse frequencies fixed at load
+_build_lock = threading.Lock()
+
+
+class NativeUnsupported(Exception):
+    """The model cannot run on the native path (it runs on transformers)."""
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def available_isas() -> list[str]:
+    """The paths this CPU runs, best last. AVX-VNNI (VEX) is a feature of its own: AVX-512 VNNI CPUs before
+    Sapphire Rapids / Zen 5 lack it, so there its path cannot run (nor be tested)."""
+    flags = cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return []
+    found = ["avx2"]
+    if "avx_vnni" in flags:
+        found.append("avxvnni")
+    if {"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        found.append("avx512vnni")
+    return found
+
+
+def chosen_isa() -> str:
+    """The path to use: the CPU's best, or another one it runs, forced by RYZANSTEIN_ISA."""
+    available = available_isas()
+    if not available:
+        raise NativeUnsupported("the CPU lacks AVX2/FMA")
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return available[-1]
+    if forced not in ISA_LEVELS:
+        raise InvalidRequest(f"{ISA_ENV}={forced!r} is invalid: use one of {', '.join(ISA_LEVELS)}.", param=ISA_ENV)
+    if forced not in available:
+        raise InvalidRequest(f"{ISA_ENV}={forced}: this CPU does not run it (it runs {', '.join(available)}).",
+                             param=ISA_ENV)
+    return forced
+
+
+def build_dir() -> Path:
+    from ryzanstein.engine.qweights import kernel_build_dir
+
+    return kernel_build_dir() / "native"
+
+
+@cache
+def extension() -> Any:
+    """The compiled library (built on first use, ~1 min, then loaded from the user cache). Its name carries a
+    hash of the sources, so an edited header rebuilds it."""
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _build_lock:
+        return load(name=f"ryzanstein_native_{digest}", sources=[str(SOURCES[0])], build_directory=str(folder),
+                    extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=["-O3"], verbose=False)
+
+
+# -- the model's pieces ----------------------------------------------------------------------------------
+EMPTY = torch.empty(0)
+
+
+def linear_spec(module: Any) -> tuple:
+    """(kind, group, weight, scale, mins, bias, input_scale) as native_step.cpp reads a linear."""
+    if type(module) is not torch.nn.Linear:
+        raise NativeUnsupported(f"{type(module).__name__} layers (adapters or custom linears)")
+    bias = module.bias.detach() if module.bias is not None else EMPTY
+    input_scale = getattr(module, "input_scale", None)
+    input_scale = EMPTY if input_scale is None else input_scale.float()
+    if hasattr(module, "weight_int8"):
+        return (1, 0, module.weight_int8, module.weight_scale, EMPTY, bias, input_scale)
+    if hasattr(module, "weight_int4"):
+        return (2, module.int4_group, module.weight_int4, module.weight_scale, module.weight_min, bias, input_scale)
+    if module.weight.dtype != torch.float32:
+        raise NativeUnsupported(f"{module.weight.dtype} weights (fp32, int8 and int4 run natively)")
+    if input_scale.numel():
+        raise NativeUnsupported("fp32 weights with an input scale")
+    return (0, 0, module.weight.detach(), EMPTY, EMPTY, bias, input_scale)
+
+
+def _norm(module: Any) -> torch.Tensor:
+    if type(module).__name__.endswith("GemmaRMSNorm") or not hasattr(module, "weight"):
+        raise NativeUnsupported(f"{type(module).__name__} normalization")
+    return module.weight.detach().float()
+
+
+def _eps(module: Any) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(module, name):
+            return float(getattr(module, name))
+    raise NativeUnsupported(f"{type(module).__name__} has no epsilon")
+
+
+def describe(model: Any) -> tuple[dict, torch.Tensor, torch.Tensor, tuple, list, torch.Tensor]:
+    """The constructor arguments of NativeModel, or NativeUnsupported naming what does not fit."""
+    config = model.config.get_text_config()
+    if config.model_type not in ARCHITECTURES:
+        raise NativeUnsupported(f"architecture {config.model_type!r} (native: {', '.join(ARCHITECTURES)})")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise NativeUnsupported(f"activation {config.hidden_act!r}")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise NativeUnsupported("sliding-window attention")
+    if getattr(model, "ryzanstein_split", None) is not None:
+        raise NativeUnsupported("a model split across the cluster")
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if body is None or layers is None:
+        raise NativeUnsupported("an unexpected module layout")
+    rotary = body.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        raise NativeUnsupported(f"{rope_type!r} RoPE (its frequencies change with the sequence length)")
+    embed = model.get_input_embeddings().weight.detach()
+    if embed.dtype != torch.float32:
+        raise NativeUnsupported(f"{embed.dtype} embeddings")
+    first = layers[0].self_attn
+    spec: dict[str, Any] = {
+        "hidden": config.hidden_size, "heads": config.num_attention_heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "head_dim": first.head_dim, "intermediate": config.intermediate_size, "eps": _eps(body.norm),
+        "attention_scale": float(first.scaling), "rope_factor": float(getattr(rotary, "attention_scaling", 1.0)),
+        "embedding_multiplier": float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
+        "residual_multiplier": float(getattr(config, "residual_multiplier", 1.0) or 1.0),
+        "logits_divisor": float(getattr(config, "logits_scaling", 1.0) or 1.0),
+    }
+    described = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not {"input_layernorm", "post_attention_layernorm"} <= set(dict(layer.named_children())):
+            raise NativeUnsupported("a layer without pre-attention and pre-MLP norms")
+        if hasattr(attn, "qkv_proj"):
+            qkv = [linear_spec(attn.qkv_proj)]
+        else:
+            qkv = [linear_spec(attn.q_proj), linear_spec(attn.k_proj), linear_spec(attn.v_proj)]
+        if hasattr(mlp, "gate_up_proj"):
+            gate_up = [linear_spec(mlp.gate_up_proj)]
+        else:
+            gate_up = [linear_spec(mlp.gate_proj), linear_spec(mlp.up_proj)]
+        q_norm = _norm(attn.q_norm) if getattr(attn, "q_norm", None) is not None else EMPTY
+        k_norm = _norm(attn.k_norm) if getattr(attn, "k_norm", None) is not None else EMPTY
+        if q_norm.numel() and q_norm.numel() != first.head_dim:
+            raise NativeUnsupported("q/k norms over the whole projection")
+        described.append((_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm), q_norm, k_norm,
+                          qkv, linear_spec(attn.o_proj), gate_up, linear_spec(mlp.down_proj)))
+        if any(getattr(layer, n, None) is not None for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")):
+            raise NativeUnsupported("extra per-layer norms")
+    head = model.get_output_embeddings()
+    if head is None:
+        raise NativeUnsupported("no output head")
+    return spec, embed, _norm(body.norm), linear_spec(head), described, rotary.inv_freq.detach().float()
+
+
+class NativeDecoder:
+    """A model's native step: takes the engine's rows (runner.Rows), fills the fp32 caches, returns logits."""
+
+    def __init__(self, model: Any, threads: int | None = None):
+        self.model = model
+        self.config = model.config.get_text_config()
+        self.layers = self.config.num_hidden_layers
+        args = describe(model)
+        self.kv_heads, self.head_dim = args[0]["kv_heads"], args[0]["head_dim"]
+        self.isa = chosen_isa()
+        self.impl = extension().NativeModel(*args)
+        self.impl.set_isa(ISA_LEVELS[self.isa])
+        self.set_threads(threads or torch.get_num_threads())
+
+    def set_threads(self, threads: int, spin: int = 20000) -> None:
+        self.impl.set_threads(max(1, threads), spin)
+
+    @property
+    def threads(self) -> int:
+        return int(self.impl.threads())
+
+    def forward(self, rows: Any) -> torch.Tensor:
+        caches: list[Any] = []
+        cache_of_row: list[int] = []
+        for seg in rows.segments:
+            if not caches or caches[-1] is not seg.kv:
+                caches.append(seg.kv)
+            cache_of_row.extend([len(caches) - 1] * seg.rows)
+        ends = {id(seg.kv): seg.position + seg.rows for seg in rows.segments}
+        keys, values = [], []
+        for kv in caches:
+            buffers = [kv.plain_rows(layer, ends[id(kv)], self.kv_heads, self.head_dim) for layer in range(self.layers)]
+            keys.append([k for k, _ in buffers])
+            values.append([v for _, v in buffers])
+        return self.impl.step(torch.tensor(rows.tokens), torch.tensor(rows.positions), torch.tensor(cache_of_row),
+                              keys, values, torch.tensor(rows.keep, dtype=torch.long))
+
+
+def attach(model: Any, eligible: str | None) -> NativeDecoder | None:
+    """The native decoder for this model, or None (with a log line saying why) when transformers runs it.
+    `eligible`: None when the engine's own settings allow the native path, else what prevents it."""
+    path = getattr(model, "ryzanstein_decode_path", "auto")
+    if path == "reference":
+        return None
+    try:
+        if eligible is not None:
+            raise NativeUnsupported(eligible)
+        decoder = NativeDecoder(model)
+    except NativeUnsupported as exc:
+        if path == "native":
+            raise InvalidRequest(f"The native decode path cannot run this model: {exc}.", param="decode_path") from exc
+        log.info("native decode path not used for %s: %s", getattr(model, "name_or_path", "model"), exc)
+        return None
+    log.info("native decode path: %s, %d thread(s)", decoder.isa, decoder.threads)
+    return decoder

@@ -1,0 +1,606 @@
+// A whole forward step of a llama-family decoder in one native call: embeddings, per layer RMSNorm, QKV
+// (+ bias, + per-head q/k RMSNorm), RoPE, KV-cache write, attention, output projection, gated SiLU MLP and
+// residuals, then the final norm and the head for the rows whose logits are wanted. No Python runs between ops.
+//
+// Rows are the flat batch of the engine (runner.py): decode rows and prefill chunks of many sequences side by
+// side, each with its own position and cache. Every row is computed on its own (integer block sums, fp32 sums
+// in a fixed order, attention one row at a time), so its numbers never depend on the batch it shares.
+//
+// Linear layers read the store's weights in place (fp32, int8 per channel, int4 groups); activations are
+// quantized per block of 32 to int8 for the integer dot products (as llama.cpp does). The instruction set is
+// chosen at run time (see native_isa.h); work is shared by a persistent pool whose threads take chunks of
+// outputs from a counter, so a thread the OS has descheduled delays only the chunk it holds.
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxRows = 4;  // activation rows sharing one pass over a weight row
+constexpr int64_t kMaxBlocks = 2048;  // inputs per linear up to 65,536
+
+struct Kernels {
+  void (*dot_f32)(const float*, int64_t, const float*, int64_t, int, float*);
+  void (*dot_q8)(const int8_t*, int64_t, const int8_t*, const float*, int64_t, int64_t, int, float*);
+  void (*dot_q4)(const uint8_t*, int64_t, int64_t, const float*, const float*, const int8_t*, const float*,
+                 const float*, int64_t, int64_t, int64_t, int, float*);
+  float (*dot_head)(const float*, const float*, int64_t);
+  void (*axpy_head)(float, const float*, float*, int64_t);
+};
+
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define ISA_NS isa_avx2
+#define ISA_LEVEL 1
+#include "native_isa.h"
+#undef ISA_NS
+#undef ISA_LEVEL
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+#define ISA_NS isa_avxvnni
+#define ISA_LEVEL 2
+#include "native_isa.h"
+#undef ISA_NS
+#undef ISA_LEVEL
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#define ISA_NS isa_avx512vnni
+#define ISA_LEVEL 3
+#include "native_isa.h"
+#undef ISA_NS
+#undef ISA_LEVEL
+#pragma GCC pop_options
+
+namespace {
+
+// -- instruction sets ------------------------------------------------------------------------------------
+const char* kIsaNames[] = {"", "avx2", "avxvnni", "avx512vnni"};
+
+// AVX-VNNI (VEX) is not implied by AVX-512 VNNI: Ice Lake / Cascade Lake servers have only the latter.
+bool isa_supported(int level) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  switch (level) {
+    case 1: return avx2;
+    case 2: return avx2 && __builtin_cpu_supports("avxvnni");
+    case 3: return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    default: return false;
+  }
+}
+
+int best_isa() {
+  for (int level = 3; level >= 1; --level)
+    if (isa_supported(level)) return level;
+  return 0;
+}
+
+const Kernels& kernels_for(int level) {
+  switch (level) {
+    case 3: return isa_avx512vnni::kernels;
+    case 2: return isa_avxvnni::kernels;
+    default: return isa_avx2::kernels;
+  }
+}
+
+// -- thread pool -----------------------------------------------------------------------------------------
+long futex(std::atomic<int>* word, int op, int value) {
+  return syscall(SYS_futex, reinterpret_cast<int*>(word), op, value, nullptr, nullptr, 0);
+}
+
+// Work is a number of chunks; the caller and the workers take chunk indices from `next_` (job id in the high
+// 32 bits, so a late worker can never take a chunk of a job it did not see) until none are left.
+class Pool {
+ public:
+  explicit Pool(int threads, int spin) : spin_(spin) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    stop_.store(true);
+    epoch_.fetch_add(1);
+    futex(&epoch_, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    for (auto& t : workers_) t.join();
+  }
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  void run(int64_t chunks, const std::function<void(int64_t)>& work) {
+    if (chunks <= 0) return;
+    if (workers_.empty() || chunks == 1) {
+      for (int64_t c = 0; c < chunks; ++c) work(c);
+      return;
+    }
+    work_ = &work;
+    chunks_ = chunks;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t job = (next_.load(std::memory_order_relaxed) >> 32) + 1;
+    next_.store(job << 32, std::memory_order_release);
+    epoch_.fetch_add(1, std::memory_order_release);
+    if (sleepers_.load(std::memory_order_acquire) > 0) futex(&epoch_, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    int64_t mine = take(job);
+    while (mine >= 0) {
+      work(mine);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      mine = take(job);
+    }
+    // Chunks another thread holds: spin briefly, then give the core away (a busy machine may have
+    // descheduled that thread; spinning would only keep it off the core).
+    for (int i = 0; done_.load(std::memory_order_acquire) < chunks; ++i) {
+      if (i < spin_) _mm_pause();
+      else sched_yield();
+    }
+  }
+
+ private:
+  int64_t take(uint64_t job) {
+    uint64_t current = next_.load(std::memory_order_acquire);
+    while (true) {
+      if ((current >> 32) != job || static_cast<int64_t>(current & 0xFFFFFFFFu) >= chunks_) return -1;
+      if (next_.compare_exchange_weak(current, current + 1, std::memory_order_acq_rel)) {
+        return static_cast<int64_t>(current & 0xFFFFFFFFu);
+      }
+    }
+  }
+
+  void loop() {
+    int seen = epoch_.load();
+    while (true) {
+      int now = epoch_.load(std::memory_order_acquire);
+      for (int i = 0; now == seen && i < spin_; ++i) {
+        _mm_pause();
+        now = epoch_.load(std::memory_order_acquire);
+      }
+      if (now == seen) {
+        sleepers_.fetch_add(1);
+        now = epoch_.load(std::memory_order_acquire);
+        if (now == seen) futex(&epoch_, FUTEX_WAIT_PRIVATE, seen);
+        sleepers_.fetch_sub(1);
+        continue;
+      }
+      seen = now;
+      if (stop_.load()) return;
+      const uint64_t job = next_.load(std::memory_order_acquire) >> 32;
+      int64_t mine = take(job);
+      while (mine >= 0) {
+        (*work_)(mine);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        mine = take(job);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::atomic<int> epoch_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> next_{0};
+  std::atomic<int64_t> done_{0};
+  const std::function<void(int64_t)>* work_ = nullptr;
+  int64_t chunks_ = 0;
+  int spin_;
+};
+
+// -- model -----------------------------------------------------------------------------------------------
+enum Kind { kF32 = 0, kInt8 = 1, kInt4 = 2 };
+
+struct Linear {
+  int kind = kF32;
+  int64_t outputs = 0, inputs = 0, group = 0;
+  const float* wf = nullptr;
+  const int8_t* w8 = nullptr;
+  const uint8_t* w4 = nullptr;
+  const float* scale = nullptr;
+  const float* mins = nullptr;
+  const float* bias = nullptr;
+  const float* input_scale = nullptr;  // AWQ: inputs divided per channel before the product
+};
+
+struct Layer {
+  const float* input_norm;
+  const float* post_norm;
+  const float* q_norm = nullptr;  // per-head RMSNorm of q and k (Qwen3)
+  const float* k_norm = nullptr;
+  std::vector<Linear> qkv;        // q, k, v — or one fused projection
+  Linear o;
+  std::vector<Linear> gate_up;    // gate, up — or one fused projection (gate first)
+  Linear down;
+};
+
+// Activations of `rows` rows quantized per block of 32: codes, scales and fp32 block sums.
+struct Quantized {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  int64_t depth = 0;
+  void fill(const float* x, int64_t rows, int64_t width, const float* input_scale) {
+    depth = width;
+    const int64_t blocks = width / 32;
+    q.resize(rows * width);
+    d.resize(rows * blocks);
+    s.resize(rows * blocks);
+    float tmp[32];
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* src = x + n * width + b * 32;
+        float amax = 0.0f, sum = 0.0f;
+        for (int i = 0; i < 32; ++i) {
+          tmp[i] = input_scale ? src[i] / input_scale[b * 32 + i] : src[i];
+          amax = std::max(amax, std::fabs(tmp[i]));
+          sum += tmp[i];
+        }
+        const float scale = amax / 127.0f;
+        const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+        for (int i = 0; i < 32; ++i) q[n * width + b * 32 + i] = static_cast<int8_t>(std::nearbyint(tmp[i] * inverse));
+        d[n * blocks + b] = scale;
+        s[n * blocks + b] = sum;
+      }
+  }
+  // fp32 sums of x over groups of `group` inputs (block sums added in order), for the int4 min term
+  const float* group_sums(int64_t group, int64_t rows) {
+    for (auto& [size, sums] : by_group)
+      if (size == group) return sums.data();
+    const int64_t blocks = depth / 32, per = group / 32, groups = depth / group;
+    std::vector<float> sums(rows * groups, 0.0f);
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t g = 0; g < groups; ++g) {
+        float total = 0.0f;
+        for (int64_t i = 0; i < per; ++i) total += s[n * blocks + g * per + i];
+        sums[n * groups + g] = total;
+      }
+    by_group.emplace_back(group, std::move(sums));
+    return by_group.back().second.data();
+  }
+  std::vector<std::pair<int64_t, std::vector<float>>> by_group;  // few entries; pointers stay valid (reserved)
+  Quantized() { by_group.reserve(8); }
+};
+
+class NativeModel {
+ public:
+  NativeModel(py::dict config, torch::Tensor embed, torch::Tensor final_norm, py::tuple head, py::list layers,
+              torch::Tensor inv_freq)
+      : embed_(embed.contiguous()), final_norm_(final_norm.contiguous()), inv_freq_(inv_freq.contiguous().to(torch::kFloat32)) {
+    hidden_ = config["hidden"].cast<int64_t>();
+    heads_ = config["heads"].cast<int64_t>();
+    kv_heads_ = config["kv_heads"].cast<int64_t>();
+    head_dim_ = config["head_dim"].cast<int64_t>();
+    intermediate_ = config["intermediate"].cast<int64_t>();
+    eps_ = config["eps"].cast<float>();
+    attention_scale_ = config["attention_scale"].cast<float>();
+    rope_factor_ = config["rope_factor"].cast<float>();
+    embedding_multiplier_ = config["embedding_multiplier"].cast<float>();
+    residual_multiplier_ = config["residual_multiplier"].cast<float>();
+    logits_divisor_ = config["logits_divisor"].cast<float>();
+    rotary_dim_ = inv_freq_.numel() * 2;
+    TORCH_CHECK(rotary_dim_ <= head_dim_, "rotary dimension larger than the head");
+    TORCH_CHECK(embed_.dtype() == torch::kFloat32 && final_norm_.dtype() == torch::kFloat32, "fp32 embeddings");
+    head_ = linear(head);
+    for (auto item : layers) {
+      auto t = item.cast<py::tuple>();
+      Layer layer;
+      layer.input_norm = f32(t[0].cast<torch::Tensor>());
+      layer.post_norm = f32(t[1].cast<torch::Tensor>());
+      auto qn = t[2].cast<torch::Tensor>(), kn = t[3].cast<torch::Tensor>();
+      if (qn.numel()) layer.q_norm = f32(qn);
+      if (kn.numel()) layer.k_norm = f32(kn);
+      for (auto l : t[4].cast<py::list>()) layer.qkv.push_back(linear(l.cast<py::tuple>()));
+      layer.o = linear(t[5].cast<py::tuple>());
+      for (auto l : t[6].cast<py::list>()) layer.gate_up.push_back(linear(l.cast<py::tuple>()));
+      layer.down = linear(t[7].cast<py::tuple>());
+      layers_.push_back(std::move(layer));
+    }
+    set_threads(1, 20000);
+    set_isa(best_isa());
+  }
+
+  void set_isa(int level) {
+    TORCH_CHECK(level >= 1 && level <= 3, "instruction-set level must be 1 (avx2), 2 (avxvnni) or 3 (avx512vnni)");
+    TORCH_CHECK(isa_supported(level), "this CPU does not support ", kIsaNames[level]);
+    isa_ = level;
+    k_ = &kernels_for(level);
+  }
+  std::string isa() const { return kIsaNames[isa_]; }
+  void set_threads(int threads, int spin) {
+    TORCH_CHECK(threads >= 1 && threads <= 256, "threads must be 1..256");
+    pool_.reset();
+    pool_ = std::make_unique<Pool>(threads, spin);
+  }
+  int threads() const { return pool_->threads(); }
+
+  // tokens/positions/cache_of_row: [T]; keys/values: per sequence, per layer [capacity, kv_heads, head_dim];
+  // keep: rows whose logits are returned. Writes each row's keys/values at its position.
+  torch::Tensor step(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache_of_row,
+                     std::vector<std::vector<torch::Tensor>> keys, std::vector<std::vector<torch::Tensor>> values,
+                     torch::Tensor keep) {
+    tokens = tokens.contiguous().to(torch::kInt64);
+    positions = positions.contiguous().to(torch::kInt64);
+    cache_of_row = cache_of_row.contiguous().to(torch::kInt64);
+    keep = keep.contiguous().to(torch::kInt64);
+    const int64_t rows = tokens.numel();
+    TORCH_CHECK(positions.numel() == rows && cache_of_row.numel() == rows, "one position and cache per row");
+    TORCH_CHECK(keys.size() == values.size(), "keys and values per sequence");
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* seq = cache_of_row.data_ptr<int64_t>();
+    const int64_t vocab_in = embed_.size(0);
+    for (int64_t n = 0; n < rows; ++n) {
+      TORCH_CHECK(tok[n] >= 0 && tok[n] < vocab_in, "token id out of range");
+      TORCH_CHECK(seq[n] >= 0 && seq[n] < static_cast<int64_t>(keys.size()), "cache index out of range");
+    }
+    std::vector<std::vector<float*>> kp(keys.size()), vp(values.size());
+    for (size_t s = 0; s < keys.size(); ++s) {
+      TORCH_CHECK(keys[s].size() == layers_.size() && values[s].size() == layers_.size(), "a cache per layer");
+      for (size_t l = 0; l < layers_.size(); ++l) {
+        const auto& k = keys[s][l];
+        const auto& v = values[s][l];
+        TORCH_CHECK(k.dtype() == torch::kFloat32 && k.is_contiguous() && v.is_contiguous() && k.dim() == 3 &&
+                    k.size(1) == kv_heads_ && k.size(2) == head_dim_ && v.sizes() == k.sizes(),
+                    "caches must be contiguous fp32 [capacity, kv_heads, head_dim]");
+        kp[s].push_back(k.data_ptr<float>());
+        vp[s].push_back(v.data_ptr<float>());
+      }
+      for (int64_t n = 0; n < rows; ++n)
+        if (seq[n] == static_cast<int64_t>(s)) TORCH_CHECK(pos[n] >= 0 && pos[n] < keys[s][0].size(0), "position beyond the cache");
+    }
+
+    const int64_t q_width = heads_ * head_dim_, kv_width = kv_heads_ * head_dim_;
+    const int64_t qkv_width = q_width + 2 * kv_width;
+    std::vector<float> h(rows * hidden_), x(rows * hidden_), qkv(rows * qkv_width), att(rows * q_width),
+        mlp(rows * 2 * intermediate_), act(rows * intermediate_), out(rows * hidden_);
+    for (int64_t n = 0; n < rows; ++n) {
+      const float* e = embed_.data_ptr<float>() + tok[n] * hidden_;
+      for (int64_t i = 0; i < hidden_; ++i) h[n * hidden_ + i] = e[i] * embedding_multiplier_;
+    }
+    // cos/sin per row, as transformers computes them: cos(position * inv_freq) * attention factor
+    const int64_t half = rotary_dim_ / 2;
+    std::vector<float> cosv(rows * half), sinv(rows * half);
+    const float* freq = inv_freq_.data_ptr<float>();
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(pos[n]) * freq[i];
+        cosv[n * half + i] = std::cos(angle) * rope_factor_;
+        sinv[n * half + i] = std::sin(angle) * rope_factor_;
+      }
+
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& layer = layers_[l];
+      rms_norm(h.data(), layer.input_norm, x.data(), rows, hidden_);
+      project(layer.qkv, x.data(), rows, qkv.data(), qkv_width);
+      // per-head norms, RoPE, then the cache write of every row before any row attends
+      for (int64_t n = 0; n < rows; ++n) {
+        float* row = qkv.data() + n * qkv_width;
+        for (int64_t hd = 0; hd < heads_ + kv_heads_; ++hd) {
+          float* v = row + hd * head_dim_;
+          const float* norm = hd < heads_ ? layer.q_norm : layer.k_norm;
+          if (norm) rms_norm(v, norm, v, 1, head_dim_);
+          rope(v, cosv.data() + n * half, sinv.data() + n * half, half);
+        }
+        const int64_t s = seq[n], p = pos[n];
+        std::memcpy(kp[s][l] + p * kv_width, row + q_width, kv_width * sizeof(float));
+        std::memcpy(vp[s][l] + p * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+      }
+      attention(qkv.data(), qkv_width, att.data(), rows, pos, seq, kp, vp, l);
+      project({layer.o}, att.data(), rows, out.data(), hidden_);
+      residual(h.data(), out.data(), rows * hidden_);
+      rms_norm(h.data(), layer.post_norm, x.data(), rows, hidden_);
+      project(layer.gate_up, x.data(), rows, mlp.data(), 2 * intermediate_);
+      for (int64_t n = 0; n < rows; ++n)
+        for (int64_t i = 0; i < intermediate_; ++i) {
+          const float g = mlp[n * 2 * intermediate_ + i], u = mlp[n * 2 * intermediate_ + intermediate_ + i];
+          act[n * intermediate_ + i] = g / (1.0f + std::exp(-g)) * u;
+        }
+      project({layer.down}, act.data(), rows, out.data(), hidden_);
+      residual(h.data(), out.data(), rows * hidden_);
+    }
+
+    const int64_t kept = keep.numel();
+    const int64_t* kr = keep.data_ptr<int64_t>();
+    std::vector<float> last(kept * hidden_);
+    for (int64_t i = 0; i < kept; ++i) {
+      TORCH_CHECK(kr[i] >= 0 && kr[i] < rows, "kept row out of range");
+      rms_norm(h.data() + kr[i] * hidden_, final_norm_.data_ptr<float>(), last.data() + i * hidden_, 1, hidden_);
+    }
+    auto logits = torch::empty({kept, head_.outputs}, torch::kFloat32);
+    project({head_}, last.data(), kept, logits.data_ptr<float>(), head_.outputs);
+    if (logits_divisor_ != 1.0f) logits.div_(logits_divisor_);
+    return logits;
+  }
+
+  // One linear on its own (tests compare it with the dequantized weight).
+  torch::Tensor linear_forward(py::tuple spec, torch::Tensor x) {
+    Linear l = linear(spec);
+    x = x.contiguous().to(torch::kFloat32);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == l.inputs, "x must be [rows, inputs]");
+    auto y = torch::empty({x.size(0), l.outputs}, torch::kFloat32);
+    project({l}, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), l.outputs);
+    return y;
+  }
+
+ private:
+  const float* f32(torch::Tensor t) {
+    TORCH_CHECK(t.dtype() == torch::kFloat32, "expected float32");
+    t = t.contiguous();
+    keep_.push_back(t);
+    return t.data_ptr<float>();
+  }
+
+  Linear linear(py::tuple t) {
+    Linear l;
+    l.kind = t[0].cast<int>();
+    l.group = t[1].cast<int64_t>();
+    auto w = t[2].cast<torch::Tensor>().contiguous();
+    auto scale = t[3].cast<torch::Tensor>(), mins = t[4].cast<torch::Tensor>(), bias = t[5].cast<torch::Tensor>(),
+         input_scale = t[6].cast<torch::Tensor>();
+    keep_.push_back(w);
+    l.outputs = w.size(0);
+    if (l.kind == kF32) {
+      TORCH_CHECK(w.dtype() == torch::kFloat32, "fp32 weight expected");
+      l.inputs = w.size(1);
+      l.wf = w.data_ptr<float>();
+    } else if (l.kind == kInt8) {
+      TORCH_CHECK(w.dtype() == torch::kInt8, "int8 weight expected");
+      l.inputs = w.size(1);
+      l.w8 = w.data_ptr<int8_t>();
+      l.scale = f32(scale);
+    } else {
+      TORCH_CHECK(w.dtype() == torch::kUInt8 && l.kind == kInt4, "packed int4 weight expected");
+      l.inputs = w.size(1) * 2;
+      TORCH_CHECK(l.group % 32 == 0 && l.inputs % l.group == 0 && ((l.group / 32) & (l.group / 32 - 1)) == 0,
+                  "int4 groups must be 32 times a power of two");
+      l.w4 = w.data_ptr<uint8_t>();
+      l.scale = f32(scale);
+      l.mins = f32(mins);
+    }
+    TORCH_CHECK(l.kind == kF32 || l.inputs % 32 == 0, "inputs must be a multiple of 32");
+    TORCH_CHECK(l.inputs <= kMaxBlocks * 32, "at most ", kMaxBlocks * 32, " inputs per linear");
+    if (bias.numel()) l.bias = f32(bias);
+    if (input_scale.numel()) l.input_scale = f32(input_scale);
+    return l;
+  }
+
+  void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t width) const {
+    for (int64_t n = 0; n < rows; ++n) {
+      const float* xr = x + n * width;
+      float total = 0.0f;
+      for (int64_t i = 0; i < width; ++i) total += xr[i] * xr[i];
+      const float inverse = 1.0f / std::sqrt(total / static_cast<float>(width) + eps_);
+      for (int64_t i = 0; i < width; ++i) y[n * width + i] = weight[i] * (xr[i] * inverse);
+    }
+  }
+
+  static void rope(float* v, const float* c, const float* s, int64_t half) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * c[i] - b * s[i];
+      v[i + half] = b * c[i] + a * s[i];
+    }
+  }
+
+  void residual(float* h, const float* out, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) h[i] += out[i] * residual_multiplier_;
+  }
+
+  // y[n, offset(l) + o] for the linears side by side (fused QKV / gate-up), one pool job over all outputs.
+  void project(const std::vector<Linear>& parts, const float* x, int64_t rows, float* y, int64_t y_width) {
+    const int64_t inputs = parts[0].inputs;
+    // parts without their own input scale share one quantization of x
+    std::vector<Quantized> quantized(parts.size());
+    std::vector<Quantized*> qx(parts.size(), nullptr);
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (parts[i].kind == kF32) continue;
+      for (size_t j = 0; j < i && qx[i] == nullptr; ++j)
+        if (qx[j] != nullptr && parts[j].input_scale == nullptr && parts[i].input_scale == nullptr) qx[i] = qx[j];
+      if (qx[i] == nullptr) {
+        quantized[i].fill(x, rows, inputs, parts[i].input_scale);
+        qx[i] = &quantized[i];
+      }
+    }
+    std::vector<const float*> sums(parts.size(), nullptr);  // int4: x summed per group
+    for (size_t i = 0; i < parts.size(); ++i)
+      if (parts[i].kind == kInt4) sums[i] = qx[i]->group_sums(parts[i].group, rows);
+    std::vector<int64_t> offsets{0};
+    for (const auto& l : parts) offsets.push_back(offsets.back() + l.outputs);
+    // about four chunks per thread: enough to rebalance when a thread is descheduled, few enough that taking
+    // them (a shared counter) costs nothing next to the work
+    const int64_t per_thread = (offsets.back() + 4 * pool_->threads() - 1) / (4 * pool_->threads());
+    const int64_t chunk = std::max<int64_t>(16, (per_thread + 15) / 16 * 16);
+    const int64_t chunks = (offsets.back() + chunk - 1) / chunk;
+    const std::function<void(int64_t)> work = [&](int64_t c) {
+      float out[kMaxRows];
+      for (int64_t o = c * chunk; o < std::min(offsets.back(), (c + 1) * chunk); ++o) {
+        size_t p = 0;
+        while (o >= offsets[p + 1]) ++p;
+        const Linear& l = parts[p];
+        const int64_t r = o - offsets[p];
+        const Quantized* xq = qx[p];
+        const int64_t blocks = inputs / 32;
+        for (int64_t n0 = 0; n0 < rows; n0 += kMaxRows) {
+          const int nb = static_cast<int>(std::min<int64_t>(kMaxRows, rows - n0));
+          if (l.kind == kF32) {
+            k_->dot_f32(l.wf + r * inputs, inputs, x + n0 * inputs, inputs, nb, out);
+          } else if (l.kind == kInt8) {
+            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, inputs,
+                       blocks, nb, out);
+            for (int i = 0; i < nb; ++i) out[i] *= l.scale[r];
+          } else {
+            const int64_t groups = inputs / l.group;
+            k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale + r * groups, l.mins + r * groups,
+                       xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs,
+                       blocks, groups, nb, out);
+          }
+          for (int i = 0; i < nb; ++i) y[(n0 + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
+        }
+      }
+    };
+    for (const auto& l : parts) TORCH_CHECK(l.kind != kF32 || l.input_scale == nullptr, "fp32 weights with an input scale");
+    pool_->run(chunks, work);
+  }
+
+  void attention(const float* qkv, int64_t qkv_width, float* out, int64_t rows, const int64_t* pos,
+                 const int64_t* seq, const std::vector<std::vector<float*>>& kp,
+                 const std::vector<std::vector<float*>>& vp, size_t layer) {
+    const int64_t group = heads_ / kv_heads_, kv_width = kv_heads_ * head_dim_;
+    const std::function<void(int64_t)> work = [&](int64_t c) {
+      const int64_t n = c / heads_, hd = c % heads_, g = hd / group;
+      const float* q = qkv + n * qkv_width + hd * head_dim_;
+      const float* keys = kp[seq[n]][layer] + g * head_dim_;
+      const float* values = vp[seq[n]][layer] + g * head_dim_;
+      const int64_t length = pos[n] + 1;
+      thread_local std::vector<float> scores;
+      scores.resize(length);
+      float top = -INFINITY;
+      for (int64_t j = 0; j < length; ++j) {
+        scores[j] = k_->dot_head(q, keys + j * kv_width, head_dim_) * attention_scale_;
+        top = std::max(top, scores[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < length; ++j) {
+        scores[j] = std::exp(scores[j] - top);
+        total += scores[j];
+      }
+      float* o = out + n * heads_ * head_dim_ + hd * head_dim_;
+      std::fill(o, o + head_dim_, 0.0f);
+      const float inverse = 1.0f / total;
+      for (int64_t j = 0; j < length; ++j) k_->axpy_head(scores[j] * inverse, values + j * kv_width, o, head_dim_);
+    };
+    pool_->run(rows * heads_, work);
+  }
+
+  torch::Tensor embed_, final_norm_, inv_freq_;
+  std::vector<torch::Tensor> keep_;
+  std::vector<Layer> layers_;
+  Linear head_;
+  int64_t hidden_, heads_, kv_heads_, head_dim_, intermediate_, rotary_dim_;
+  float eps_, attention_scale_, rope_factor_, embedding_multiplier_, residual_multiplier_, logits_divisor_;
+  std::unique_ptr<Pool> pool_;
+  int isa_ = 1;
+  const Kernels* k_ = nullptr;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("best_isa", &best_isa, "highest instruction-set level this CPU runs: 1 avx2, 2 avxvnni, 3 avx512vnni");
+  m.def("isa_supported", &isa_supported, "whether this CPU runs a level");
+  py::class_<NativeModel>(m, "NativeModel")
+      .def(py::init<py::dict, torch::Tensor, torch::Tensor, py::tuple, py::list, torch::Tensor>())
+      .def("step", &NativeModel::step, py::call_guard<py::gil_scoped_release>())
+      .def("linear_forward", &NativeModel::linear_forward)
+      .def("set_isa", &NativeModel::set_isa)
+      .def("isa", &NativeModel::isa)
+      .def("set_threads", &NativeModel::set_threads)
+      .def("threads", &NativeModel::threads);
+}
