@@ -24,9 +24,18 @@ from ryzanstein.models.loader import load_model_folder
 GRAMMAR: dict[str, object] = {}  # the JSON grammar for the tiny model's tokenizer, compiled once
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_llama_dir: Path):
-    lm = load_model_folder("tiny", tiny_llama_dir)
+@pytest.fixture(scope="module", params=["native", "native-int4", "reference"])
+def tiny_lm(request, tiny_llama_dir: Path):
+    """The whole module runs on the native decode path (fp32 and int4-g32 weights) and on transformers."""
+    lm = load_model_folder(f"tiny-{request.param}", tiny_llama_dir)
+    if request.param == "reference":
+        lm.model.ryzanstein_decode_path = "reference"
+    else:
+        lm.model.ryzanstein_decode_path = "native"  # an engine that cannot run it natively fails the test
+        if request.param == "native-int4":
+            from ryzanstein.quant.methods import apply_method
+
+            apply_method(lm.model, "int4-g32")
     GRAMMAR["json"] = compile_grammar(GrammarSpec("json"), lm.tokenizer, lm.model.config.vocab_size)
     return lm
 

@@ -97,7 +97,7 @@ def extension() -> Any:
     folder.mkdir(parents=True, exist_ok=True)
     with _build_lock:
         return load(name=f"ryzanstein_native_{digest}", sources=[str(SOURCES[0])], build_directory=str(folder),
-                    extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=["-O3"], verbose=False)
+                    extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
 
 
 # -- the model's pieces ----------------------------------------------------------------------------------
@@ -232,11 +232,29 @@ class NativeDecoder:
                               keys, values, torch.tensor(rows.keep, dtype=torch.long))
 
 
+def require_native(model: Any, kv_cache: str, pattern: str, batching: bool) -> None:
+    """For decode_path="native" at load: InvalidRequest naming why the native path would not run."""
+    reasons = [] if batching else ["the batching engine is off"]
+    if kv_cache != "fp32":
+        reasons.append(f"a {kv_cache} KV cache")
+    if pattern != "dense":
+        reasons.append(f"the {pattern} attention pattern")
+    try:
+        describe(model)
+        chosen_isa()
+    except NativeUnsupported as exc:
+        reasons.append(str(exc))
+    if reasons:
+        raise InvalidRequest(f"The native decode path cannot run this model: {'; '.join(reasons)}. Load it with "
+                             "decode_path 'auto' or 'reference'.", param="decode_path")
+
+
 def attach(model: Any, eligible: str | None) -> NativeDecoder | None:
     """The native decoder for this model, or None (with a log line saying why) when transformers runs it.
     `eligible`: None when the engine's own settings allow the native path, else what prevents it."""
     path = getattr(model, "ryzanstein_decode_path", "auto")
     if path == "reference":
+        model.ryzanstein_decode = {"path": "reference", "reason": "decode_path 'reference' asked at load"}
         return None
     try:
         if eligible is not None:
@@ -245,7 +263,10 @@ def attach(model: Any, eligible: str | None) -> NativeDecoder | None:
     except NativeUnsupported as exc:
         if path == "native":
             raise InvalidRequest(f"The native decode path cannot run this model: {exc}.", param="decode_path") from exc
-        log.info("native decode path not used for %s: %s", getattr(model, "name_or_path", "model"), exc)
+        name = getattr(model.config, "name_or_path", "") or model.config.get_text_config().model_type
+        log.info("native decode path not used for %s: %s", name, exc)
+        model.ryzanstein_decode = {"path": "reference", "reason": str(exc)}
         return None
     log.info("native decode path: %s, %d thread(s)", decoder.isa, decoder.threads)
+    model.ryzanstein_decode = {"path": "native", "isa": decoder.isa}
     return decoder

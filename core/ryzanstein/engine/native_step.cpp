@@ -158,7 +158,7 @@ class Pool {
   }
 
   void loop() {
-    int seen = epoch_.load();
+    int seen = 0;  // the epoch at construction: a pool destroyed before this thread ran still stops it
     while (true) {
       int now = epoch_.load(std::memory_order_acquire);
       for (int i = 0; now == seen && i < spin_; ++i) {

@@ -62,6 +62,7 @@ class LoadedEntry:
     failure: dict[str, Any] | None = None  # the last generation failed inside the service (health reports it)
     long_context: LongContext = field(default_factory=LongContext)
     long_context_applied: dict[str, Any] = field(default_factory=dict)
+    decode_path: str = "auto"  # auto | native | reference (engine/native.py)
 
     @property
     def idle(self) -> bool:
@@ -181,7 +182,13 @@ class ModelManager:
         return entry.lm
 
     def load(self, name: str, pin_node: int | None = None, weights: str | None = None,
-             kv_cache: str | None = None, long_context: LongContext | None = None) -> LoadedEntry:
+             kv_cache: str | None = None, long_context: LongContext | None = None,
+             decode_path: str | None = None) -> LoadedEntry:
+        from ryzanstein.engine.native import DECODE_PATHS
+
+        if decode_path not in (None, *DECODE_PATHS):
+            raise InvalidRequest(f"decode_path={decode_path!r} is invalid: use one of {', '.join(DECODE_PATHS)}.",
+                                 param="decode_path")
         if weights not in (None, *WEIGHT_FORMATS):
             raise InvalidRequest(f"weights={weights!r} is invalid: use one of {', '.join(WEIGHT_FORMATS)}.",
                                  param="weights")
@@ -205,13 +212,16 @@ class ModelManager:
                 if kv_cache is not None and kv_cache != existing.kv_cache:
                     raise ModelBusy(f"Model {name!r} is loaded with a {existing.kv_cache} KV cache; unload it to "
                                     f"load it with a {kv_cache} one.")
+                if decode_path is not None and decode_path != existing.decode_path:
+                    raise ModelBusy(f"Model {name!r} is loaded with decode_path {existing.decode_path}; unload it to "
+                                    f"load it with {decode_path}.")
                 if long_context is not None and long_context != existing.long_context:
                     raise ModelBusy(f"Model {name!r} is loaded with other long-context options "
                                     f"({existing.long_context.to_dict()}); unload it to load it with these.")
                 if pin_node is not None:
                     existing.pin_node, existing.pin_cpus = pin_node, cpus
                 return existing
-            weights, kv_cache = weights or "fp32", kv_cache or "fp32"
+            weights, kv_cache, decode_path = weights or "fp32", kv_cache or "fp32", decode_path or "auto"
             long_context = long_context or LongContext()
             estimate = estimate_memory(Path(info.path), held_kv_tokens(long_context, self.context_tokens))
             self._make_room(name, estimate)
@@ -223,6 +233,7 @@ class ModelManager:
                                                            weights))
             gc.collect()
             lm.model.ryzanstein_kv_cache = kv_cache
+            lm.model.ryzanstein_decode_path = decode_path
             try:
                 context = check_long_context(lm.model.config, long_context, kv_budget_tokens=self.kv_budget_tokens,
                                              batching=self.batching)
@@ -242,13 +253,17 @@ class ModelManager:
                     codec = calibrate_lowrank(lm.model, calibration_ids(lm.tokenizer))
                     lm.model.ryzanstein_kv_lowrank = codec
                     applied["kv_lowrank"] = {"rank": codec.rank, "head_dim": codec.head_dim, **codec.errors}
+                if decode_path == "native":  # refused now, not at the first request
+                    from ryzanstein.engine.native import require_native
+
+                    require_native(lm.model, kv_cache, long_context.pattern.kind, self.batching)
             except InvalidRequest:
                 del lm
                 release_freed_memory()
                 raise
             entry = LoadedEntry(lm, estimate, max(0, rss_bytes() - before), time.perf_counter() - started,
                                 time.monotonic(), pin_node, cpus, weights, kv_cache, long_context=long_context,
-                                long_context_applied=applied)
+                                long_context_applied=applied, decode_path=decode_path)
             with self._guard:
                 self._loaded[name] = entry
         self.publish("model", {"name": name, "state": "loaded", "load_seconds": entry.load_seconds,

@@ -65,6 +65,10 @@ class LoadRequest(BaseModel):
     top_k: int | None = Field(None, description="block_sparse: blocks attended per head besides the window.")
     kv_policy: Literal["keep", "evict"] | None = Field(None, description="evict (window only): drop keys and "
                                                        "values that left the window; memory stays flat.")
+    decode_path: Literal["auto", "native", "reference"] | None = Field(
+        None, description="auto (default): the native C++ step where the model and options allow it, else "
+                          "transformers; native: refuse the load if it cannot run natively; reference: always "
+                          "transformers.")
 
     def long_context(self) -> LongContext | None:
         fields = ("context_tokens", "rope_scaling", "attention", "window", "sinks", "stride", "block", "top_k",
@@ -109,7 +113,9 @@ def describe(manager: ModelManager, name: str) -> dict[str, Any]:
     if entry is not None:
         row.update(loaded=True, quantization=row["quantization"] if entry.weights == "fp32" else entry.weights,
                    estimate=entry.estimate.to_dict(),  # as loaded: its own context length and KV policy
-                   kv_cache=entry.kv_cache, long_context={**entry.long_context.to_dict(),
+                   kv_cache=entry.kv_cache, decode_path=entry.decode_path,
+                   decode=getattr(entry.lm.model, "ryzanstein_decode", None),  # set when the engine starts
+                   long_context={**entry.long_context.to_dict(),
                                                           **entry.long_context_applied},
                    measured_bytes=entry.measured_bytes, load_seconds=entry.load_seconds,
                    active_requests=entry.active, pin_numa_node=entry.pin_node,
@@ -185,7 +191,8 @@ async def load(name: str, request: Request, body: LoadRequest | None = None) -> 
     manager: ModelManager = request.app.state.manager
     pin = body.pin_numa_node if body else None
     await asyncio.to_thread(manager.load, name, pin, body.weights if body else None,
-                            body.kv_cache if body else None, body.long_context() if body else None)
+                            body.kv_cache if body else None, body.long_context() if body else None,
+                            body.decode_path if body else None)
     return await asyncio.to_thread(describe, manager, name)
 
 

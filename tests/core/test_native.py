@@ -1,0 +1,336 @@
+"""The native decode path against the transformers reference: per architecture, per layer, per step, on every
+instruction-set path this CPU runs; quantized weights against an independent torch emulation of the same
+integer arithmetic; fallbacks and bad input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ryzanstein.engine import native, qweights
+from ryzanstein.engine.runner import BatchRunner, build_rows
+from ryzanstein.errors import InvalidRequest
+from ryzanstein.models.architectures import GQA, Architecture, by_model_type, tiny_config
+
+SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3)
+NATIVE_ARCHITECTURES = {
+    "llama": by_model_type("llama"),
+    "mistral": Architecture("Mistral", "mistral", dict(GQA, sliding_window=None)),
+    "qwen2": by_model_type("qwen2"),
+    "qwen3": by_model_type("qwen3"),
+    "phi3": by_model_type("phi3"),
+    "granite": Architecture("Granite", "granite", dict(GQA, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                      attention_multiplier=0.2, logits_scaling=3.0)),
+}
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in native.available_isas(),
+                                                   reason=f"this CPU does not run {isa}"))
+        for isa in native.ISA_LEVELS]
+IDS = list(range(5, 45))
+
+
+def tiny(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    arch = NATIVE_ARCHITECTURES[model_type]
+    config = tiny_config(Architecture(arch.family, arch.model_type, {**arch.config, **SMALL, **overrides}))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if model_type == "qwen2":  # random models start with zero biases: make them count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, request.param)
+    return request.param
+
+
+def engine_logits(model, ids: list[int], chunk: int = 16) -> tuple[torch.Tensor, BatchRunner]:
+    """Logits of every position: prefill chunks of `chunk` rows, then the last 4 tokens as decode rows."""
+    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    kv = runner.cache("a")
+    kv.reserve(len(ids))
+    out, prefix = [], len(ids) - 4
+    for start in range(0, prefix, chunk):
+        part = ids[start:min(start + chunk, prefix)]
+        out.append(runner.forward(build_rows([(kv, part, start, False, "all")]), "prefill"))
+    for i in range(prefix, len(ids)):
+        out.append(runner.forward(build_rows([(kv, [ids[i]], i, True, "all")]), "decode"))
+    return torch.cat(out), runner
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+# -- fp32 weights: the native step is the transformers model ---------------------------------------------
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("model_type", list(NATIVE_ARCHITECTURES))
+def test_native_step_equals_transformers_for_each_architecture(model_type, isa):
+    model = tiny(model_type)
+    got, runner = engine_logits(model, IDS)
+    try:
+        assert runner.native is not None and runner.native.isa == isa
+        torch.testing.assert_close(got, reference_logits(model, IDS), atol=2e-5, rtol=1e-4)
+    finally:
+        runner.close()
+
+
+def test_native_step_equals_transformers_layer_by_layer():
+    """The same weights cut after 1, 2 and 3 layers: each prefix of the model agrees, so a wrong layer is
+    found where it is."""
+    full = tiny("llama", num_hidden_layers=3)
+    for layers in (1, 2, 3):
+        cut = copy.deepcopy(full)
+        cut.model.layers = cut.model.layers[:layers]
+        cut.config.num_hidden_layers = layers
+        got, runner = engine_logits(cut, IDS[:12])
+        runner.close()
+        torch.testing.assert_close(got, reference_logits(cut, IDS[:12]), atol=2e-5, rtol=1e-4)
+
+
+def test_native_rope_scaling_follows_the_models_frequencies():
+    from ryzanstein.engine.long_context import LongContext, apply_long_context
+
+    for rope in ("yarn", "linear", "ntk"):
+        model = tiny("llama", max_position_embeddings=64)
+        applied = apply_long_context(model, LongContext(context_tokens=256, rope=rope), 256)
+        assert applied["rope_factor"] == 4
+        check_rope(model)
+
+
+def check_rope(model) -> None:
+    ids = [5 + (i * 7) % 30 for i in range(100)]  # beyond the native 64 positions
+    got, runner = engine_logits(model, ids, chunk=32)
+    runner.close()
+    torch.testing.assert_close(got, reference_logits(model, ids), atol=5e-5, rtol=1e-4)
+
+
+# -- quantized weights: the same integer arithmetic, emulated in torch -------------------------------------
+def quantize(model, method: str) -> None:
+    if method == "int8":
+        qweights.quantize_model_int8(model)
+        return
+    group = int(method.split("-g")[1])
+    shared = qweights.shared_parameters(model)
+    for module in list(model.modules()):
+        if type(module) is torch.nn.Linear and not qweights.is_quantized(module):
+            if module is model.get_output_embeddings():
+                q, scale = qweights.quantize_weight(module.weight)
+                qweights.set_int8(module, q, scale, shared)
+            else:
+                qweights.set_int4(module, *qweights.quantize_weight_int4(module.weight, group), group, shared)
+    qweights.mark_head(model)
+
+
+def emulated_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """y as native_step.cpp defines it: x quantized per block of 32 (scale amax/127, round half to even), exact
+    integer block sums, times the activation and weight scales; int4 adds min · (fp32 sum of x per group)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    blocks = flat.reshape(flat.shape[0], -1, 32)
+    d32 = blocks.abs().amax(-1) / 127  # in float32, as the kernel does: codes must match exactly
+    inverse = torch.where(d32 > 0, 1.0 / d32, torch.zeros_like(d32))
+    q = torch.round(blocks * inverse[..., None]).double()
+    d, flat = d32.double(), flat.double()
+    if hasattr(module, "weight_int8"):
+        w = module.weight_int8.double().reshape(module.out_features, -1, 32)
+        y = (torch.einsum("nbk,obk->nob", q, w) * d[:, None, :]).sum(-1) * module.weight_scale.double()
+    else:
+        group = module.int4_group
+        codes = qweights.unpack_int4(module.weight_int4).double().reshape(module.out_features, -1, 32)
+        per = group // 32
+        scale = module.weight_scale.double().repeat_interleave(per, dim=1)
+        y = (torch.einsum("nbk,obk->nob", q, codes) * d[:, None, :] * scale[None]).sum(-1)
+        sums = flat.reshape(flat.shape[0], -1, group).sum(-1)
+        y = y + sums @ module.weight_min.double().T
+    if module.bias is not None:
+        y = y + module.bias.double()
+    return y.float().reshape(*x.shape[:-1], module.out_features)
+
+
+def emulated(model):
+    """A copy whose quantized linears compute with the emulation (transformers runs everything else)."""
+    import types
+
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if qweights.is_quantized(module):
+            module.forward = types.MethodType(emulated_linear, module)
+    return twin
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("method", ["int8", "int4-g32", "int4-g64"])
+def test_native_linears_compute_exactly_the_integer_arithmetic(method, isa):
+    model = tiny("qwen2")
+    quantize(model, method)
+    decoder = native.NativeDecoder(model)
+    assert decoder.isa == isa
+    x = torch.randn(7, 256) * torch.linspace(0.1, 3, 256)  # uneven blocks
+    for module in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.down_proj, model.lm_head):
+        spec = native.linear_spec(module)
+        torch.testing.assert_close(decoder.impl.linear_forward(spec, x[:, :module.in_features]),
+                                   emulated_linear(module, x[:, :module.in_features]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+def test_quantized_native_step_equals_the_emulated_model(model_type, isa):
+    # Rounding activations to codes is discontinuous: a value at a rounding edge may land on the other code
+    # when upstream fp32 sums differ in the last bit (RMSNorm's order here vs torch's), moving that row by one
+    # code's worth, and later rows see it through attention. The arithmetic itself is exact to 1e-5 per linear
+    # (above); here, one layer and 12 tokens: the typical element within 0.1% of the logit range, the worst 2%.
+    model = tiny(model_type, num_hidden_layers=1)
+    quantize(model, "int4-g32")
+    got, runner = engine_logits(model, IDS[:12])
+    runner.close()
+    assert runner.native is not None
+    expected = reference_logits(emulated(model), IDS[:12])
+    difference, scale = (got - expected).abs(), float(expected.abs().max())
+    assert float(difference.median()) < 1e-3 * scale
+    assert float(difference.max()) < 0.02 * scale
+
+
+@pytest.mark.parametrize("method", ["int8", "int4-g32", "int4-g64"])
+def test_quantized_native_step_is_near_the_transformers_path(method):
+    """Three layers, 40 tokens, against the transformers path with our weight-only kernels (fp32 activations):
+    what is left is the int8 activations' error."""
+    model = tiny("llama")
+    quantize(model, method)
+    got, runner = engine_logits(model, IDS)
+    runner.close()
+    reference = reference_logits(model, IDS)
+    assert float((got - reference).abs().max()) < 0.05 * float(reference.abs().max())
+
+
+# -- rows are independent of their batch ------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["fp32", "int4-g32"])
+def test_native_rows_are_bit_identical_alone_and_in_any_batch(method):
+    model = tiny("llama")
+    if method != "fp32":
+        quantize(model, method)
+    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    try:
+        prompts = [IDS[:9], IDS[3:20], IDS[7:12], IDS[1:6], IDS[10:31]]
+        alone = []
+        for i, prompt in enumerate(prompts):
+            kv = runner.cache(f"alone{i}")
+            kv.reserve(64)
+            first = runner.forward(build_rows([(kv, prompt, 0, False, "all")]), "prefill")
+            alone.append(torch.cat([first, runner.forward(build_rows([(kv, [9], len(prompt), True, "all")]),
+                                                          "decode")]))
+        caches = [runner.cache(f"batch{i}") for i in range(len(prompts))]
+        for kv in caches:
+            kv.reserve(64)
+        together = runner.forward(build_rows([(kv, p, 0, False, "all") for kv, p in zip(caches, prompts, strict=True)]),
+                                  "prefill")
+        decoded = runner.forward(build_rows([(kv, [9], len(p), True, "all") for kv, p in zip(caches, prompts, strict=True)]),
+                                 "decode")
+        start = 0
+        for i, prompt in enumerate(prompts):
+            assert torch.equal(together[start:start + len(prompt)], alone[i][:-1])
+            assert torch.equal(decoded[i], alone[i][-1])
+            start += len(prompt)
+    finally:
+        runner.close()
+
+
+def test_thread_count_does_not_change_a_single_bit():
+    model = tiny("llama")
+    quantize(model, "int8")
+    results = []
+    for threads in (1, 2, 3):
+        runner = BatchRunner(model, Path(tempfile.gettempdir()))
+        runner.native.set_threads(threads)
+        kv = runner.cache("a")
+        kv.reserve(32)
+        results.append(runner.forward(build_rows([(kv, IDS[:20], 0, False, "all")]), "prefill"))
+        runner.close()
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+# -- where the native path does not apply -----------------------------------------------------------------
+def test_an_unsupported_architecture_falls_back_with_a_log_line(caplog):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(by_model_type("olmo2"))).eval()
+    with caplog.at_level(logging.INFO, logger="ryzanstein.native"):
+        runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    try:
+        assert runner.native is None
+        assert "native decode path not used" in caplog.text and "olmo2" in caplog.text
+        kv = runner.cache("a")
+        kv.reserve(16)
+        got = runner.forward(build_rows([(kv, IDS[:8], 0, False, "all")]), "prefill")
+        torch.testing.assert_close(got, reference_logits(model, IDS[:8]), atol=1e-4, rtol=1e-4)
+    finally:
+        runner.close()
+
+
+def test_settings_the_native_step_does_not_cover_use_the_reference_path(caplog):
+    from ryzanstein.engine.sparse import AttentionPattern
+
+    model = tiny("llama")
+    for attribute, value, said in (("ryzanstein_kv_cache", "int8", "int8 KV cache"),
+                                   ("ryzanstein_attention", AttentionPattern("window", window=8), "window")):
+        setattr(model, attribute, value)
+        with caplog.at_level(logging.INFO, logger="ryzanstein.native"):
+            runner = BatchRunner(model, Path(tempfile.gettempdir()))
+        assert runner.native is None and said in caplog.text
+        runner.close()
+        delattr(model, attribute)
+
+
+def test_decode_path_option_forces_either_path():
+    model = tiny("llama")
+    model.ryzanstein_decode_path = "reference"
+    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    assert runner.native is None
+    runner.close()
+    olmo = AutoModelForCausalLM.from_config(tiny_config(by_model_type("olmo2"))).eval()
+    olmo.ryzanstein_decode_path = "native"
+    with pytest.raises(InvalidRequest, match="native decode path cannot run this model.*olmo2"):
+        BatchRunner(olmo, Path(tempfile.gettempdir()))
+
+
+def test_bad_instruction_set_requests_are_refused_clearly(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    with pytest.raises(InvalidRequest, match="RYZANSTEIN_ISA='sse9' is invalid"):
+        native.chosen_isa()
+    missing = [isa for isa in native.ISA_LEVELS if isa not in native.available_isas()]
+    if missing:
+        monkeypatch.setenv(native.ISA_ENV, missing[0])
+        with pytest.raises(InvalidRequest, match="this CPU does not run it"):
+            native.chosen_isa()
+    monkeypatch.delenv(native.ISA_ENV)
+    decoder = native.NativeDecoder(tiny("llama"))
+    with pytest.raises(RuntimeError, match="this CPU does not support|level must be"):
+        decoder.impl.set_isa(7)
+
+
+def test_bad_rows_are_refused_before_anything_is_written():
+    model = tiny("llama")
+    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    try:
+        kv = runner.cache("a")
+        kv.reserve(8)
+        runner.forward(build_rows([(kv, IDS[:4], 0, False, "last")]), "prefill")
+        before = [t.clone() for t in kv.plain_rows(0, 8, 2, 32)]
+        with pytest.raises(RuntimeError, match="token id out of range"):
+            runner.forward(build_rows([(kv, [10**6], 4, True, "all")]), "decode")
+        with pytest.raises(RuntimeError, match="position beyond the cache"):
+            runner.native.impl.step(torch.tensor([5]), torch.tensor([10**5]), torch.tensor([0]),
+                                    [[kv.plain_rows(i, 8, 2, 32)[0] for i in range(3)]],
+                                    [[kv.plain_rows(i, 8, 2, 32)[1] for i in range(3)]], torch.tensor([0]))
+        after = kv.plain_rows(0, 8, 2, 32)
+        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    finally:
+        runner.close()
