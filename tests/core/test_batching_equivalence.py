@@ -265,12 +265,18 @@ def test_draft_model_speculation_gives_the_same_tokens(tiny_lm, tmp_path, tiny_l
     ref = alone(tiny_lm, reqs[0], 8, tmp_path)
     config = EngineConfig(prefill_chunk=8, speculation="always", draft_tokens=4, speculate_max_batch=8)
     vocab = tiny_lm.tokenizer.get_vocab()
-    for draft, expect_all in ((tiny_lm, True), (other, False)):
+    # the draft runs on transformers: with int4 weights the native target's int8 activations differ from it a
+    # little, so "its own weights" are accepted mostly, not always
+    same_numbers = "int4" not in tiny_lm.name
+    for draft, own in ((tiny_lm, True), (other, False)):
         drafter = DraftModelDrafter(draft.model, vocab, draft.tokenizer)
         outcomes, _, drafted, accepted = run_all_at_once(tiny_lm, config, reqs, tmp_path, drafter)
         assert all(o.tokens == ref.tokens for o in outcomes)
         assert drafted > 0
-        assert (accepted == drafted) if expect_all else (accepted < drafted)
+        if own:
+            assert accepted == drafted if same_numbers else accepted > drafted // 2
+        else:
+            assert accepted < drafted
         assert not drafter.caches  # released with their requests
 
 
@@ -291,6 +297,7 @@ def test_quantized_kv_cache_keeps_batched_equal_to_alone_and_swaps_exactly(tiny_
     from ryzanstein.engine.kvcache import SequenceKV
 
     tiny_lm.model.ryzanstein_kv_cache = kv_format
+    path, tiny_lm.model.ryzanstein_decode_path = tiny_lm.model.ryzanstein_decode_path, "auto"  # native: fp32 KV
     try:
         reqs = [Req([7, 8, 9, 10] * 2, 16, i, None, None) for i in range(4)]
         alone_out = run_engine(tiny_lm, EngineConfig(prefill_chunk=8, speculation="off"), reqs[:1], tmp_path)[0]
@@ -312,6 +319,7 @@ def test_quantized_kv_cache_keeps_batched_equal_to_alone_and_swaps_exactly(tiny_
         torch.testing.assert_close(before, full.read(0, 10)[0], atol=0.5, rtol=0.2)
     finally:
         del tiny_lm.model.ryzanstein_kv_cache
+        tiny_lm.model.ryzanstein_decode_path = path
 
 
 def test_a_grammar_cuts_speculative_drafts_to_what_it_allows(tiny_lm, tmp_path):
