@@ -9,13 +9,14 @@ bandwidth: decode cannot be faster than that at batch 1.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ryzanstein import compute
 from ryzanstein.bench import BENCH_MESSAGES
-from ryzanstein.engine.batching import BatchEngine, EngineConfig, StepStats, collect, holding
+from ryzanstein.engine.batching import BatchEngine, EngineConfig, holding
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.engine.qweights import is_quantized
@@ -49,21 +50,39 @@ def weight_bytes_per_token(model: Any) -> int:
     return total
 
 
+def timed_request(engine: BatchEngine, lm: Any, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one request by the wall clock, as a user sees it: prefill = prompt
+    tokens over the time to the first token; decode = the following tokens over the time they took (sampling,
+    detokenizing and scheduling included)."""
+    times: list[float] = []
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def emit(item: Any) -> None:
+        if isinstance(item, BaseException):
+            errors.append(item)
+            done.set()
+        elif item.token_id is not None:
+            times.append(time.perf_counter())
+        if getattr(item, "finish_reason", None):
+            done.set()
+
+    started = time.perf_counter()
+    engine.submit(prompt, GenerationParams(max_tokens=tokens), emit, lm.tokenizer, set())
+    if not done.wait(600):
+        raise TimeoutError("generation did not finish")
+    if errors:
+        raise errors[0]
+    return len(prompt) / (times[0] - started), (len(times) - 1) / (times[-1] - times[0])
+
+
 def ours(lm: Any, prompt: list[int], tokens: int, runs: int) -> dict:
-    steps: list[StepStats] = []
-    engine = BatchEngine(lm.name, lambda: holding(lm), config=EngineConfig(speculation="off", max_running=1),
-                         on_stats=steps.append)
+    engine = BatchEngine(lm.name, lambda: holding(lm), config=EngineConfig(speculation="off", max_running=1))
     try:
-        collect(engine, prompt, GenerationParams(max_tokens=8), lm.tokenizer, set())
-        prefill, decode = [], []
-        for _ in range(runs):
-            steps.clear()
-            collect(engine, prompt, GenerationParams(max_tokens=tokens), lm.tokenizer, set())
-            prefill_steps = [s for s in steps if s.prefill_tokens]
-            decode_steps = [s for s in steps if s.batch]
-            prefill.append(sum(s.prefill_tokens for s in prefill_steps) / (sum(s.step_ms for s in prefill_steps) / 1e3))
-            decode.append(len(decode_steps) / (sum(s.step_ms for s in decode_steps) / 1e3))
-        return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
+        timed_request(engine, lm, prompt, 8)  # warm-up
+        measured = [timed_request(engine, lm, prompt, tokens) for _ in range(runs)]
+        return {"prefill_tokens_per_s": statistics.median(m[0] for m in measured),
+                "decode_tokens_per_s": statistics.median(m[1] for m in measured)}
     finally:
         engine.close()
 

@@ -334,3 +334,32 @@ def test_bad_rows_are_refused_before_anything_is_written():
         assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     finally:
         runner.close()
+
+
+# -- threads -----------------------------------------------------------------------------------------------
+def test_thread_policy_follows_measured_step_times():
+    """Fed step times: the first round picks the faster count; when the machine changes (other programs take
+    the cores) the next round moves; prefill-sized steps are not counted."""
+    policy = native.ThreadPolicy([1, 2], period=10, probe=3)
+    cost = {1: 0.010, 2: 0.006}
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            threads = policy.next_threads()
+            policy.observe(threads, 1, cost[threads])
+            policy.observe(threads, 64, 5.0)  # a prefill chunk: ignored
+
+    run(6)
+    assert policy.current == 2 and not policy.queue
+    cost = {1: 0.010, 2: 0.080}  # two threads now wait for descheduled peers
+    run(10 + 6)
+    assert policy.current == 1
+    run(10 + 6)
+    assert policy.current == 1  # stays while it is the best
+    assert native.ThreadPolicy([1]).next_threads() == 1
+
+
+def test_fixed_native_threads_from_the_environment(monkeypatch):
+    monkeypatch.setenv(native.THREADS_ENV, "1")
+    decoder = native.NativeDecoder(tiny("llama"))
+    assert decoder.policy is None and decoder.threads == 1

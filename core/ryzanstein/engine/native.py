@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ log = logging.getLogger("ryzanstein.native")
 SOURCES = (Path(__file__).with_name("native_step.cpp"), Path(__file__).with_name("native_isa.h"))
 ISA_LEVELS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 3}
 ISA_ENV = "RYZANSTEIN_ISA"
+THREADS_ENV = "RYZANSTEIN_NATIVE_THREADS"  # auto (measured, see ThreadPolicy) or a fixed count
+SPIN = 2000  # pause instructions a waiting thread spins before it sleeps (about 0.1-0.3 ms)
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "granite", "phi3")
 DECODE_PATHS = ("auto", "native", "reference")
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")  # inverse frequencies fixed at load
@@ -194,6 +197,57 @@ def describe(model: Any) -> tuple[dict, torch.Tensor, torch.Tensor, tuple, list,
     return spec, embed, _norm(body.norm), linear_spec(head), described, rotary.inv_freq.detach().float()
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class ThreadPolicy:
+    """Picks the native pool's thread count from measured step times, because the best count depends on what
+    else runs on the machine: with other programs busy on the same cores, two threads can be many times slower
+    than one (each step waits for a descheduled peer). Decode-sized steps (few rows) are timed; every `period`
+    of them, each other choice is tried for `probe` steps and the fastest median is kept. Results are bit-identical
+    for any thread count (the pool only splits outputs), so switching never changes an answer."""
+
+    def __init__(self, choices: list[int], period: int = 96, probe: int = 6, small_step_rows: int = 8):
+        self.choices = choices
+        self.period, self.probe, self.small = period, probe, small_step_rows
+        self.current = choices[-1]  # decided after the first round
+        self.samples: dict[int, list[float]] = {c: [] for c in choices}
+        self.queue: list[int] = list(choices)  # choices still to probe in this round: a first round at once
+        self.since_round = 0
+
+    def next_threads(self) -> int:
+        return self.queue[0] if self.queue else self.current
+
+    def observe(self, threads: int, rows: int, seconds: float) -> None:
+        if rows > self.small or len(self.choices) == 1:
+            return
+        samples = self.samples[threads]
+        samples.append(seconds)
+        del samples[:-self.probe]
+        if self.queue:
+            if threads == self.queue[0] and len(samples) >= self.probe:
+                self.queue.pop(0)
+                if not self.queue:
+                    self._decide()
+            return
+        self.since_round += 1
+        if self.since_round >= self.period:
+            self.since_round = 0
+            self.queue = [c for c in self.choices if c != self.current] + [self.current]  # all, fresh
+            for c in self.queue:
+                self.samples[c].clear()
+
+    def _decide(self) -> None:
+        import statistics
+
+        medians = {c: statistics.median(s) for c, s in self.samples.items() if s}
+        self.current = min(medians, key=lambda c: medians[c])
+
+
 class NativeDecoder:
     """A model's native step: takes the engine's rows (runner.Rows), fills the fp32 caches, returns logits."""
 
@@ -206,9 +260,15 @@ class NativeDecoder:
         self.isa = chosen_isa()
         self.impl = extension().NativeModel(*args)
         self.impl.set_isa(ISA_LEVELS[self.isa])
-        self.set_threads(threads or torch.get_num_threads())
+        self.policy: ThreadPolicy | None = None
+        if threads is None and os.environ.get(THREADS_ENV, "auto") == "auto":
+            self.policy = ThreadPolicy(list(range(1, min(torch.get_num_threads(), usable_cores()) + 1)))
+            threads = self.policy.next_threads()
+        elif threads is None:
+            threads = int(os.environ[THREADS_ENV])
+        self.set_threads(threads)
 
-    def set_threads(self, threads: int, spin: int = 20000) -> None:
+    def set_threads(self, threads: int, spin: int = SPIN) -> None:
         self.impl.set_threads(max(1, threads), spin)
 
     @property
@@ -228,8 +288,14 @@ class NativeDecoder:
             buffers = [kv.plain_rows(layer, ends[id(kv)], self.kv_heads, self.head_dim) for layer in range(self.layers)]
             keys.append([k for k, _ in buffers])
             values.append([v for _, v in buffers])
-        return self.impl.step(torch.tensor(rows.tokens), torch.tensor(rows.positions), torch.tensor(cache_of_row),
-                              keys, values, torch.tensor(rows.keep, dtype=torch.long))
+        if self.policy is not None and self.policy.next_threads() != self.threads:
+            self.set_threads(self.policy.next_threads())
+        started = time.perf_counter()
+        logits = self.impl.step(torch.tensor(rows.tokens), torch.tensor(rows.positions), torch.tensor(cache_of_row),
+                                keys, values, torch.tensor(rows.keep, dtype=torch.long))
+        if self.policy is not None:
+            self.policy.observe(self.threads, len(rows.tokens), time.perf_counter() - started)
+        return logits
 
 
 def require_native(model: Any, kv_cache: str, pattern: str, batching: bool) -> None:
