@@ -1,18 +1,30 @@
-"""`ryzanstein bench compare`: our single-stream decode vs llama.cpp on the same GGUF, in the same run.
+"""`ryzanstein bench compare`: our batch-1 prefill and decode vs llama.cpp on the same CPU, in the same run.
 
-llama.cpp runs through llama-cpp-python (optional extra `llamacpp`, compiled from PyPI). Both get the same
-chat prompt token ids, the same thread count and greedy decoding of the same number of tokens (EOS ignored).
-The memory-bandwidth bound is the bytes of weights each engine reads per decoded token over the measured read
-bandwidth: decode cannot be faster than that at batch 1.
+Default model: our int4-g32 and int8 weights on the native path (and int4-g32 on the transformers path, the
+previous engine) vs llama.cpp on the GGUF the model ships as (Q4_1); the same chat prompt ids, thread count and
+greedy decoding of the same number of tokens (EOS ignored). Every engine is timed by the wall clock per request
+(sampling included), runs interleaved, min/median/max reported. Accuracy: KL and top-1 agreement of each
+engine's logits to our fp32 logits on the same held-out text (llama.cpp's through llama-cpp-python's logits).
+
+`--synthetic llama-1b|llama-3b|llama-7b|llama3-8b`: a random model of that shape, ours built directly in packed
+int4 (models/synthetic.py) and a GGUF of random Q4_0 blocks for llama.cpp (models/synthetic_gguf.py); speed and
+memory only, since the weights are random.
+
+The memory-bandwidth bound is the bytes of weights an engine reads per decoded token over the measured read
+bandwidth: batch-1 decode cannot be faster than that.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ryzanstein import compute
 from ryzanstein.bench import BENCH_MESSAGES
@@ -21,11 +33,12 @@ from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.engine.qweights import is_quantized
 
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed: pip install '.[llamacpp]' (compiles ~10-25 min)"
+Progress = Callable[[str, float], None]
+
 
 def read_bandwidth_gb_s(megabytes: int = 1024, runs: int = 5) -> float:
     """Best-of-N time of summing a large fp32 tensor with all torch threads (a pure streaming read)."""
-    import torch
-
     data = torch.ones(megabytes * 2**20 // 4)
     best = float("inf")
     for _ in range(runs):
@@ -36,7 +49,7 @@ def read_bandwidth_gb_s(megabytes: int = 1024, runs: int = 5) -> float:
 
 
 def weight_bytes_per_token(model: Any) -> int:
-    """Weights a decode step reads: every parameter and int8 weight buffer once, except the input embedding
+    """Weights a decode step reads: every parameter and quantized weight buffer once, except the input embedding
     (one row), unless the fp32 embedding is also what the output head reads."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
@@ -50,6 +63,11 @@ def weight_bytes_per_token(model: Any) -> int:
     return total
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+# -- our engine ------------------------------------------------------------------------------------------
 def timed_request(engine: BatchEngine, lm: Any, prompt: list[int], tokens: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one request by the wall clock, as a user sees it: prefill = prompt
     tokens over the time to the first token; decode = the following tokens over the time they took (sampling,
@@ -77,9 +95,10 @@ def timed_request(engine: BatchEngine, lm: Any, prompt: list[int], tokens: int) 
 
 
 def ours(lm: Any, prompt: list[int], tokens: int, runs: int) -> dict:
+    """Median prefill/decode tokens/s of `runs` requests on one engine (after a warm-up request)."""
     engine = BatchEngine(lm.name, lambda: holding(lm), config=EngineConfig(speculation="off", max_running=1))
     try:
-        timed_request(engine, lm, prompt, 8)  # warm-up
+        timed_request(engine, lm, prompt, 8)
         measured = [timed_request(engine, lm, prompt, tokens) for _ in range(runs)]
         return {"prefill_tokens_per_s": statistics.median(m[0] for m in measured),
                 "decode_tokens_per_s": statistics.median(m[1] for m in measured)}
@@ -87,68 +106,262 @@ def ours(lm: Any, prompt: list[int], tokens: int, runs: int) -> dict:
         engine.close()
 
 
-def llama_cpp(gguf: Path, prompt: list[int], tokens: int, runs: int, threads: int) -> dict:
-    from llama_cpp import Llama
+class OurEngine:
+    """One variant of our engine, kept alive across interleaved runs."""
 
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False, logits_all=False)
-    prefill, decode = [], []
-    for run in range(runs + 1):  # the first run warms up
+    def __init__(self, label: str, lm: Any, decode_path: str):
+        self.label, self.lm = label, lm
+        lm.model.ryzanstein_decode_path = decode_path
+        self.engine = BatchEngine(lm.name, lambda: holding(lm), config=EngineConfig(speculation="off", max_running=1))
+
+    def run(self, prompt: list[int], tokens: int) -> tuple[float, float]:
+        return timed_request(self.engine, self.lm, prompt, tokens)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class SyntheticEngine:
+    """Our native step on a synthetic model, driven directly (no tokenizer): greedy argmax per token."""
+
+    def __init__(self, label: str, model: Any):
+        from ryzanstein.engine.runner import BatchRunner
+
+        self.label, self.model = label, model
+        self.runner = BatchRunner(model, Path(tempfile.gettempdir()))
+        if self.runner.native is None:
+            raise RuntimeError("the synthetic model did not take the native path")
+        self.count = 0
+
+    def run(self, prompt: list[int], tokens: int) -> tuple[float, float]:
+        return compute.call(lambda: self._run(prompt, tokens))
+
+    def _run(self, prompt: list[int], tokens: int) -> tuple[float, float]:
+        from ryzanstein.engine.runner import build_rows
+
+        self.count += 1
+        kv = self.runner.cache(f"r{self.count}")
+        kv.reserve(len(prompt) + tokens)
+        started = time.perf_counter()
+        logits = self.runner.forward(build_rows([(kv, prompt, 0, False, "last")]), "prefill")
+        token = int(logits[-1].argmax())
+        first = time.perf_counter()
+        for i in range(tokens - 1):
+            logits = self.runner.forward(build_rows([(kv, [token], len(prompt) + i, True, "all")]), "decode")
+            token = int(logits[-1].argmax())
+        end = time.perf_counter()
+        self.runner.release(f"r{self.count}")
+        return len(prompt) / (first - started), (tokens - 1) / (end - first)
+
+    def close(self) -> None:
+        compute.call(self.runner.close)
+
+
+# -- llama.cpp -------------------------------------------------------------------------------------------
+class LlamaCpp:
+    def __init__(self, label: str, gguf: Path, threads: int, context: int = 1024):
+        from llama_cpp import Llama
+
+        self.label, self.gguf = label, gguf
+        self.llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False, logits_all=False)
+
+    def run(self, prompt: list[int], tokens: int) -> tuple[float, float]:
+        llm = self.llm
         llm.reset()
         started = time.perf_counter()
         llm.eval(prompt)
-        prefill_s = time.perf_counter() - started
-        started = time.perf_counter()
+        token = llm.sample(top_k=1, temp=0.0)
+        first = time.perf_counter()
         for _ in range(tokens - 1):
-            token = llm.sample(top_k=1, temp=0.0)
             llm.eval([token])
-        decode_s = time.perf_counter() - started
-        if run:
-            prefill.append(len(prompt) / prefill_s)
-            decode.append((tokens - 1) / decode_s)
-    size = gguf.stat().st_size
-    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-            "file_bytes": size}
+            token = llm.sample(top_k=1, temp=0.0)
+        end = time.perf_counter()
+        return len(prompt) / (first - started), (tokens - 1) / (end - first)
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def int8_copy(lm: Any) -> Any:
-    from ryzanstein.engine.qweights import quantize_model_int8
+def interleaved(engines: list[Any], prompt: list[int], tokens: int, runs: int, progress: Progress) -> dict:
+    """Warm each engine up, then `runs` rounds of one request per engine in turn."""
+    results: dict[str, dict[str, list[float]]] = {e.label: {"prefill": [], "decode": []} for e in engines}
+    for engine in engines:
+        progress(f"warm-up: {engine.label}", 0.0)
+        engine.run(prompt, 8)
+    for run in range(runs):
+        for i, engine in enumerate(engines):
+            progress(f"run {run + 1}/{runs}: {engine.label}", (run * len(engines) + i) / (runs * len(engines)))
+            prefill, decode = engine.run(prompt, tokens)
+            results[engine.label]["prefill"].append(prefill)
+            results[engine.label]["decode"].append(decode)
+    return {label: {"prefill_tokens_per_s": spread(r["prefill"]), "decode_tokens_per_s": spread(r["decode"])}
+            for label, r in results.items()}
+
+
+# -- accuracy --------------------------------------------------------------------------------------------
+def kl_to_reference(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Mean KL(reference ‖ engine) per position (nats) and top-1 agreement, over the same token positions."""
+    p = torch.log_softmax(reference.double(), dim=-1)
+    q = torch.log_softmax(logits.double(), dim=-1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    return {"kl_mean": float(kl.mean()), "kl_p99": float(kl.quantile(0.99)),
+            "top1_agreement": float((reference.argmax(-1) == logits.argmax(-1)).double().mean())}
+
+
+def native_logits(model: Any, ids: list[int], chunk: int = 64) -> torch.Tensor:
+    from ryzanstein.engine.runner import BatchRunner, build_rows
+
+    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    try:
+        kv = runner.cache("kl")
+        kv.reserve(len(ids))
+        parts = [runner.forward(build_rows([(kv, ids[s:s + chunk], s, False, "all")]), "prefill")
+                 for s in range(0, len(ids), chunk)]
+        return torch.cat(parts)
+    finally:
+        runner.close()
+
+
+def llama_cpp_logits(gguf: Path, ids: list[int], threads: int) -> torch.Tensor:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + 8, n_threads=threads, n_batch=512, verbose=False,
+                logits_all=True)
+    try:
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    finally:
+        llm.close()
+
+
+def accuracy_table(fp32: Any, variants: dict[str, Any], gguf: Path | None, tokenizer: Any, tokens: int,
+                   threads: int) -> dict:
+    from ryzanstein.quant.evaluate import heldout_text
+
+    ids = tokenizer.encode(heldout_text())[:tokens]
+    with torch.inference_mode():
+        reference = fp32.model(input_ids=torch.tensor([ids])).logits[0].float()
+    table = {label: kl_to_reference(reference, native_logits(model, ids)) for label, model in variants.items()}
+    if gguf is not None:
+        table["llama.cpp Q4_1"] = kl_to_reference(reference, llama_cpp_logits(gguf, ids, threads))
+    return {"text_tokens": len(ids), "reference": "our fp32 (transformers)", "rows": table}
+
+
+# -- the benchmarks --------------------------------------------------------------------------------------
+def quantized_copy(lm: Any, method: str) -> Any:
     from ryzanstein.models.loader import load_model_folder
+    from ryzanstein.quant.methods import apply_method
 
-    copy = load_model_folder(lm.name + "-int8", Path(lm.path))
-    quantize_model_int8(copy.model)
+    copy = load_model_folder(f"{lm.name}-{method}", Path(lm.path))
+    apply_method(copy.model, method)
     return copy
 
 
-def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads: int = 2) -> dict:
+def bandwidth_row(row: dict, bytes_per_token: int, bandwidth: float) -> dict:
+    bound = bandwidth * 1e9 / bytes_per_token
+    return {**row, "weight_bytes_per_token": bytes_per_token, "bandwidth_bound_tokens_per_s": bound,
+            "pct_of_bound": 100 * row["decode_tokens_per_s"]["median"] / bound}
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads: int = 2, kl_tokens: int = 256,
+                  progress: Progress = lambda stage, fraction: None) -> dict:
     compute.set_threads(threads)
     prompt = chat_prompt_ids(lm.tokenizer, BENCH_MESSAGES)
-    our = ours(lm, prompt, tokens, runs)
-    quantized = compute.call(lambda: int8_copy(lm))
-    our_int8 = ours(quantized, prompt, tokens, runs)
-    int8_bytes = compute.call(lambda: weight_bytes_per_token(quantized.model))
-    quantized = None  # free it before llama.cpp loads
+    int4 = compute.call(lambda: quantized_copy(lm, "int4-g32"))
+    int8 = compute.call(lambda: quantized_copy(lm, "int8"))
+    int4_reference = compute.call(lambda: quantized_copy(lm, "int4-g32"))
+    engines: list[Any] = [OurEngine("ours native int4-g32", int4, "native"),
+                          OurEngine("ours native int8", int8, "native"),
+                          OurEngine("ours transformers int4-g32", int4_reference, "reference")]
+    missing = None if llama_cpp_available() else LLAMA_CPP_MISSING
+    if missing is None:
+        engines.append(compute.call(lambda: LlamaCpp("llama.cpp Q4_1", gguf, threads)))
     try:
-        reference: dict | None = compute.call(lambda: llama_cpp(gguf, prompt, tokens, runs, threads))
-        missing = None
-    except ImportError:
-        reference, missing = None, "llama-cpp-python is not installed: pip install '.[llamacpp]' (compiles ~25 min)"
+        speed = interleaved(engines, prompt, tokens, runs, progress)  # here: our engines step on the compute thread
+    finally:
+        for engine in engines:
+            engine.close()
     bandwidth = compute.call(read_bandwidth_gb_s)
-    our_bytes = compute.call(lambda: weight_bytes_per_token(lm.model))
-    result: dict = {
-        "model": lm.name, "gguf": gguf.name, "prompt_tokens": len(prompt), "tokens": tokens, "runs": runs,
-        "threads": threads, "read_bandwidth_gb_s": bandwidth,
-        "ours": {**our, "weight_bytes_per_token": our_bytes, "weights": "fp32",
-                 "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / our_bytes},
-        "ours_int8": {**our_int8, "weight_bytes_per_token": int8_bytes, "weights": "int8 (our AVX2 kernel)",
-                      "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / int8_bytes},
-        "llama_cpp": None, "llama_cpp_missing": missing, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if reference:
-        result["llama_cpp"] = {**reference, "weights": "GGUF as shipped (Q4_1)",
-                               "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / reference["file_bytes"]}
-        result["ratio_prefill"] = our["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
-        result["ratio_decode"] = our["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
-        result["ratio_prefill_int8"] = our_int8["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
-        result["ratio_decode_int8"] = our_int8["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+    sizes = {"ours native int4-g32": weight_bytes_per_token(int4.model),
+             "ours native int8": weight_bytes_per_token(int8.model),
+             "ours transformers int4-g32": weight_bytes_per_token(int4_reference.model),
+             "llama.cpp Q4_1": gguf.stat().st_size}
+    rows = {label: bandwidth_row(row, sizes[label], bandwidth) for label, row in speed.items()}
+    progress("accuracy: KL to fp32 on held-out text", 0.95)
+    accuracy = compute.call(lambda: accuracy_table(lm, {"ours native int4-g32": int4.model,
+                                                        "ours native int8": int8.model},
+                                                   None if missing else gguf, lm.tokenizer, kl_tokens, threads))
+    result: dict = {"model": lm.name, "gguf": gguf.name, "prompt_tokens": len(prompt), "tokens": tokens, "runs": runs,
+                    "threads": threads, "read_bandwidth_gb_s": bandwidth, "engines": rows, "accuracy": accuracy,
+                    "llama_cpp_missing": missing, "isa": native_isa(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    add_ratios(result, "llama.cpp Q4_1")
     return result
+
+
+def bench_compare_synthetic(shape: str, tokens: int = 64, runs: int = 3, threads: int = 2, prompt_tokens: int = 32,
+                            gguf_type: str = "Q4_0", progress: Progress = lambda stage, fraction: None) -> dict:
+    from ryzanstein.models.synthetic import SHAPES, synthetic_model
+    from ryzanstein.models.synthetic_gguf import write_random_gguf
+
+    compute.set_threads(threads)
+    vocab = SHAPES[shape]["vocab_size"] if shape in SHAPES else 0
+    missing = None if llama_cpp_available() else LLAMA_CPP_MISSING
+    with tempfile.TemporaryDirectory(prefix="ryzanstein-synthetic-") as folder:
+        engines: list[Any] = []
+        gguf = Path(folder) / f"{shape}-{gguf_type}.gguf"
+        if missing is None:
+            progress(f"writing a random {gguf_type} GGUF of {shape}", 0.0)
+            compute.call(lambda: write_random_gguf(shape, gguf, gguf_type))
+        progress(f"building a random packed int4 {shape}", 0.0)
+        synthetic = compute.call(lambda: synthetic_model(shape, "int4", 32))
+        engines.append(compute.call(lambda: SyntheticEngine("ours native int4-g32", synthetic.model)))
+        if missing is None:
+            engines.append(compute.call(lambda: LlamaCpp(f"llama.cpp {gguf_type}", gguf, threads)))
+        prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+        try:
+            speed = interleaved(engines, prompt, tokens, runs, progress)
+        finally:
+            for engine in engines:
+                engine.close()
+        bandwidth = compute.call(read_bandwidth_gb_s)
+        sizes = {"ours native int4-g32": weight_bytes_per_token(synthetic.model)}
+        if missing is None:
+            sizes[f"llama.cpp {gguf_type}"] = gguf.stat().st_size
+    rows = {label: bandwidth_row(row, sizes[label], bandwidth) for label, row in speed.items()}
+    result: dict = {"model": f"synthetic {shape} (random weights: speed and memory only)", "shape": shape,
+                    "prompt_tokens": prompt_tokens, "tokens": tokens, "runs": runs, "threads": threads,
+                    "read_bandwidth_gb_s": bandwidth, "engines": rows, "llama_cpp_missing": missing,
+                    "isa": native_isa(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    add_ratios(result, f"llama.cpp {gguf_type}")
+    return result
+
+
+def add_ratios(result: dict, reference: str) -> None:
+    rows = result["engines"]
+    if reference not in rows:
+        return
+    ref = rows[reference]
+    for label, row in rows.items():
+        if label != reference:
+            row["vs_llama_cpp"] = {
+                "prefill": row["prefill_tokens_per_s"]["median"] / ref["prefill_tokens_per_s"]["median"],
+                "decode": row["decode_tokens_per_s"]["median"] / ref["decode_tokens_per_s"]["median"]}
+
+
+def native_isa() -> str | None:
+    from ryzanstein.engine.native import NativeUnsupported, chosen_isa
+
+    try:
+        return chosen_isa()
+    except NativeUnsupported:
+        return None

@@ -398,9 +398,17 @@ def bench_decode(
     runs: int = typer.Option(3, min=1),
     threads: int = typer.Option(0, min=0, help="torch threads; 0 = one per physical core."),
     output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/decode-<time>.json)."),
+    contention: int = typer.Option(0, min=0, max=64, help="Run N busy processes beside the engine and compare "
+                                   "the native path's thread settings (fixed counts and the measured policy), "
+                                   "with and without them."),
+    method: str = typer.Option("", help="With --contention: quantize the weights in memory first (int8, "
+                               "int4-g32, …)."),
 ) -> None:
     """Prefill and decode tokens/s of a model, with transformers' generate as the same-run baseline."""
     import psutil
+
+    if contention:
+        return bench_contention_cli(model, tokens, runs, contention, method, output)
 
     from ryzanstein.bench import bench_decode as run
     from ryzanstein.bench import write_result
@@ -424,6 +432,39 @@ def bench_decode(
                   f"{med['baseline_transformers_generate_tokens_per_s']:.1f}", style="bold")
     console.print(table)
     path = output or Settings().data_dir / "bench" / f"decode-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    console.print(f"JSON: {write_result(result, path)}")
+
+
+def bench_contention_cli(model: str, tokens: int, runs: int, contention: int, method: str,
+                         output: Path | None) -> None:
+    from ryzanstein import compute
+    from ryzanstein.bench import write_result
+    from ryzanstein.bench_native import bench_contention
+
+    lm = open_model(model)
+    if method:
+        from ryzanstein.quant.methods import apply_method
+
+        compute.call(lambda: apply_method(lm.model, method))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=1.0)
+        result = compute.call(lambda: bench_contention(
+            lm, tokens=tokens, runs=runs, contention=contention,
+            progress=lambda stage, f: bar.update(task, completed=f, description=stage)))
+    result["weights"] = method or "as stored"
+    table = Table("busy processes", "threads", "decode tok/s min", "median", "max",
+                  title=f"bench decode --contention {contention}: {model} ({result['weights']}), native path, "
+                        f"{result['cores']} cores, {runs} interleaved runs of {tokens} tokens")
+    for load, by_setting in result["decode_tokens_per_s"].items():
+        for setting, v in by_setting.items():
+            table.add_row(load.split("=")[1], setting, f"{v['min']:.1f}", f"{v['median']:.1f}", f"{v['max']:.1f}",
+                          style="bold" if setting == "auto" else None)
+    console.print(table)
+    for load, verdict in result["verdict"].items():
+        console.print(f"{load}: auto {verdict['auto_median']:.1f} tok/s = "
+                      f"{verdict['auto_vs_best_fixed']:.2f}x the best "
+                      f"fixed setting ({verdict['best_fixed']} threads, {verdict['best_fixed_median']:.1f})")
+    path = output or Settings().data_dir / "bench" / f"contention-{time.strftime('%Y%m%d-%H%M%S')}.json"
     console.print(f"JSON: {write_result(result, path)}")
 
 
@@ -637,45 +678,65 @@ def bench_compare(
     tokens: int = typer.Option(128, min=8, help="Tokens to decode per run."),
     runs: int = typer.Option(3, min=1),
     threads: int = typer.Option(0, min=0, help="Threads for both engines; 0 = one per physical core."),
+    synthetic: str = typer.Option("", help="A random model of this shape instead of the default model "
+                                  "(llama-1b, llama-3b, llama-7b, llama3-8b): speed only."),
+    gguf_type: str = typer.Option("Q4_0", help="With --synthetic: llama.cpp's block type (Q4_0, Q4_1, Q8_0)."),
     output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/compare-<time>.json)."),
 ) -> None:
-    """The default model: our batch-1 prefill and decode vs llama.cpp on the same GGUF, plus the memory-bandwidth
-    bound of each."""
+    """Our batch-1 prefill and decode vs llama.cpp on the same CPU (the default model's GGUF, or a synthetic
+    shape), interleaved runs, with each engine's memory-bandwidth bound and, for the default model, the KL of
+    each to fp32."""
     import psutil
 
     from ryzanstein.bench import write_result
     from ryzanstein.bench_compare import bench_compare as run
-    from ryzanstein.models.default import default_gguf_path
+    from ryzanstein.bench_compare import bench_compare_synthetic
 
-    lm = open_model(DEFAULT_MODEL)
-    result = run(lm, default_gguf_path(), tokens=tokens, runs=runs,
-                 threads=threads or psutil.cpu_count(logical=False) or 1)
-    table = Table("engine", "weights", "MB read / token", "prefill tok/s", "decode tok/s", "bandwidth bound tok/s",
-                  title=f"bench compare: {result['gguf']}, {result['threads']} threads, "
-                        f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s")
-    o = result["ours"]
-    table.add_row("ryzanstein", o["weights"], f"{o['weight_bytes_per_token'] / 1e6:.0f}",
-                  f"{o['prefill_tokens_per_s']:.1f}", f"{o['decode_tokens_per_s']:.1f}",
-                  f"{o['bandwidth_bound_tokens_per_s']:.0f}")
-    o8 = result["ours_int8"]
-    table.add_row("ryzanstein", o8["weights"], f"{o8['weight_bytes_per_token'] / 1e6:.0f}",
-                  f"{o8['prefill_tokens_per_s']:.1f}", f"{o8['decode_tokens_per_s']:.1f}",
-                  f"{o8['bandwidth_bound_tokens_per_s']:.0f}")
-    ref = result["llama_cpp"]
-    if ref:
-        table.add_row("llama.cpp", ref["weights"], f"{ref['file_bytes'] / 1e6:.0f}",
-                      f"{ref['prefill_tokens_per_s']:.1f}", f"{ref['decode_tokens_per_s']:.1f}",
-                      f"{ref['bandwidth_bound_tokens_per_s']:.0f}")
-    console.print(table)
-    if ref:
-        console.print(f"ours / llama.cpp: fp32 prefill [bold]{result['ratio_prefill']:.2f}x[/bold], decode "
-                      f"[bold]{result['ratio_decode']:.2f}x[/bold]; int8 prefill "
-                      f"[bold]{result['ratio_prefill_int8']:.2f}x[/bold], decode "
-                      f"[bold]{result['ratio_decode_int8']:.2f}x[/bold]")
-    else:
-        console.print(f"[yellow]{result['llama_cpp_missing']}[/yellow]")
-    path = output or Settings().data_dir / "bench" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    threads = threads or psutil.cpu_count(logical=False) or 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=1.0)
+
+        def progress(stage: str, fraction: float) -> None:
+            bar.update(task, completed=fraction, description=stage)
+
+        if synthetic:
+            result = bench_compare_synthetic(synthetic, tokens=tokens, runs=runs, threads=threads,
+                                             gguf_type=gguf_type, progress=progress)
+        else:
+            from ryzanstein.models.default import default_gguf_path
+
+            lm = open_model(DEFAULT_MODEL)
+            result = run(lm, default_gguf_path(), tokens=tokens, runs=runs, threads=threads, progress=progress)
+    print_compare(result)
+    name = f"compare-{synthetic}" if synthetic else "compare"
+    path = output or Settings().data_dir / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     console.print(f"JSON: {write_result(result, path)}")
+
+
+def print_compare(result: dict) -> None:
+    def mmm(v: dict) -> str:
+        return f"{v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f}"
+
+    table = Table("engine", "MB / token", "prefill tok/s min/med/max", "decode tok/s min/med/max",
+                  "bound tok/s", "% of bound", "decode vs llama.cpp",
+                  title=f"bench compare: {result['model']}, {result['threads']} threads, {result['runs']} "
+                        f"interleaved runs of {result['tokens']} tokens, native path {result['isa']}, "
+                        f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s")
+    for label, row in result["engines"].items():
+        ratio = row.get("vs_llama_cpp")
+        table.add_row(label, f"{row['weight_bytes_per_token'] / 1e6:.0f}", mmm(row["prefill_tokens_per_s"]),
+                      mmm(row["decode_tokens_per_s"]), f"{row['bandwidth_bound_tokens_per_s']:.0f}",
+                      f"{row['pct_of_bound']:.0f}%", f"{ratio['decode']:.2f}x" if ratio else "")
+    print_wide(table)
+    accuracy = result.get("accuracy")
+    if accuracy:
+        kl = Table("engine", "KL to fp32 (mean, nats)", "KL p99", "top-1 agreement",
+                   title=f"accuracy on {accuracy['text_tokens']} tokens of held-out text, vs {accuracy['reference']}")
+        for label, row in accuracy["rows"].items():
+            kl.add_row(label, f"{row['kl_mean']:.4f}", f"{row['kl_p99']:.4f}", f"{100 * row['top1_agreement']:.1f}%")
+        console.print(kl)
+    if result.get("llama_cpp_missing"):
+        console.print(f"[yellow]{result['llama_cpp_missing']}[/yellow]")
 
 
 def main() -> None:

@@ -231,10 +231,9 @@ def test_native_rows_are_bit_identical_alone_and_in_any_batch(method):
         caches = [runner.cache(f"batch{i}") for i in range(len(prompts))]
         for kv in caches:
             kv.reserve(64)
-        together = runner.forward(build_rows([(kv, p, 0, False, "all") for kv, p in zip(caches, prompts, strict=True)]),
-                                  "prefill")
-        decoded = runner.forward(build_rows([(kv, [9], len(p), True, "all") for kv, p in zip(caches, prompts, strict=True)]),
-                                 "decode")
+        pairs = list(zip(caches, prompts, strict=True))
+        together = runner.forward(build_rows([(kv, p, 0, False, "all") for kv, p in pairs]), "prefill")
+        decoded = runner.forward(build_rows([(kv, [9], len(p), True, "all") for kv, p in pairs]), "decode")
         start = 0
         for i, prompt in enumerate(prompts):
             assert torch.equal(together[start:start + len(prompt)], alone[i][:-1])

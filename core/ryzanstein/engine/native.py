@@ -100,7 +100,8 @@ def extension() -> Any:
     folder.mkdir(parents=True, exist_ok=True)
     with _build_lock:
         return load(name=f"ryzanstein_native_{digest}", sources=[str(SOURCES[0])], build_directory=str(folder),
-                    extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+                    extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=["-O3", "-ffp-contract=off"],
+                    verbose=False)
 
 
 # -- the model's pieces ----------------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def describe(model: Any) -> tuple[dict, torch.Tensor, torch.Tensor, tuple, list,
             raise NativeUnsupported("q/k norms over the whole projection")
         described.append((_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm), q_norm, k_norm,
                           qkv, linear_spec(attn.o_proj), gate_up, linear_spec(mlp.down_proj)))
-        if any(getattr(layer, n, None) is not None for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")):
+        extra_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        if any(getattr(layer, n, None) is not None for n in extra_norms):
             raise NativeUnsupported("extra per-layer norms")
     head = model.get_output_embeddings()
     if head is None:
