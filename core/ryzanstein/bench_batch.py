@@ -103,6 +103,7 @@ def bench_batch(lm: Any, levels: tuple[int, ...] = (1, 2, 4, 8, 16), tokens: int
     best_sequential = max(sequential_plain["tokens_per_s"], sequential_engine["tokens_per_s"])
     return {
         "model": lm.name, "tokens_per_request": tokens, "threads": torch.get_num_threads(),
+        "decode": (getattr(lm.model, "ryzanstein_decode", None) or {}).get("path", "reference"),
         "rows": rows,
         "sequential_8_plain_loop": sequential_plain,
         "sequential_8_engine": sequential_engine,

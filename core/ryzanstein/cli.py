@@ -509,6 +509,8 @@ def bench_batch(
     levels: str = typer.Option("1,2,4,8,16", help="Concurrent request counts, comma-separated."),
     threads: int = typer.Option(0, min=0, help="torch threads; 0 = one per physical core."),
     output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/batch-<time>.json)."),
+    method: str = typer.Option("", help="Quantize the weights in memory first (int8, int4-g32, …): the native "
+                               "decode path's integer kernels."),
 ) -> None:
     """Continuous batching: aggregate tokens/s and latency percentiles at each concurrency, against the same
     8 requests run one after another."""
@@ -524,10 +526,16 @@ def bench_batch(
     except ValueError:
         fail(InvalidRequest(f"levels={levels!r} is invalid: give positive integers such as 1,2,4,8."))
     lm = open_model(model)
+    if method:
+        from ryzanstein import compute
+        from ryzanstein.quant.methods import apply_method
+
+        compute.call(lambda: apply_method(lm.model, method))
     result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1)
+    result["weights"] = method or "as stored"
     table = Table("concurrent", "tokens", "aggregate tok/s", "TTFT p50 ms", "TTFT p95 ms", "per-token p50 ms",
-                  "per-token p95 ms", title=f"bench batch: {model}, {tokens} tokens per request, "
-                                            f"{result['threads']} threads")
+                  "per-token p95 ms", title=f"bench batch: {model} ({result['weights']}, {result['decode']}), "
+                                            f"{tokens} tokens per request, {result['threads']} threads")
     for row in result["rows"]:
         table.add_row(str(row["requests"]), str(row["tokens"]), f"{row['tokens_per_s']:.1f}",
                       f"{row['ttft_ms_p50']:.0f}", f"{row['ttft_ms_p95']:.0f}", f"{row['token_ms_p50']:.1f}",
