@@ -221,8 +221,10 @@ class ThreadPolicy:
         self.queue: list[int] = list(choices)  # choices still to probe in this round: a first round at once
         self.since_round = 0
 
-    def next_threads(self) -> int:
-        return self.queue[0] if self.queue else self.current
+    def next_threads(self, rows: int = 1) -> int:
+        """Threads for a step of `rows` rows: a probed choice for decode-sized steps, the decided one otherwise
+        (a prompt chunk is never run with a choice that is only being tried)."""
+        return self.queue[0] if self.queue and rows <= self.small else self.current
 
     def observe(self, threads: int, rows: int, seconds: float) -> None:
         if rows > self.small or len(self.choices) == 1:
@@ -290,8 +292,8 @@ class NativeDecoder:
             buffers = [kv.plain_rows(layer, ends[id(kv)], self.kv_heads, self.head_dim) for layer in range(self.layers)]
             keys.append([k for k, _ in buffers])
             values.append([v for _, v in buffers])
-        if self.policy is not None and self.policy.next_threads() != self.threads:
-            self.set_threads(self.policy.next_threads())
+        if self.policy is not None and self.policy.next_threads(len(rows.tokens)) != self.threads:
+            self.set_threads(self.policy.next_threads(len(rows.tokens)))
         started = time.perf_counter()
         logits = self.impl.step(torch.tensor(rows.tokens), torch.tensor(rows.positions), torch.tensor(cache_of_row),
                                 keys, values, torch.tensor(rows.keep, dtype=torch.long))

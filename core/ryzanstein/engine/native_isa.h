@@ -7,7 +7,8 @@
 //   fp32  y = sum_k w[k] x[k]                                   (fp32 activations, no quantization)
 //   int8  y = sum_b xd[b] * sum_{k in b} w[k] xq[k]               (the caller multiplies by the row's scale)
 //   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (xs: fp32 sums of x per group)
-// The integer block sums are exact; the fp32 sums over blocks and lanes run in one fixed order per row, so a
+// xd holds each block's activation scale 8 times over (one 256-bit lane set per block), so scales are loaded, not
+// broadcast. The integer block sums are exact; the fp32 sums over blocks and lanes run in one fixed order per row, so a
 // row's result never depends on which other rows share the call.
 
 namespace ISA_NS {
@@ -119,8 +120,7 @@ void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* 
       const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + b * 32);
       const __m512i sx = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
       const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-      const float* d = xd + r * d_stride + b;
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(d[0], d[1]), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(xd + r * d_stride + b * 8), acc[r]);
     }
   }
   __m256 tail[kMaxRows];
@@ -135,7 +135,7 @@ void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* 
     for (int r = 0; r < rows; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + b * 32));
       const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv, wv));
-      tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[r * d_stride + b]), tail[r]);
+      tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(xd + r * d_stride + b * 8), tail[r]);
     }
   }
   for (int r = 0; r < rows; ++r) {
@@ -159,12 +159,12 @@ void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const float* sc
   for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
   for (; b + 2 <= blocks; b += 2) {
     const __m512i qv = unpack_nibbles2(w + b * 16);
-    const float s0 = scale[b >> shift], s1 = scale[(b + 1) >> shift];
+    const __m512 sv = pair_scale(scale[b >> shift], scale[(b + 1) >> shift]);  // shared by the rows
     for (int r = 0; r < rows; ++r) {
       const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + b * 32);
       const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
-      const float* d = xd + r * d_stride + b;
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(d[0] * s0, d[1] * s1), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(p), sv), _mm512_loadu_ps(xd + r * d_stride + b * 8),
+                               acc[r]);
     }
   }
 #endif
@@ -172,11 +172,12 @@ void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const float* sc
   for (int r = 0; r < rows; ++r) tail[r] = _mm256_setzero_ps();
   for (; b < blocks; ++b) {
     const __m256i qv = unpack_nibbles(w + b * 16);
-    const float s = scale[b >> shift];
+    const __m256 sv = _mm256_set1_ps(scale[b >> shift]);
     for (int r = 0; r < rows; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + b * 32));
       const __m256i p = dot_u8s8(qv, xv);
-      tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[r * d_stride + b] * s), tail[r]);
+      tail[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), sv), _mm256_loadu_ps(xd + r * d_stride + b * 8),
+                                tail[r]);
     }
   }
   for (int r = 0; r < rows; ++r) {

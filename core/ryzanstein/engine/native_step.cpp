@@ -224,14 +224,14 @@ struct Layer {
 // Activations of `rows` rows quantized per block of 32: codes, scales and fp32 block sums.
 struct Quantized {
   std::vector<int8_t> q;
-  std::vector<float> d, s;
+  std::vector<float> s, dv;  // block sums; each block's scale 8 times (the kernels load lanes of scales)
   int64_t depth = 0;
   void fill(const float* x, int64_t rows, int64_t width, const float* input_scale) {
     depth = width;
     const int64_t blocks = width / 32;
     q.resize(rows * width);
-    d.resize(rows * blocks);
     s.resize(rows * blocks);
+    dv.resize(rows * blocks * 8);
     float tmp[32];
     for (int64_t n = 0; n < rows; ++n)
       for (int64_t b = 0; b < blocks; ++b) {
@@ -245,8 +245,8 @@ struct Quantized {
         const float scale = amax / 127.0f;
         const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
         for (int i = 0; i < 32; ++i) q[n * width + b * 32 + i] = static_cast<int8_t>(std::nearbyint(tmp[i] * inverse));
-        d[n * blocks + b] = scale;
         s[n * blocks + b] = sum;
+        std::fill_n(dv.data() + (n * blocks + b) * 8, 8, scale);
       }
   }
   // fp32 sums of x over groups of `group` inputs (block sums added in order), for the int4 min term
@@ -518,34 +518,37 @@ class NativeModel {
     const int64_t per_thread = (offsets.back() + 4 * pool_->threads() - 1) / (4 * pool_->threads());
     const int64_t chunk = std::max<int64_t>(16, (per_thread + 15) / 16 * 16);
     const int64_t chunks = (offsets.back() + chunk - 1) / chunk;
+    // Rows outside, outputs inside: a tile of kMaxRows activation rows stays in L1 while the chunk's weights
+    // (tens of KB) stream from L2, instead of every output row re-reading all rows' codes (prefill chunks).
     const std::function<void(int64_t)> work = [&](int64_t c) {
       float out[kMaxRows];
-      for (int64_t o = c * chunk; o < std::min(offsets.back(), (c + 1) * chunk); ++o) {
+      const int64_t o_end = std::min(offsets.back(), (c + 1) * chunk), blocks = inputs / 32;
+      for (int64_t n0 = 0; n0 < rows; n0 += kMaxRows) {
+        const int nb = static_cast<int>(std::min<int64_t>(kMaxRows, rows - n0));
         size_t p = 0;
-        while (o >= offsets[p + 1]) ++p;
-        const Linear& l = parts[p];
-        const int64_t r = o - offsets[p];
-        const Quantized* xq = qx[p];
-        const int64_t blocks = inputs / 32;
-        for (int64_t n0 = 0; n0 < rows; n0 += kMaxRows) {
-          const int nb = static_cast<int>(std::min<int64_t>(kMaxRows, rows - n0));
+        for (int64_t o = c * chunk; o < o_end; ++o) {
+          while (o >= offsets[p + 1]) ++p;
+          const Linear& l = parts[p];
+          const int64_t r = o - offsets[p];
+          const Quantized* xq = qx[p];
           if (l.kind == kF32) {
             k_->dot_f32(l.wf + r * inputs, inputs, x + n0 * inputs, inputs, nb, out);
           } else if (l.kind == kInt8) {
-            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, inputs,
-                       blocks, nb, out);
+            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->dv.data() + n0 * blocks * 8,
+                       inputs, blocks * 8, nb, out);
             for (int i = 0; i < nb; ++i) out[i] *= l.scale[r];
           } else {
             const int64_t groups = inputs / l.group;
             k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale + r * groups, l.mins + r * groups,
-                       xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs,
-                       blocks, groups, nb, out);
+                       xq->q.data() + n0 * inputs, xq->dv.data() + n0 * blocks * 8, sums[p] + n0 * groups, inputs,
+                       blocks * 8, groups, nb, out);
           }
           for (int i = 0; i < nb; ++i) y[(n0 + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
         }
       }
     };
-    for (const auto& l : parts) TORCH_CHECK(l.kind != kF32 || l.input_scale == nullptr, "fp32 weights with an input scale");
+    for (const auto& l : parts)
+      TORCH_CHECK(l.kind != kF32 || l.input_scale == nullptr, "fp32 weights with an input scale");
     pool_->run(chunks, work);
   }
 
