@@ -299,6 +299,23 @@ def quantized_copy(lm: Any, method: str) -> Any:
     return copy
 
 
+def int4_layers_fp32_head(lm: Any) -> Any:
+    """int4-g32 layers with the fp32 head: on a model imported from a Q4_1 GGUF the layers' weights are then
+    exactly the file's (each Q4_1 block uses codes 0 and 15, so min/max groups of 32 find the same scale and min),
+    and the head is the exact embedding; what is left is the native path's arithmetic (int8 activations)."""
+    from ryzanstein.engine.qweights import quantize_weight_int4, set_int4, shared_parameters
+    from ryzanstein.models.loader import load_model_folder
+
+    copy = load_model_folder(f"{lm.name}-int4-fp32-head", Path(lm.path))
+    head = copy.model.get_output_embeddings()
+    shared = shared_parameters(copy.model)
+    for module in list(copy.model.modules()):
+        if type(module) is torch.nn.Linear and module is not head:
+            set_int4(module, *quantize_weight_int4(module.weight, 32), 32, shared)
+    copy.model.config.ryzanstein_weights = "int4"
+    return copy
+
+
 def bandwidth_row(row: dict, bytes_per_token: int, bandwidth: float) -> dict:
     bound = bandwidth * 1e9 / bytes_per_token
     return {**row, "weight_bytes_per_token": bytes_per_token, "bandwidth_bound_tokens_per_s": bound,
@@ -338,8 +355,10 @@ def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads
              "llama.cpp Q4_1": gguf.stat().st_size}
     rows = {label: bandwidth_row(row, sizes[label], bandwidth) for label, row in speed.items()}
     progress("accuracy: KL to fp32 on held-out text", 0.95)
+    exact = compute.call(lambda: int4_layers_fp32_head(lm))
     accuracy = compute.call(lambda: accuracy_table(lm, {"ours native int4-g32": int4.model,
-                                                        "ours native int8": int8.model},
+                                                        "ours native int8": int8.model,
+                                                        "ours native, the GGUF's own weights": exact.model},
                                                    None if missing else gguf, lm.tokenizer, kl_tokens, threads))
     result: dict = {"model": lm.name, "gguf": gguf.name, "prompt_tokens": len(prompt), "tokens": tokens, "runs": runs,
                     "threads": threads, "read_bandwidth_gb_s": bandwidth, "engines": rows, "accuracy": accuracy,

@@ -134,7 +134,8 @@ def quantize(model, method: str) -> None:
 
 def emulated_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """y as native_step.cpp defines it: x quantized per block of 32 (scale amax/127, round half to even), exact
-    integer block sums, times the activation and weight scales; int4 adds min · (fp32 sum of x per group)."""
+    integer block sums, times the activation and weight scales; int4 adds min · (sum of the quantized x per
+    group), so the result is w · x̂ exactly."""
     flat = x.reshape(-1, x.shape[-1]).float()
     blocks = flat.reshape(flat.shape[0], -1, 32)
     d32 = blocks.abs().amax(-1) / 127  # in float32, as the kernel does: codes must match exactly
@@ -150,7 +151,8 @@ def emulated_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         per = group // 32
         scale = module.weight_scale.double().repeat_interleave(per, dim=1)
         y = (torch.einsum("nbk,obk->nob", q, codes) * d[:, None, :] * scale[None]).sum(-1)
-        sums = flat.reshape(flat.shape[0], -1, group).sum(-1)
+        quantized = (q * d[..., None]).reshape(flat.shape[0], -1)  # x̂
+        sums = quantized.reshape(flat.shape[0], -1, group).sum(-1)
         y = y + sums @ module.weight_min.double().T
     if module.bias is not None:
         y = y + module.bias.double()

@@ -6,7 +6,7 @@
 // the fp32 sum of each block (xs); weights stay in the store's formats:
 //   fp32  y = sum_k w[k] x[k]                                   (fp32 activations, no quantization)
 //   int8  y = sum_b xd[b] * sum_{k in b} w[k] xq[k]               (the caller multiplies by the row's scale)
-//   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (xs: fp32 sums of x per group)
+//   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (xs: sums of the quantized x per group)
 // xd holds each block's activation scale 8 times over (one 256-bit lane set per block), so scales are loaded, not
 // broadcast. The integer block sums are exact; the fp32 sums over blocks and lanes run in one fixed order per row, so a
 // row's result never depends on which other rows share the call.
