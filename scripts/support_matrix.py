@@ -34,8 +34,10 @@ def render_markdown(matrix: dict) -> str:
         "",
         "*quantizable* lists the methods that quantize the architecture and keep its next-token distribution "
         "close to fp32 (KL < 0.5 on the prompt); *batched* means requests run in the continuous-batching engine "
-        "(the others are served one at a time); *fine-tune* says a LoRA adapter trains on it (the loss falls over "
-        "a few steps) and, with *merge*, that merging the adapter (export, hot-swap) gives peft's own output.",
+        "(the others are served one at a time); *native* means the engine runs it on the native decode path "
+        "(one C++ call per step, integer kernels; the others on transformers); *fine-tune* says a LoRA adapter "
+        "trains on it (the loss falls over a few steps) and, with *merge*, that merging the adapter (export, "
+        "hot-swap) gives peft's own output.",
         "",
         "*structured* means a JSON-schema answer and a `tool_choice: required` tool call both come out whole and "
         "parse (the grammar makes even random weights answer validly). Whether a model's own chat template renders "
@@ -44,14 +46,15 @@ def render_markdown(matrix: dict) -> str:
         "default SmolLM2's and these tiny models' — gets the tools in its system message (docs/api.md, *Tools*).",
         "",
         "| architecture | model class | tiny params | loads | generates | matches reference | quantizable | batched "
-        "| fine-tune | structured |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| native | fine-tune | structured |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in matrix["rows"]:
         lines.append(f"| {row['family']} | `{row['model_class']}` | {row['parameters'] / 1e6:.1f} M | "
                      f"{yes(row['loads'])} | {yes(row['generates'])} | {yes(row['matches_reference'])} | "
                      f"{', '.join(row.get('quantizable', [])) or '**no**'} | {yes(row.get('batched', False))} | "
-                     f"{row.get('finetune') or '**no**'} | {yes(row.get('structured', False))} |")
+                     f"{yes(row.get('native', False))} | {row.get('finetune') or '**no**'} | "
+                     f"{yes(row.get('structured', False))} |")
     passing = sum(r["matches_reference"] for r in matrix["rows"])
     lines += ["", f"{passing} of {len(matrix['rows'])} architectures pass.", ""]
     return "\n".join(lines)

@@ -48,12 +48,17 @@ def read_bandwidth_gb_s(megabytes: int = 1024, runs: int = 5) -> float:
     return data.numel() * 4 / best / 1e9
 
 
-def weight_bytes_per_token(model: Any) -> int:
+def weight_bytes_per_token(model: Any, native: bool = False) -> int:
     """Weights a decode step reads: every parameter and quantized weight buffer once, except the input embedding
-    (one row), unless the fp32 embedding is also what the output head reads."""
+    (one row), unless the fp32 embedding is also what the output head reads. The native path reads int4 scales
+    and mins as fp16 (half the bytes of the stored fp32 ones)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
-                 if name.endswith(("weight_int8", "weight_int4", "weight_scale", "weight_min")))
+    for module in model.modules():
+        for name in ("weight_int8", "weight_int4", "weight_scale", "weight_min"):
+            buffer = getattr(module, name, None) if name in getattr(module, "_buffers", {}) else None
+            if buffer is not None:
+                halved = native and name in ("weight_scale", "weight_min") and hasattr(module, "weight_int4")
+                total += buffer.numel() * (2 if halved else buffer.element_size())
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_reads_embed = (head is not None and not is_quantized(head)
@@ -349,8 +354,8 @@ def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads
         for engine in engines:
             engine.close()
     bandwidth = compute.call(read_bandwidth_gb_s)
-    sizes = {"ours native int4-g32": weight_bytes_per_token(int4.model),
-             "ours native int8": weight_bytes_per_token(int8.model),
+    sizes = {"ours native int4-g32": weight_bytes_per_token(int4.model, native=True),
+             "ours native int8": weight_bytes_per_token(int8.model, native=True),
              "ours transformers int4-g32": weight_bytes_per_token(int4_reference.model),
              "llama.cpp Q4_1": gguf.stat().st_size}
     rows = {label: bandwidth_row(row, sizes[label], bandwidth) for label, row in speed.items()}
@@ -393,7 +398,7 @@ def bench_compare_synthetic(shape: str, tokens: int = 64, runs: int = 3, threads
             for engine in engines:
                 engine.close()
         bandwidth = compute.call(read_bandwidth_gb_s)
-        sizes = {"ours native int4-g32": weight_bytes_per_token(synthetic.model)}
+        sizes = {"ours native int4-g32": weight_bytes_per_token(synthetic.model, native=True)}
         if missing is None:
             sizes[f"llama.cpp {gguf_type}"] = gguf.stat().st_size
     rows = {label: bandwidth_row(row, sizes[label], bandwidth) for label, row in speed.items()}

@@ -448,9 +448,9 @@ def bench_contention_cli(model: str, tokens: int, runs: int, contention: int, me
         compute.call(lambda: apply_method(lm.model, method))
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("starting", total=1.0)
-        result = compute.call(lambda: bench_contention(
-            lm, tokens=tokens, runs=runs, contention=contention,
-            progress=lambda stage, f: bar.update(task, completed=f, description=stage)))
+        # not on the compute thread: the engines it starts run their steps there
+        result = bench_contention(lm, tokens=tokens, runs=runs, contention=contention,
+                                  progress=lambda stage, f: bar.update(task, completed=f, description=stage))
     result["weights"] = method or "as stored"
     table = Table("busy processes", "threads", "decode tok/s min", "median", "max",
                   title=f"bench decode --contention {contention}: {model} ({result['weights']}), native path, "

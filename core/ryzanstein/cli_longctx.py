@@ -119,6 +119,8 @@ def models_load(
     block: int = typer.Option(None, help="block_sparse: tokens per block."),
     top_k: int = typer.Option(None, help="block_sparse: blocks attended per head besides the window."),
     kv_policy: str = typer.Option(None, help="keep, or evict (window only: memory stays flat)."),
+    decode_path: str = typer.Option(None, help="auto (the native C++ step where it applies), native (refuse "
+                                    "otherwise) or reference (transformers)."),
 ) -> None:
     """Load a model in the running service with long-context and KV-cache options (the Models view's "Load with
     options…"); prints what was applied and the memory estimate."""
@@ -134,7 +136,7 @@ def models_load(
     body = {key: value for key, value in {
         "kv_cache": kv_cache, "context_tokens": context, "rope_scaling": rope, "attention": attention,
         "window": window, "sinks": sinks, "stride": stride, "block": block, "top_k": top_k,
-        "kv_policy": kv_policy}.items() if value is not None}
+        "kv_policy": kv_policy, "decode_path": decode_path}.items() if value is not None}
     response = httpx.post(f"{service.url}/api/models/{name}/load", json=body, headers=service.headers, timeout=900)
     payload = response.json()
     if response.status_code != 200:
@@ -147,7 +149,8 @@ def models_load(
                   f"{applied.get('context_tokens')} tokens (native {applied.get('native_context')}, RoPE "
                   f"{applied.get('rope_scaling')}), attention {applied.get('attention', {}).get('kind')}; KV "
                   f"reserved {estimate.get('kv_cache_bytes', 0) / MB:.0f} MiB at "
-                  f"{estimate.get('context_tokens')} tokens.")
+                  f"{estimate.get('context_tokens')} tokens; decode path {payload.get('decode_path')} (which one runs "
+                  "shows once the engine starts: `decode` in the model's row).")
 
 
 def _bench_synthetic(shape: str, sizes: list[int], names: list[str], rope: str, threads: int,

@@ -85,6 +85,9 @@ def test_load_dialog_explains_predicts_kv_memory_and_loads_long_context(qtbot, w
     assert dialog.policy.currentData() == "keep", "eviction is for the window pattern only"
     assert "relevant earlier blocks" in dialog.help["pattern"].text()
     dialog.window.setValue(256)
+    assert "native C++ step" in dialog.help["decode"].text()
+    dialog.decode.setCurrentIndex(dialog.decode.findData("reference"))
+    assert "Always transformers" in dialog.help["decode"].text()
     cases = [(32768, "window", "evict", 256, 4), (5000, "dense", "keep", 16, 0), (1 << 17, "window", "evict", 4096, 16),
              (1 << 17, "pooled", "evict", 1024, 4), (3000, "pooled", "evict", 2048, 0),
              (32768, "block_sparse", "keep", 512, 4)]
@@ -96,12 +99,13 @@ def test_load_dialog_explains_predicts_kv_memory_and_loads_long_context(qtbot, w
     assert dialog.grab().save("docs/screenshots/load-options.png")
     assert dialog.options() == {"kv_cache": "fp32", "context_tokens": 32768, "rope_scaling": "auto",
                                 "attention": "block_sparse", "window": 256, "sinks": 4, "kv_policy": "keep",
-                                "block": 64, "top_k": 16}
+                                "block": 64, "top_k": 16, "decode_path": "reference"}
     dialog.accept()
     qtbot.waitUntil(lambda: state_of(view, "gui-long") == "loaded", timeout=60_000)
     applied = view.row("gui-long")["long_context"]
     assert applied["attention"]["kind"] == "block_sparse" and applied["rope_scaling"] == "yarn"
     assert applied["context_tokens"] == 32768 and applied["rope_factor"] == 4.0
+    assert view.row("gui-long")["decode_path"] == "reference"
     view.select("gui-long")
     click(qtbot, view.unload_button)
     qtbot.waitUntil(lambda: state_of(view, "gui-long") == "on disk", timeout=20_000)

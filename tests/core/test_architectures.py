@@ -42,6 +42,6 @@ def test_committed_support_matrix_lists_every_architecture_as_passing():
         assert row is not None, f"{arch.family} missing: run scripts/support_matrix.py"
         assert row["matches_reference"], f"{arch.family} is listed as failing"
         if arch.model_type in ROWS:  # this run checked it: the doc must agree with it
-            for key in ("matches_reference", "quantizable", "batched", "finetune", "structured"):
+            for key in ("matches_reference", "quantizable", "batched", "native", "finetune", "structured"):
                 assert ROWS[arch.model_type][key] == row.get(key), (arch.family, key)
     assert render_markdown(committed) == (MATRIX_JSON.parent / "support-matrix.md").read_text()

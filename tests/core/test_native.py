@@ -149,11 +149,11 @@ def emulated_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         group = module.int4_group
         codes = qweights.unpack_int4(module.weight_int4).double().reshape(module.out_features, -1, 32)
         per = group // 32
-        scale = module.weight_scale.double().repeat_interleave(per, dim=1)
+        scale = module.weight_scale.half().double().repeat_interleave(per, dim=1)  # the kernel reads fp16
         y = (torch.einsum("nbk,obk->nob", q, codes) * d[:, None, :] * scale[None]).sum(-1)
         quantized = (q * d[..., None]).reshape(flat.shape[0], -1)  # x̂
         sums = quantized.reshape(flat.shape[0], -1, group).sum(-1)
-        y = y + sums @ module.weight_min.double().T
+        y = y + sums @ module.weight_min.half().double().T
     if module.bias is not None:
         y = y + module.bias.double()
     return y.float().reshape(*x.shape[:-1], module.out_features)

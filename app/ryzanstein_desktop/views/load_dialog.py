@@ -39,6 +39,12 @@ ROPE_HELP = {"auto": "YaRN when the context is longer than the model was trained
 KV_BYTES_FACTOR = {"fp32": 1.0, "int8": 0.27, "int4": 0.16,  # codes + per-token scales, head_dim 64
                    "lowrank": 0.5}  # a typical rank; the real one is chosen by measured error at load
 PREFILL_CHUNK = 256
+DECODE_HELP = {
+    "auto": "The native C++ step where it applies (Llama, Mistral, Qwen2/3, Phi-3, Granite with an fp32 KV cache "
+            "and dense attention), else transformers.",
+    "native": "Only the native step: the load is refused, with the reason, where it cannot run.",
+    "reference": "Always transformers (the reference path; slower).",
+}
 
 
 def held_tokens(context: int, pattern: str, policy: str, window: int, sinks: int, block: int) -> int:
@@ -73,7 +79,8 @@ class LoadOptionsDialog(QDialog):
         self.stride = self._spin(2, 1 << 16, 64)
         self.block = self._spin(8, 4096, 64)
         self.top_k = self._spin(1, 1024, 16)
-        self.help = {name: QLabel() for name in ("kv", "rope", "pattern", "policy")}
+        self.decode = self._combo(list(DECODE_HELP))
+        self.help = {name: QLabel() for name in ("kv", "rope", "pattern", "policy", "decode")}
         for label in self.help.values():
             label.setWordWrap(True)
             label.setStyleSheet("color: palette(mid);")
@@ -95,6 +102,8 @@ class LoadOptionsDialog(QDialog):
         form.addRow("Blocks per head (top-k)", self.top_k)
         form.addRow("KV policy", self.policy)
         form.addRow("", self.help["policy"])
+        form.addRow("Decode path", self.decode)
+        form.addRow("", self.help["decode"])
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Load")
         buttons.accepted.connect(self.accept)
@@ -103,7 +112,7 @@ class LoadOptionsDialog(QDialog):
         layout.addLayout(form)
         layout.addWidget(self.prediction)
         layout.addWidget(buttons)
-        for combo in (self.kv_cache, self.context, self.rope, self.pattern, self.policy):
+        for combo in (self.kv_cache, self.context, self.rope, self.pattern, self.policy, self.decode):
             combo.currentIndexChanged.connect(self.update_view)
         for spin in (self.window, self.sinks, self.stride, self.block, self.top_k):
             spin.valueChanged.connect(self.update_view)
@@ -127,6 +136,7 @@ class LoadOptionsDialog(QDialog):
         self.help["rope"].setText(ROPE_HELP[self.rope.currentData()])
         self.help["pattern"].setText(PATTERN_HELP[pattern])
         self.help["policy"].setText(POLICY_HELP[policy])
+        self.help["decode"].setText(DECODE_HELP[self.decode.currentData()])
         sparse = pattern != "dense"
         for spin in (self.window, self.sinks):
             spin.setEnabled(sparse)
@@ -154,6 +164,8 @@ class LoadOptionsDialog(QDialog):
         """The load request's fields (only what differs from a plain load)."""
         pattern = self.pattern.currentData()
         chosen: dict = {"kv_cache": self.kv_cache.currentData()}
+        if self.decode.currentData() != "auto":
+            chosen["decode_path"] = self.decode.currentData()
         if self.context.currentData():
             chosen["context_tokens"] = self.context.currentData()
             chosen["rope_scaling"] = self.rope.currentData()

@@ -117,8 +117,9 @@ def linear_spec(module: Any) -> tuple:
     input_scale = EMPTY if input_scale is None else input_scale.float()
     if hasattr(module, "weight_int8"):
         return (1, 0, module.weight_int8, module.weight_scale, EMPTY, bias, input_scale)
-    if hasattr(module, "weight_int4"):
-        return (2, module.int4_group, module.weight_int4, module.weight_scale, module.weight_min, bias, input_scale)
+    if hasattr(module, "weight_int4"):  # scales and mins read as fp16 (a copy: 1/8 of the int4 bytes)
+        return (2, module.int4_group, module.weight_int4, module.weight_scale.half(), module.weight_min.half(), bias,
+                input_scale)
     if module.weight.dtype != torch.float32:
         raise NativeUnsupported(f"{module.weight.dtype} weights (fp32, int8 and int4 run natively)")
     if input_scale.numel():

@@ -6,7 +6,7 @@
 // the fp32 sum of each block (xs); weights stay in the store's formats:
 //   fp32  y = sum_k w[k] x[k]                                   (fp32 activations, no quantization)
 //   int8  y = sum_b xd[b] * sum_{k in b} w[k] xq[k]               (the caller multiplies by the row's scale)
-//   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (xs: sums of the quantized x per group)
+//   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (s, m read as fp16)   (xs: sums of the quantized x per group)
 // xd holds each block's activation scale 8 times over (one 256-bit lane set per block), so scales are loaded, not
 // broadcast. The integer block sums are exact; the fp32 sums over blocks and lanes run in one fixed order per row, so a
 // row's result never depends on which other rows share the call.
@@ -147,8 +147,20 @@ void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* 
   }
 }
 
+// sum_i half(a[i]) * b[i]: the int4 min term (fp16 mins), 8 lanes then a fixed tree.
+float dot_half(const uint16_t* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k))),
+                          _mm256_loadu_ps(b + k), acc);
+  float total = hsum256(acc);
+  for (; k < n; ++k) total += _cvtsh_ss(a[k]) * b[k];
+  return total;
+}
+
 template <int rows>
-void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const float* scale, const float* mins,
+void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const uint16_t* scale, const uint16_t* mins,
             const int8_t* xq, const float* xd, const float* xs, int64_t q_stride, int64_t d_stride,
             int64_t gs_stride, float* out) {
   const int64_t blocks = depth / 32, per_group = group / 32;
@@ -159,7 +171,7 @@ void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const float* sc
   for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
   for (; b + 2 <= blocks; b += 2) {
     const __m512i qv = unpack_nibbles2(w + b * 16);
-    const __m512 sv = pair_scale(scale[b >> shift], scale[(b + 1) >> shift]);  // shared by the rows
+    const __m512 sv = pair_scale(_cvtsh_ss(scale[b >> shift]), _cvtsh_ss(scale[(b + 1) >> shift]));  // all rows
     for (int r = 0; r < rows; ++r) {
       const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + b * 32);
       const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
@@ -172,7 +184,7 @@ void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const float* sc
   for (int r = 0; r < rows; ++r) tail[r] = _mm256_setzero_ps();
   for (; b < blocks; ++b) {
     const __m256i qv = unpack_nibbles(w + b * 16);
-    const __m256 sv = _mm256_set1_ps(scale[b >> shift]);
+    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(scale[b >> shift]));
     for (int r = 0; r < rows; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + b * 32));
       const __m256i p = dot_u8s8(qv, xv);
@@ -181,7 +193,7 @@ void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const float* sc
     }
   }
   for (int r = 0; r < rows; ++r) {
-    const float min_term = dot_head(mins, xs + r * gs_stride, depth / group);
+    const float min_term = dot_half(mins, xs + r * gs_stride, depth / group);
 #if ISA_LEVEL == 3
     out[r] = hsum512(acc[r]) + hsum256(tail[r]) + min_term;
 #else
@@ -209,7 +221,7 @@ void dot_q8(const int8_t* w, int64_t depth, const int8_t* xq, const float* xd, i
   }
 }
 
-void dot_q4(const uint8_t* w, int64_t depth, int64_t group, const float* scale, const float* mins,
+void dot_q4(const uint8_t* w, int64_t depth, int64_t group, const uint16_t* scale, const uint16_t* mins,
             const int8_t* xq, const float* xd, const float* xs, int64_t q_stride, int64_t d_stride,
             int64_t gs_stride, int rows, float* out) {
   switch (rows) {

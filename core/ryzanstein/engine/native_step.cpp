@@ -32,7 +32,7 @@ constexpr int64_t kMaxBlocks = 2048;  // inputs per linear up to 65,536
 struct Kernels {
   void (*dot_f32)(const float*, int64_t, const float*, int64_t, int, float*);
   void (*dot_q8)(const int8_t*, int64_t, const int8_t*, const float*, int64_t, int64_t, int, float*);
-  void (*dot_q4)(const uint8_t*, int64_t, int64_t, const float*, const float*, const int8_t*, const float*,
+  void (*dot_q4)(const uint8_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, const int8_t*, const float*,
                  const float*, int64_t, int64_t, int64_t, int, float*);
   float (*dot_head)(const float*, const float*, int64_t);
   void (*axpy_head)(float, const float*, float*, int64_t);
@@ -41,7 +41,7 @@ struct Kernels {
 }  // namespace
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define ISA_NS isa_avx2
 #define ISA_LEVEL 1
 #include "native_isa.h"
@@ -50,7 +50,7 @@ struct Kernels {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avxvnni")
+#pragma GCC target("avx2,fma,f16c,avxvnni")
 #define ISA_NS isa_avxvnni
 #define ISA_LEVEL 2
 #include "native_isa.h"
@@ -59,7 +59,7 @@ struct Kernels {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 #define ISA_NS isa_avx512vnni
 #define ISA_LEVEL 3
 #include "native_isa.h"
@@ -204,8 +204,9 @@ struct Linear {
   const float* wf = nullptr;
   const int8_t* w8 = nullptr;
   const uint8_t* w4 = nullptr;
-  const float* scale = nullptr;
-  const float* mins = nullptr;
+  const float* scale = nullptr;     // int8: per output row
+  const uint16_t* scale16 = nullptr;  // int4: fp16 scale and min per group (as llama.cpp's Q4_1 stores them)
+  const uint16_t* mins16 = nullptr;
   const float* bias = nullptr;
   const float* input_scale = nullptr;  // AWQ: inputs divided per channel before the product
 };
@@ -469,8 +470,13 @@ class NativeModel {
       TORCH_CHECK(l.group % 32 == 0 && l.inputs % l.group == 0 && ((l.group / 32) & (l.group / 32 - 1)) == 0,
                   "int4 groups must be 32 times a power of two");
       l.w4 = w.data_ptr<uint8_t>();
-      l.scale = f32(scale);
-      l.mins = f32(mins);
+      TORCH_CHECK(scale.dtype() == torch::kFloat16 && mins.dtype() == torch::kFloat16, "int4 scales as fp16");
+      scale = scale.contiguous();
+      mins = mins.contiguous();
+      keep_.push_back(scale);
+      keep_.push_back(mins);
+      l.scale16 = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+      l.mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
     }
     TORCH_CHECK(l.kind == kF32 || l.inputs % 32 == 0, "inputs must be a multiple of 32");
     TORCH_CHECK(l.inputs <= kMaxBlocks * 32, "at most ", kMaxBlocks * 32, " inputs per linear");
@@ -547,7 +553,7 @@ class NativeModel {
             for (int i = 0; i < nb; ++i) out[i] *= l.scale[r];
           } else {
             const int64_t groups = inputs / l.group;
-            k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale + r * groups, l.mins + r * groups,
+            k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale16 + r * groups, l.mins16 + r * groups,
                        xq->q.data() + n0 * inputs, xq->dv.data() + n0 * blocks * 8, sums[p] + n0 * groups, inputs,
                        blocks * 8, groups, nb, out);
           }

@@ -27,6 +27,7 @@ class CompatRow:
     tokens_compared: int = 0
     quantizable: list[str] = field(default_factory=list)  # methods that ran and stayed close to fp32
     batched: bool = False  # runs in the continuous-batching engine (else one request at a time)
+    native: bool = False  # the engine runs it on the native decode path (engine/native.py)
     finetune: str = ""  # "lora": LoRA trains; "lora+merge": and merge/hot-swap equal peft's output
     structured: bool = False  # a JSON-schema answer and a required tool call both come out whole and parse
     error: str = ""
@@ -56,6 +57,17 @@ def engine_supported(model: Any) -> bool:
         verify_engine(model)
         return True
     except UnsupportedModel:
+        return False
+
+
+def native_supported(model: Any) -> bool:
+    """The engine would take the native path for this model as loaded (fp32 weights, fp32 KV, dense)."""
+    from ryzanstein.engine.native import NativeUnsupported, describe
+
+    try:
+        describe(model)
+        return True
+    except NativeUnsupported:
         return False
 
 
@@ -197,6 +209,7 @@ def check_architecture(arch: Architecture, tokenizer_dir: Path, workdir: Path, t
         row.matches_reference = ours == [t for t in reference if t != 2][: len(ours)] and (
             len(ours) == len(reference) or reference[len(ours)] == 2)
         row.batched = engine_supported(lm.model)
+        row.native = row.batched and native_supported(lm.model)
         row.quantizable = quantizable_methods(info.path, ids)
         row.finetune = finetune_support(info.path, ids)
         row.structured = structured_support(lm)

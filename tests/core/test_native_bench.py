@@ -1,0 +1,81 @@
+"""The native path's benchmarks on tiny models: the random GGUF llama.cpp loads, `bench compare --synthetic`,
+and the contention bench (its busy processes end with it)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ryzanstein.errors import InvalidRequest
+from ryzanstein.models.synthetic_gguf import QUANT_TYPES, write_random_gguf
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.parametrize("kind", QUANT_TYPES)
+def test_random_gguf_has_the_shape_and_block_type(tmp_path: Path, kind: str):
+    import gguf
+
+    path = write_random_gguf("llama-tiny", tmp_path / f"tiny-{kind}.gguf", kind)
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 + 2 * 9 + 1  # embeddings, head, output norm, 9 per layer (2 layers)
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == kind
+    assert [int(d) for d in tensors["blk.1.attn_q.weight"].shape] == [128, 128]
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="the optional llamacpp extra (llama-cpp-python) is not installed")
+@pytest.mark.parametrize("kind", QUANT_TYPES)
+def test_llama_cpp_loads_the_random_gguf_and_computes_finite_logits(tmp_path: Path, kind: str):
+    from ryzanstein.bench_compare import LlamaCpp
+
+    server = LlamaCpp("llama.cpp", write_random_gguf("llama-tiny", tmp_path / "t.gguf", kind), threads=1,
+                      context=64, logits_all=True)
+    try:
+        logits = server.logits([1, 5, 9, 300])
+    finally:
+        server.close()
+    assert logits.shape == (4, 512) and bool(logits.isfinite().all()) and float(logits.abs().max()) > 0
+
+
+def test_bad_synthetic_requests_are_refused(tmp_path: Path):
+    with pytest.raises(InvalidRequest, match="Unknown synthetic shape"):
+        write_random_gguf("llama-99b", tmp_path / "x.gguf")
+    with pytest.raises(InvalidRequest, match="Q4_0, Q4_1, Q8_0"):
+        write_random_gguf("llama-tiny", tmp_path / "x.gguf", "Q2_K")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bench_compare_synthetic_reports_both_engines():
+    from ryzanstein.bench_compare import bench_compare_synthetic
+
+    result = bench_compare_synthetic("llama-tiny", tokens=8, runs=1, threads=1, prompt_tokens=8)
+    ours = result["engines"]["ours native int4-g32"]
+    assert ours["decode_tokens_per_s"]["median"] > 0 and ours["weight_bytes_per_token"] > 0
+    assert "random weights" in result["model"]
+    if LLAMA_CPP:
+        assert result["engines"]["llama.cpp Q4_0"]["decode_tokens_per_s"]["median"] > 0
+        assert "vs_llama_cpp" in ours
+    else:
+        assert "llamacpp" in result["llama_cpp_missing"]
+
+
+def test_contention_bench_compares_thread_settings_and_stops_its_helpers(tiny_llama_dir: Path):
+    from ryzanstein.bench_native import bench_contention
+    from ryzanstein.models.loader import load_model_folder
+    from ryzanstein.quant.methods import apply_method
+
+    lm = load_model_folder("tiny-contention", tiny_llama_dir)
+    apply_method(lm.model, "int4-g32")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = bench_contention(lm, tokens=8, runs=1, contention=1)
+    table = result["decode_tokens_per_s"]
+    assert set(table) == {"busy=0", "busy=1"}
+    assert {"1", "auto"} <= set(table["busy=1"])
+    assert all(v["median"] > 0 for by_setting in table.values() for v in by_setting.values())
+    assert result["verdict"]["busy=1"]["auto_vs_best_fixed"] > 0
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # the busy helpers are gone
