@@ -364,3 +364,7 @@ def test_fixed_native_threads_from_the_environment(monkeypatch):
     monkeypatch.setenv(native.THREADS_ENV, "1")
     decoder = native.NativeDecoder(tiny("llama"))
     assert decoder.policy is None and decoder.threads == 1
+    for bad in ("0", "many", "-2"):
+        monkeypatch.setenv(native.THREADS_ENV, bad)
+        with pytest.raises(InvalidRequest, match="RYZANSTEIN_NATIVE_THREADS=.* is invalid"):
+            native.NativeDecoder(tiny("llama"))

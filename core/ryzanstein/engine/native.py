@@ -253,6 +253,17 @@ class ThreadPolicy:
         self.current = min(medians, key=lambda c: medians[c])
 
 
+def fixed_threads() -> int | None:
+    """RYZANSTEIN_NATIVE_THREADS as a count, or None for `auto` (measured)."""
+    value = os.environ.get(THREADS_ENV, "auto").strip().lower()
+    if value == "auto":
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 256:
+        raise InvalidRequest(f"{THREADS_ENV}={value!r} is invalid: use auto or a thread count from 1 to 256.",
+                             param=THREADS_ENV)
+    return int(value)
+
+
 class NativeDecoder:
     """A model's native step: takes the engine's rows (runner.Rows), fills the fp32 caches, returns logits."""
 
@@ -266,11 +277,11 @@ class NativeDecoder:
         self.impl = extension().NativeModel(*args)
         self.impl.set_isa(ISA_LEVELS[self.isa])
         self.policy: ThreadPolicy | None = None
-        if threads is None and os.environ.get(THREADS_ENV, "auto") == "auto":
+        if threads is None:
+            threads = fixed_threads()
+        if threads is None:
             self.policy = ThreadPolicy(list(range(1, min(torch.get_num_threads(), usable_cores()) + 1)))
             threads = self.policy.next_threads()
-        elif threads is None:
-            threads = int(os.environ[THREADS_ENV])
         self.set_threads(threads)
 
     def set_threads(self, threads: int, spin: int = SPIN) -> None:
