@@ -280,7 +280,10 @@ class NativeDecoder:
         if threads is None:
             threads = fixed_threads()
         if threads is None:
-            self.policy = ThreadPolicy(list(range(1, min(torch.get_num_threads(), usable_cores()) + 1)))
+            choices = list(range(1, min(torch.get_num_threads(), usable_cores()) + 1))
+            known = getattr(model, "ryzanstein_thread_policy", None)  # a new engine on the same model goes on
+            self.policy = known if known is not None and known.choices == choices else ThreadPolicy(choices)
+            model.ryzanstein_thread_policy = self.policy
             threads = self.policy.next_threads()
         self.set_threads(threads)
 
