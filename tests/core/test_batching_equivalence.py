@@ -219,6 +219,18 @@ def test_preemption_and_speculation_really_happen(tiny_lm, tmp_path):
 def test_engine_greedy_matches_transformers_generate(tiny_lm, tmp_path):
     prompt = tiny_lm.tokenizer.encode("The engine must agree with transformers")
     out = run_engine(tiny_lm, EngineConfig(prefill_chunk=8), [Req(prompt, 24, 0, None, None)], tmp_path)[0]
+    if "int4" in tiny_lm.name:
+        # int8 activations by design: transformers with the same integer arithmetic (an emulation) must rank each
+        # chosen token at the top, within a hair (a code at a rounding edge may round the other way)
+        from tests.core.test_native import emulated
+
+        with torch.inference_mode():
+            logits = emulated(tiny_lm.model)(input_ids=torch.tensor([prompt + out.tokens])).logits[0]
+        chosen = logits[len(prompt) - 1:-1]
+        picked = chosen.gather(1, torch.tensor(out.tokens)[:, None])[:, 0]
+        spread = chosen.max(-1).values - chosen.min(-1).values
+        assert len(out.tokens) == 24 and bool((chosen.max(-1).values - picked <= 0.01 * spread).all())
+        return
     with torch.inference_mode():
         ref = tiny_lm.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
                                      dtype=torch.long), max_new_tokens=24, do_sample=False)

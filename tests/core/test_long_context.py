@@ -129,10 +129,11 @@ def tiny_lm(tiny_llama_dir: Path):
 
 
 def engine_logits(lm, pattern: AttentionPattern, prompt: list[int], follow: list[int], tmp: Path,
-                  bits: int = 32, chunk: int = 16) -> torch.Tensor:
+                  bits: int = 32, chunk: int = 16, decode_path: str = "auto") -> torch.Tensor:
     """Prefill `prompt` in chunks, then decode `follow` one token at a time; logits of every step."""
     lm.model.ryzanstein_attention = pattern
     lm.model.ryzanstein_kv_cache = {32: "fp32", 8: "int8", 4: "int4"}[bits]
+    lm.model.ryzanstein_decode_path = decode_path
     runner = BatchRunner(lm.model, tmp, prefill_chunk=chunk)
     try:
         kv = runner.cache("r")
@@ -147,12 +148,13 @@ def engine_logits(lm, pattern: AttentionPattern, prompt: list[int], follow: list
         return torch.cat(out)
     finally:
         runner.close()
-        del lm.model.ryzanstein_attention, lm.model.ryzanstein_kv_cache
+        del lm.model.ryzanstein_attention, lm.model.ryzanstein_kv_cache, lm.model.ryzanstein_decode_path
 
 
 def test_a_window_as_long_as_the_sequence_is_identical_to_dense(tiny_lm, tmp_path):
     prompt, follow = list(range(5, 45)), list(range(50, 60))
-    dense = engine_logits(tiny_lm, DENSE, prompt, follow, tmp_path)
+    # patterns run on the transformers path: compare with dense on the same path (dense alone would go native)
+    dense = engine_logits(tiny_lm, DENSE, prompt, follow, tmp_path, decode_path="reference")
     for kind in PATTERNS:
         wide = AttentionPattern(kind, window=64, sinks=4, stride=8, block=16, top_k=2)
         assert torch.equal(engine_logits(tiny_lm, wide, prompt, follow, tmp_path), dense), kind

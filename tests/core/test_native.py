@@ -369,3 +369,19 @@ def test_fixed_native_threads_from_the_environment(monkeypatch):
         monkeypatch.setenv(native.THREADS_ENV, bad)
         with pytest.raises(InvalidRequest, match="RYZANSTEIN_NATIVE_THREADS=.* is invalid"):
             native.NativeDecoder(tiny("llama"))
+
+
+def test_a_machine_that_cannot_build_the_library_falls_back(monkeypatch, caplog):
+    def no_compiler():
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(native, "extension", no_compiler)
+    monkeypatch.setattr(native, "_build_error", [])
+    model = tiny("llama")
+    native.prepare(model)  # a load does not fail
+    with caplog.at_level(logging.INFO, logger="ryzanstein.native"):
+        runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    assert runner.native is None and "could not be built" in caplog.text and "command not found" in caplog.text
+    runner.close()
+    with pytest.raises(InvalidRequest, match="could not be built"):
+        native.require_native(model, "fp32", "dense", True)

@@ -51,9 +51,16 @@ def test_bad_synthetic_requests_are_refused(tmp_path: Path):
 
 
 def test_bench_compare_synthetic_reports_both_engines():
+    import torch
+
+    from ryzanstein import compute
     from ryzanstein.bench_compare import bench_compare_synthetic
 
-    result = bench_compare_synthetic("llama-tiny", tokens=8, runs=1, threads=1, prompt_tokens=8)
+    threads = torch.get_num_threads()
+    try:
+        result = bench_compare_synthetic("llama-tiny", tokens=8, runs=1, threads=1, prompt_tokens=8)
+    finally:
+        compute.set_threads(threads)  # the bench sets the process's thread count; later tests keep theirs
     ours = result["engines"]["ours native int4-g32"]
     assert ours["decode_tokens_per_s"]["median"] > 0 and ours["weight_bytes_per_token"] > 0
     assert "random weights" in result["model"]

@@ -104,6 +104,21 @@ def extension() -> Any:
                     verbose=False)
 
 
+_build_error: list[str] = []  # a failed build is not retried in this process
+
+
+def library() -> Any:
+    """The extension, or NativeUnsupported when it cannot be built here (no compiler…): transformers then runs."""
+    if _build_error:
+        raise NativeUnsupported(_build_error[0])
+    try:
+        return extension()
+    except Exception as exc:
+        _build_error.append(f"the native library could not be built ({type(exc).__name__}: {str(exc)[:200]})")
+        log.warning("%s", _build_error[0])
+        raise NativeUnsupported(_build_error[0]) from exc
+
+
 # -- the model's pieces ----------------------------------------------------------------------------------
 EMPTY = torch.empty(0)
 
@@ -151,6 +166,8 @@ def describe(model: Any) -> tuple[dict, torch.Tensor, torch.Tensor, tuple, list,
         raise NativeUnsupported("sliding-window attention")
     if getattr(model, "ryzanstein_split", None) is not None:
         raise NativeUnsupported("a model split across the cluster")
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        raise NativeUnsupported("tensors not in CPU memory (a meta or other device tensor)")
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
     if body is None or layers is None:
@@ -274,7 +291,8 @@ class NativeDecoder:
         args = describe(model)
         self.kv_heads, self.head_dim = args[0]["kv_heads"], args[0]["head_dim"]
         self.isa = chosen_isa()
-        self.impl = extension().NativeModel(*args)
+        self.impl = library().NativeModel(*args)
+        self.watched = self._watched()  # the C++ side holds pointers: a replaced tensor must not go unseen
         self.impl.set_isa(ISA_LEVELS[self.isa])
         self.policy: ThreadPolicy | None = None
         if threads is None:
@@ -287,6 +305,15 @@ class NativeDecoder:
             threads = self.policy.next_threads()
         self.set_threads(threads)
 
+    def _watched(self) -> tuple[int, ...]:
+        """Where the embedding and the head live (a reload or a failed load replaces them; in-place updates such
+        as an adapter swap keep the storage, which the native step reads directly)."""
+        head = self.model.get_output_embeddings()
+        tensors = [self.model.get_input_embeddings().weight]
+        quantized = [getattr(head, name) for name in ("weight_int4", "weight_int8") if hasattr(head, name)]
+        tensors += quantized or [head.weight]
+        return tuple(t.data_ptr() if t.device.type != "meta" else -1 for t in tensors)
+
     def set_threads(self, threads: int, spin: int = SPIN) -> None:
         self.impl.set_threads(max(1, threads), spin)
 
@@ -295,6 +322,11 @@ class NativeDecoder:
         return int(self.impl.threads())
 
     def forward(self, rows: Any) -> torch.Tensor:
+        now = self._watched()
+        if now != self.watched:
+            where = " (now on the meta device: not loaded)" if -1 in now else ""
+            raise RuntimeError(f"the model's embedding or head was replaced after the native decode path attached to "
+                               f"it{where}; reload the model")
         caches: list[Any] = []
         cache_of_row: list[int] = []
         for seg in rows.segments:
@@ -317,6 +349,19 @@ class NativeDecoder:
         return logits
 
 
+def prepare(model: Any) -> None:
+    """At load: build (first time on this machine, about a minute) or load the library when the model can run
+    natively, so the first request does not wait for the compiler."""
+    if getattr(model, "ryzanstein_decode_path", "auto") == "reference":
+        return
+    try:
+        describe(model)
+        chosen_isa()
+        library()
+    except (NativeUnsupported, InvalidRequest):
+        return  # the engine says why when it starts
+
+
 def require_native(model: Any, kv_cache: str, pattern: str, batching: bool) -> None:
     """For decode_path="native" at load: InvalidRequest naming why the native path would not run."""
     reasons = [] if batching else ["the batching engine is off"]
@@ -327,6 +372,7 @@ def require_native(model: Any, kv_cache: str, pattern: str, batching: bool) -> N
     try:
         describe(model)
         chosen_isa()
+        library()
     except NativeUnsupported as exc:
         reasons.append(str(exc))
     if reasons:

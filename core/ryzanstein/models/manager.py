@@ -253,10 +253,11 @@ class ModelManager:
                     codec = calibrate_lowrank(lm.model, calibration_ids(lm.tokenizer))
                     lm.model.ryzanstein_kv_lowrank = codec
                     applied["kv_lowrank"] = {"rank": codec.rank, "head_dim": codec.head_dim, **codec.errors}
-                if decode_path == "native":  # refused now, not at the first request
-                    from ryzanstein.engine.native import require_native
+                from ryzanstein.engine.native import prepare, require_native
 
+                if decode_path == "native":  # refused now, not at the first request
                     require_native(lm.model, kv_cache, long_context.pattern.kind, self.batching)
+                prepare(lm.model)  # the native library is built during the load, not in the first request
             except InvalidRequest:
                 del lm
                 release_freed_memory()
