@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -50,13 +49,9 @@ def native_threads(setting: str) -> Iterator[None]:
             os.environ[THREADS_ENV] = previous
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def bench_contention(lm: Any, tokens: int = 64, runs: int = 3, contention: int = 2,
                      progress: Callable[[str, float], None] = lambda stage, fraction: None) -> dict:
-    from ryzanstein.bench_compare import ours
+    from ryzanstein.bench_compare import ours, spread
 
     prompt = chat_prompt_ids(lm.tokenizer, BENCH_MESSAGES)
     settings = [str(n) for n in range(1, usable_cores() + 1)] + ["auto"]

@@ -128,8 +128,10 @@ class SequenceKV:
         """The whole fp32 key and value buffers [capacity ≥ rows, kv_heads, head_dim] of a layer, for the native
         step to write and read in place."""
         assert isinstance(self.codec, PlainCodec) and self.keep_last is None, "native steps use plain caches"
-        sample = {"k": torch.empty(0, kv_heads, head_dim), "v": torch.empty(0, kv_heads, head_dim)}
-        fields = self._ensure(layer, rows, sample)
+        fields = self.layers[layer]
+        if fields is None or fields["k"].shape[0] < rows:  # grow (a sample only says the shape and dtype)
+            sample = {"k": torch.empty(0, kv_heads, head_dim), "v": torch.empty(0, kv_heads, head_dim)}
+            fields = self._ensure(layer, rows, sample)
         return fields["k"], fields["v"]
 
     def write(self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -362,13 +362,21 @@ def prepare(model: Any) -> None:
         return  # the engine says why when it starts
 
 
+def settings_blocker(kv_cache: str, pattern: str) -> str | None:
+    """What in the load's settings keeps the native step from running (it reads fp32 caches densely)."""
+    if kv_cache != "fp32":
+        return f"a {kv_cache} KV cache"
+    if pattern != "dense":
+        return f"the {pattern} attention pattern"
+    return None
+
+
 def require_native(model: Any, kv_cache: str, pattern: str, batching: bool) -> None:
     """For decode_path="native" at load: InvalidRequest naming why the native path would not run."""
     reasons = [] if batching else ["the batching engine is off"]
-    if kv_cache != "fp32":
-        reasons.append(f"a {kv_cache} KV cache")
-    if pattern != "dense":
-        reasons.append(f"the {pattern} attention pattern")
+    blocker = settings_blocker(kv_cache, pattern)
+    if blocker:
+        reasons.append(blocker)
     try:
         describe(model)
         chosen_isa()

@@ -169,19 +169,11 @@ class BatchRunner:
         self.pattern: AttentionPattern = getattr(model, "ryzanstein_attention", DENSE)
         self.prefill_chunk = prefill_chunk
         # the whole step in one C++ call where the model and these settings allow it (native.py)
-        from ryzanstein.engine.native import attach
+        from ryzanstein.engine.native import attach, settings_blocker
 
-        self.native = attach(model, self._native_blocker(kv_format)) if native else None
+        # (a split model is refused by the native path's own checks)
+        self.native = attach(model, settings_blocker(kv_format, self.pattern.kind)) if native else None
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # 4-D: transformers builds no mask
-
-    def _native_blocker(self, kv_format: str) -> str | None:
-        if self.split is not None:
-            return "a model split across the cluster"
-        if kv_format != "fp32":
-            return f"a {kv_format} KV cache"
-        if self.pattern.kind != "dense":
-            return f"the {self.pattern.kind} attention pattern"
-        return None
 
     def close(self) -> None:
         from ryzanstein.engine.invariant import unpatch_linears
