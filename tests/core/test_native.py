@@ -385,3 +385,13 @@ def test_a_machine_that_cannot_build_the_library_falls_back(monkeypatch, caplog)
     runner.close()
     with pytest.raises(InvalidRequest, match="could not be built"):
         native.require_native(model, "fp32", "dense", True)
+
+
+def test_a_bad_decode_path_is_refused_before_anything_loads(tmp_path):
+    from ryzanstein.models.manager import ModelManager
+    from ryzanstein.models.store import ModelStore
+
+    manager = ModelManager(ModelStore(tmp_path / "store"), budget_bytes=2**30)
+    with pytest.raises(InvalidRequest, match="decode_path='fast' is invalid: use one of auto, native, reference"):
+        manager.load("anything", decode_path="fast")
+    assert manager.loaded_names() == []
