@@ -7,8 +7,9 @@
 //   fp32  y = sum_k w[k] x[k]                                   (fp32 activations, no quantization)
 //   int8  y = sum_b xd[b] * sum_{k in b} w[k] xq[k]               (the caller multiplies by the row's scale)
 //   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (s, m read as fp16)   (xs: sums of the quantized x per group)
-// xd holds each block's activation scale 8 times over (one 256-bit lane set per block), so scales are loaded, not
-// broadcast. The integer block sums are exact; the fp32 sums over blocks and lanes run in one fixed order per row, so a
+// xd holds one scale per block. int4 activations arrive in *split order* (each block's 16 even inputs, then its
+// 16 odd ones), the order in which a block's nibbles unpack with one shift and mask. The integer block sums are
+// exact; the fp32 sums over blocks and lanes run in one fixed order per row, so a
 // row's result never depends on which other rows share the call.
 
 namespace ISA_NS {
@@ -32,25 +33,9 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-// 32 int4 codes (16 bytes, low nibble = even input) widened to bytes in input order: each byte becomes a 16-bit
-// lane holding its low nibble in the low byte and its high nibble in the high byte.
-inline __m256i unpack_nibbles(const uint8_t* p) {
-  const __m256i z = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_or_si256(_mm256_and_si256(z, _mm256_set1_epi16(0x000F)),
-                         _mm256_and_si256(_mm256_slli_epi16(z, 4), _mm256_set1_epi16(0x0F00)));
-}
-
 #if ISA_LEVEL == 3
 inline float hsum512(__m512 v) {
   return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
-}
-inline __m512 pair_scale(float a, float b) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b), 1);
-}
-inline __m512i unpack_nibbles2(const uint8_t* p) {  // 64 codes from 32 bytes
-  const __m512i z = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_or_si512(_mm512_and_si512(z, _mm512_set1_epi16(0x000F)),
-                         _mm512_and_si512(_mm512_slli_epi16(z, 4), _mm512_set1_epi16(0x0F00)));
 }
 #endif
 
@@ -104,47 +89,92 @@ void dot_f32_rows(const float* w, int64_t depth, const float* x, int64_t x_strid
 #endif
 }
 
+// 32 int4 codes of one block (16 bytes) as 32 bytes in the activation's split order: the low nibbles (even
+// inputs) in the low 128 bits, the high nibbles (odd inputs) in the high 128 bits.
+inline __m256i unpack_block(const uint8_t* p) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+
+#if ISA_LEVEL == 3
+// Two blocks (32 bytes): block b in lanes 0-7, block b+1 in lanes 8-15, each in split order.
+inline __m512i unpack_pair(const uint8_t* p) {
+  const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i spread = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(1, 1, 0, 0));
+  return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
+                          _mm512_set1_epi8(0x0F));
+}
+#endif
+
+// int8 weights (natural input order) · int8 activations; xd: one scale per block.
 template <int rows>
 void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* xd, int64_t q_stride,
             int64_t d_stride, float* out) {
   const int64_t blocks = depth / 32;
-  int64_t b = 0;
 #if ISA_LEVEL == 3
+  constexpr int kChunk = 16;
   __m512 acc[kMaxRows];
-  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-  for (; b + 2 <= blocks; b += 2) {
-    const __m512i wv = _mm512_loadu_si512(w + b * 32);
-    const __m512i aw = _mm512_abs_epi8(wv);
-    const __mmask64 negative = _mm512_movepi8_mask(wv);
-    for (int r = 0; r < rows; ++r) {
-      const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + b * 32);
-      const __m512i sx = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(xd + r * d_stride + b * 8), acc[r]);
+  __m256 tail[kMaxRows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps(), tail[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < blocks; c += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
+    __m512 d[kMaxRows];
+    for (int r = 0; r < rows; ++r) d[r] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), xd + r * d_stride + c);
+    __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const __m512i wv = _mm512_loadu_si512(w + (c + j) * 32);
+      const __m512i aw = _mm512_abs_epi8(wv);
+      const __mmask64 negative = _mm512_movepi8_mask(wv);
+      for (int r = 0; r < rows; ++r) {
+        const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + (c + j) * 32);
+        const __m512i sx = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, d[r]), acc[r]);
+      }
+      index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
+    }
+    if (j < n) {  // an odd last block
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (c + j) * 32));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
+        const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv, wv));
+        const __m256 dv = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_set1_epi32(j), d[r]));
+        tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, tail[r]);
+      }
     }
   }
-  __m256 tail[kMaxRows];
-  for (int r = 0; r < rows; ++r) tail[r] = _mm256_setzero_ps();
+  for (int r = 0; r < rows; ++r) out[r] = hsum512(acc[r]) + hsum256(tail[r]);
 #else
-  __m256 tail[kMaxRows];
-  for (int r = 0; r < rows; ++r) tail[r] = _mm256_setzero_ps();
-#endif
-  for (; b < blocks; ++b) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-    const __m256i aw = _mm256_sign_epi8(wv, wv);
+  constexpr int kChunk = 8;
+  __m256 acc[kMaxRows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+  alignas(32) float part[kChunk];
+  for (int64_t c = 0; c < blocks; c += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
+    __m256 d[kMaxRows];
     for (int r = 0; r < rows; ++r) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + b * 32));
-      const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv, wv));
-      tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(xd + r * d_stride + b * 8), tail[r]);
+      if (n == kChunk) {
+        d[r] = _mm256_loadu_ps(xd + r * d_stride + c);
+      } else {
+        for (int i = 0; i < kChunk; ++i) part[i] = i < n ? xd[r * d_stride + c + i] : 0.0f;
+        d[r] = _mm256_load_ps(part);
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (c + j) * 32));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      const __m256i index = _mm256_set1_epi32(j);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
+        const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv, wv));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(d[r], index), acc[r]);
+      }
     }
   }
-  for (int r = 0; r < rows; ++r) {
-#if ISA_LEVEL == 3
-    out[r] = hsum512(acc[r]) + hsum256(tail[r]);
-#else
-    out[r] = hsum256(tail[r]);
+  for (int r = 0; r < rows; ++r) out[r] = hsum256(acc[r]);
 #endif
-  }
 }
 
 // sum_i half(a[i]) * b[i]: the int4 min term (fp16 mins), 8 lanes then a fixed tree.
@@ -159,47 +189,92 @@ float dot_half(const uint16_t* a, const float* b, int64_t n) {
   return total;
 }
 
+// int4 codes (split order, see unpack_block) · int8 activations (the same order). Per block the integer sum is
+// scaled by weight scale × activation scale; those products are formed for 8/16 blocks at once and each block's
+// lane picked with a permute, instead of widening two fp16 scales and loading an activation scale per block.
 template <int rows>
 void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const uint16_t* scale, const uint16_t* mins,
             const int8_t* xq, const float* xd, const float* xs, int64_t q_stride, int64_t d_stride,
             int64_t gs_stride, float* out) {
-  const int64_t blocks = depth / 32, per_group = group / 32;
-  const int shift = __builtin_ctzll(per_group);  // groups of 32 * 2^shift inputs: block b is in group b >> shift
-  int64_t b = 0;
+  const int64_t blocks = depth / 32;
+  const int shift = __builtin_ctzll(group / 32);  // groups of 32 * 2^shift inputs: block b is in group b >> shift
 #if ISA_LEVEL == 3
+  constexpr int kChunk = 16;
   __m512 acc[kMaxRows];
-  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-  for (; b + 2 <= blocks; b += 2) {
-    const __m512i qv = unpack_nibbles2(w + b * 16);
-    const __m512 sv = pair_scale(_cvtsh_ss(scale[b >> shift]), _cvtsh_ss(scale[(b + 1) >> shift]));  // all rows
-    for (int r = 0; r < rows; ++r) {
-      const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + b * 32);
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(p), sv), _mm512_loadu_ps(xd + r * d_stride + b * 8),
-                               acc[r]);
-    }
-  }
-#endif
   __m256 tail[kMaxRows];
-  for (int r = 0; r < rows; ++r) tail[r] = _mm256_setzero_ps();
-  for (; b < blocks; ++b) {
-    const __m256i qv = unpack_nibbles(w + b * 16);
-    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(scale[b >> shift]));
-    for (int r = 0; r < rows; ++r) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + b * 32));
-      const __m256i p = dot_u8s8(qv, xv);
-      tail[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), sv), _mm256_loadu_ps(xd + r * d_stride + b * 8),
-                                tail[r]);
+  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps(), tail[r] = _mm256_setzero_ps();
+  const __m512i spread = _mm512_srli_epi32(  // block lane -> group lane: i >> shift
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), std::min(shift, 4));
+  for (int64_t c = 0; c < blocks; c += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
+    const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+    // weight scales of the chunk's blocks: its groups' scales (masked: never read past the row), spread so that
+    // lane i holds block c + i's group
+    const int64_t first = c >> shift, count = ((c + n - 1) >> shift) - first + 1;
+    const __m512 groups = _mm512_cvtph_ps(
+        _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), scale + first));
+    const __m512 ws = shift == 0 ? groups : _mm512_permutexvar_ps(spread, groups);
+    __m512 d[kMaxRows];
+    for (int r = 0; r < rows; ++r) d[r] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, xd + r * d_stride + c));
+    __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const __m512i qv = unpack_pair(w + (c + j) * 16);
+      for (int r = 0; r < rows; ++r) {
+        const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + (c + j) * 32);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, d[r]), acc[r]);
+      }
+      index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
+    }
+    if (j < n) {  // an odd last block
+      const __m256i qv = unpack_block(w + (c + j) * 16);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
+        const __m256 dv = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_set1_epi32(j), d[r]));
+        tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(qv, xv)), dv, tail[r]);
+      }
     }
   }
-  for (int r = 0; r < rows; ++r) {
-    const float min_term = dot_half(mins, xs + r * gs_stride, depth / group);
-#if ISA_LEVEL == 3
-    out[r] = hsum512(acc[r]) + hsum256(tail[r]) + min_term;
+  for (int r = 0; r < rows; ++r) out[r] = hsum512(acc[r]) + hsum256(tail[r]);
 #else
-    out[r] = hsum256(tail[r]) + min_term;
-#endif
+  constexpr int kChunk = 8;
+  __m256 acc[kMaxRows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+  alignas(32) float part[kChunk];
+  const __m256i spread = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), std::min(shift, 3));
+  for (int64_t c = 0; c < blocks; c += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
+    __m256 ws;  // as in the AVX-512 path; a full load only where it stays inside the row's scales
+    const int64_t first = c >> shift;
+    if (first + kChunk <= (blocks >> shift)) {
+      const __m256 groups = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + first)));
+      ws = shift == 0 ? groups : _mm256_permutevar8x32_ps(groups, spread);
+    } else {
+      for (int i = 0; i < kChunk; ++i) part[i] = i < n ? _cvtsh_ss(scale[(c + i) >> shift]) : 0.0f;
+      ws = _mm256_load_ps(part);
+    }
+    __m256 d[kMaxRows];
+    for (int r = 0; r < rows; ++r) {
+      if (n == kChunk) {
+        d[r] = _mm256_mul_ps(ws, _mm256_loadu_ps(xd + r * d_stride + c));
+      } else {
+        for (int i = 0; i < kChunk; ++i) part[i] = i < n ? xd[r * d_stride + c + i] : 0.0f;
+        d[r] = _mm256_mul_ps(ws, _mm256_load_ps(part));
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      const __m256i qv = unpack_block(w + (c + j) * 16);
+      const __m256i index = _mm256_set1_epi32(j);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(qv, xv)), _mm256_permutevar8x32_ps(d[r], index), acc[r]);
+      }
+    }
   }
+  for (int r = 0; r < rows; ++r) out[r] = hsum256(acc[r]);
+#endif
+  for (int r = 0; r < rows; ++r) out[r] += dot_half(mins, xs + r * gs_stride, depth / group);
 }
 
 void dot_f32(const float* w, int64_t depth, const float* x, int64_t x_stride, int rows, float* out) {

@@ -229,14 +229,16 @@ struct Layer {
 // 0.003 nats) — the same choice as llama.cpp's Q8_1 `s`.
 struct Quantized {
   std::vector<int8_t> q;
-  std::vector<float> s, dv;  // block sums; each block's scale 8 times (the kernels load lanes of scales)
+  std::vector<float> s, d;  // per block: sum of the quantized values, scale
   int64_t depth = 0;
-  void fill(const float* x, int64_t rows, int64_t width, const float* input_scale) {
+  bool split = false;       // int4 weights: each block's even inputs, then its odd ones (native_isa.h)
+  void fill(const float* x, int64_t rows, int64_t width, const float* input_scale, bool split_order) {
     depth = width;
+    split = split_order;
     const int64_t blocks = width / 32;
     q.resize(rows * width);
     s.resize(rows * blocks);
-    dv.resize(rows * blocks * 8);
+    d.resize(rows * blocks);
     float tmp[32];
     for (int64_t n = 0; n < rows; ++n)
       for (int64_t b = 0; b < blocks; ++b) {
@@ -249,13 +251,14 @@ struct Quantized {
         const float scale = amax / 127.0f;
         const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
         int codes = 0;
+        int8_t* dst = q.data() + n * width + b * 32;
         for (int i = 0; i < 32; ++i) {
           const int8_t code = static_cast<int8_t>(std::nearbyint(tmp[i] * inverse));
-          q[n * width + b * 32 + i] = code;
+          dst[split ? (i >> 1) + (i & 1) * 16 : i] = code;
           codes += code;
         }
         s[n * blocks + b] = scale * static_cast<float>(codes);
-        std::fill_n(dv.data() + (n * blocks + b) * 8, 8, scale);
+        d[n * blocks + b] = scale;
       }
   }
   // sums of x̂ over groups of `group` inputs (block sums added in order), for the int4 min term
@@ -510,15 +513,18 @@ class NativeModel {
   // y[n, offset(l) + o] for the linears side by side (fused QKV / gate-up), one pool job over all outputs.
   void project(const std::vector<Linear>& parts, const float* x, int64_t rows, float* y, int64_t y_width) {
     const int64_t inputs = parts[0].inputs;
-    // parts without their own input scale share one quantization of x
+    // parts without their own input scale share one quantization of x (int4 and int8 parts need different orders)
     std::vector<Quantized> quantized(parts.size());
     std::vector<Quantized*> qx(parts.size(), nullptr);
     for (size_t i = 0; i < parts.size(); ++i) {
       if (parts[i].kind == kF32) continue;
+      const bool split = parts[i].kind == kInt4;
       for (size_t j = 0; j < i && qx[i] == nullptr; ++j)
-        if (qx[j] != nullptr && parts[j].input_scale == nullptr && parts[i].input_scale == nullptr) qx[i] = qx[j];
+        if (qx[j] != nullptr && parts[j].input_scale == nullptr && parts[i].input_scale == nullptr &&
+            qx[j]->split == split)
+          qx[i] = qx[j];
       if (qx[i] == nullptr) {
-        quantized[i].fill(x, rows, inputs, parts[i].input_scale);
+        quantized[i].fill(x, rows, inputs, parts[i].input_scale, split);
         qx[i] = &quantized[i];
       }
     }
@@ -548,14 +554,14 @@ class NativeModel {
           if (l.kind == kF32) {
             k_->dot_f32(l.wf + r * inputs, inputs, x + n0 * inputs, inputs, nb, out);
           } else if (l.kind == kInt8) {
-            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->dv.data() + n0 * blocks * 8,
-                       inputs, blocks * 8, nb, out);
+            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks,
+                       inputs, blocks, nb, out);
             for (int i = 0; i < nb; ++i) out[i] *= l.scale[r];
           } else {
             const int64_t groups = inputs / l.group;
             k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale16 + r * groups, l.mins16 + r * groups,
-                       xq->q.data() + n0 * inputs, xq->dv.data() + n0 * blocks * 8, sums[p] + n0 * groups, inputs,
-                       blocks * 8, groups, nb, out);
+                       xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs,
+                       blocks, groups, nb, out);
           }
           for (int i = 0; i < nb; ++i) y[(n0 + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
         }
