@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ryzanstein import compute
+from ryzanstein.errors import InvalidRequest
 from ryzanstein.bench import BENCH_MESSAGES
 from ryzanstein.engine.batching import BatchEngine, EngineConfig, holding
 from ryzanstein.engine.chat import chat_prompt_ids
@@ -372,25 +373,54 @@ def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads
     return result
 
 
+# Our format with the same bytes per weight as each llama.cpp block type: Q4_0 (fp16 scale per 32) = 0.5625 B,
+# as our int4 groups of 64 (fp16 scale + min per 64); Q4_1 (scale + min per 32) = 0.625 B, as our int4-g32.
+# Decode reads every weight once per token, so only equal bytes make the kernels' speed comparable.
+EQUAL_BYTES = {"Q4_0": ("int4", 64), "Q4_1": ("int4", 32), "Q8_0": ("int8", 0)}
+
+
+def ours_label(weights: str, group: int) -> str:
+    return f"ours native {weights}-g{group}" if weights == "int4" else f"ours native {weights}"
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """The GGUF's tensor bytes a decode step reads: all but the input embedding (one row per token)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name != "token_embd.weight")
+
+
 def bench_compare_synthetic(shape: str, tokens: int = 64, runs: int = 3, threads: int = 2, prompt_tokens: int = 32,
-                            gguf_type: str = "Q4_0", progress: Progress = lambda stage, fraction: None) -> dict:
+                            gguf_types: tuple[str, ...] = ("Q4_0", "Q4_1"),
+                            progress: Progress = lambda stage, fraction: None) -> dict:
+    """Each llama.cpp block type against our format of the same bytes per weight, all engines interleaved."""
     from ryzanstein.models.synthetic import SHAPES, synthetic_model
     from ryzanstein.models.synthetic_gguf import write_random_gguf
 
+    unknown = [kind for kind in gguf_types if kind not in EQUAL_BYTES]
+    if unknown or not gguf_types:
+        raise InvalidRequest(f"GGUF types {', '.join(unknown) or '(none)'}: use {', '.join(EQUAL_BYTES)}.",
+                             param="gguf_type")
     compute.set_threads(threads)
     vocab = SHAPES[shape]["vocab_size"] if shape in SHAPES else 0
     missing = None if llama_cpp_available() else LLAMA_CPP_MISSING
+    pairs = {kind: ours_label(*EQUAL_BYTES[kind]) for kind in gguf_types}
     with tempfile.TemporaryDirectory(prefix="ryzanstein-synthetic-") as folder:
         engines: list[Any] = []
-        gguf = Path(folder) / f"{shape}-{gguf_type}.gguf"
-        if missing is None:
-            progress(f"writing a random {gguf_type} GGUF of {shape}", 0.0)
-            compute.call(lambda: write_random_gguf(shape, gguf, gguf_type))
-        progress(f"building a random packed int4 {shape}", 0.0)
-        synthetic = compute.call(lambda: synthetic_model(shape, "int4", 32))
-        engines.append(compute.call(lambda: SyntheticEngine("ours native int4-g32", synthetic.model)))
-        if missing is None:
-            engines.append(LlamaCpp(f"llama.cpp {gguf_type}", gguf, threads))
+        sizes: dict[str, int] = {}
+        for kind, label in pairs.items():
+            weights, group = EQUAL_BYTES[kind]
+            if label not in sizes:
+                progress(f"building a random packed {label.removeprefix('ours native ')} {shape}", 0.0)
+                synthetic = compute.call(lambda w=weights, g=group: synthetic_model(shape, w, g or 32))
+                engines.append(compute.call(lambda m=synthetic.model, name=label: SyntheticEngine(name, m)))
+                sizes[label] = weight_bytes_per_token(synthetic.model, native=True)
+            if missing is None:
+                gguf = Path(folder) / f"{shape}-{kind}.gguf"
+                progress(f"writing a random {kind} GGUF of {shape}", 0.0)
+                compute.call(lambda k=kind, path=gguf: write_random_gguf(shape, path, k))
+                engines.append(LlamaCpp(f"llama.cpp {kind}", gguf, threads))
+                sizes[f"llama.cpp {kind}"] = gguf_bytes_per_token(gguf)
         prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
         try:
             speed = interleaved(engines, prompt, tokens, runs, progress)
@@ -398,26 +428,25 @@ def bench_compare_synthetic(shape: str, tokens: int = 64, runs: int = 3, threads
             for engine in engines:
                 engine.close()
         bandwidth = compute.call(read_bandwidth_gb_s)
-        sizes = {"ours native int4-g32": weight_bytes_per_token(synthetic.model, native=True)}
-        if missing is None:
-            sizes[f"llama.cpp {gguf_type}"] = gguf.stat().st_size
     rows = {label: bandwidth_row(row, sizes[label], bandwidth) for label, row in speed.items()}
     result: dict = {"model": f"synthetic {shape} (random weights: speed and memory only)", "shape": shape,
                     "prompt_tokens": prompt_tokens, "tokens": tokens, "runs": runs, "threads": threads,
                     "read_bandwidth_gb_s": bandwidth, "engines": rows, "llama_cpp_missing": missing,
-                    "isa": native_isa(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    add_ratios(result, f"llama.cpp {gguf_type}")
+                    "equal_bytes": pairs, "isa": native_isa(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for kind, label in pairs.items():
+        add_ratios(result, f"llama.cpp {kind}", only=label)
     return result
 
 
-def add_ratios(result: dict, reference: str) -> None:
+def add_ratios(result: dict, reference: str, only: str | None = None) -> None:
+    """Each of our rows (or only `only`) as a ratio to llama.cpp's `reference` row."""
     rows = result["engines"]
     if reference not in rows:
         return
     ref = rows[reference]
     for label, row in rows.items():
-        if label != reference:
-            row["vs_llama_cpp"] = {
+        if label != reference and not label.startswith("llama.cpp") and only in (None, label):
+            row["vs_llama_cpp"] = {"reference": reference,
                 "prefill": row["prefill_tokens_per_s"]["median"] / ref["prefill_tokens_per_s"]["median"],
                 "decode": row["decode_tokens_per_s"]["median"] / ref["decode_tokens_per_s"]["median"]}
 

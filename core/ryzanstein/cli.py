@@ -688,7 +688,8 @@ def bench_compare(
     threads: int = typer.Option(0, min=0, help="Threads for both engines; 0 = one per physical core."),
     synthetic: str = typer.Option("", help="A random model of this shape instead of the default model "
                                   "(llama-1b, llama-3b, llama-7b, llama3-8b): speed only."),
-    gguf_type: str = typer.Option("Q4_0", help="With --synthetic: llama.cpp's block type (Q4_0, Q4_1, Q8_0)."),
+    gguf_type: str = typer.Option("Q4_0,Q4_1", help="With --synthetic: llama.cpp's block types (Q4_0, Q4_1, Q8_0), "
+                                  "each against our format of the same bytes per weight (int4-g64, int4-g32, int8)."),
     output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/compare-<time>.json)."),
 ) -> None:
     """Our batch-1 prefill and decode vs llama.cpp on the same CPU (the default model's GGUF, or a synthetic
@@ -708,8 +709,9 @@ def bench_compare(
             bar.update(task, completed=fraction, description=stage)
 
         if synthetic:
+            kinds = tuple(kind.strip().upper() for kind in gguf_type.split(",") if kind.strip())
             result = bench_compare_synthetic(synthetic, tokens=tokens, runs=runs, threads=threads,
-                                             gguf_type=gguf_type, progress=progress)
+                                             gguf_types=kinds, progress=progress)
         else:
             from ryzanstein.models.default import default_gguf_path
 
@@ -726,7 +728,7 @@ def print_compare(result: dict) -> None:
         return f"{v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f}"
 
     table = Table("engine", "MB / token", "prefill tok/s min/med/max", "decode tok/s min/med/max",
-                  "bound tok/s", "% of bound", "decode vs llama.cpp",
+                  "bound tok/s", "% of bound", "vs llama.cpp (prefill, decode)",
                   title=f"bench compare: {result['model']}, {result['threads']} threads, {result['runs']} "
                         f"interleaved runs of {result['tokens']} tokens, native path {result['isa']}, "
                         f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s")
@@ -734,7 +736,9 @@ def print_compare(result: dict) -> None:
         ratio = row.get("vs_llama_cpp")
         table.add_row(label, f"{row['weight_bytes_per_token'] / 1e6:.0f}", mmm(row["prefill_tokens_per_s"]),
                       mmm(row["decode_tokens_per_s"]), f"{row['bandwidth_bound_tokens_per_s']:.0f}",
-                      f"{row['pct_of_bound']:.0f}%", f"{ratio['decode']:.2f}x" if ratio else "")
+                      f"{row['pct_of_bound']:.0f}%",
+                      f"{ratio['prefill']:.2f}x, {ratio['decode']:.2f}x ({ratio['reference'].removeprefix('llama.cpp ')})"
+                      if ratio else "")
     print_wide(table)
     accuracy = result.get("accuracy")
     if accuracy:

@@ -50,7 +50,7 @@ def test_bad_synthetic_requests_are_refused(tmp_path: Path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_bench_compare_synthetic_reports_both_engines():
+def test_bench_compare_synthetic_pairs_each_gguf_type_with_our_format_of_equal_bytes():
     import torch
 
     from ryzanstein import compute
@@ -58,15 +58,25 @@ def test_bench_compare_synthetic_reports_both_engines():
 
     threads = torch.get_num_threads()
     try:
+        with pytest.raises(InvalidRequest, match="Q5_K"):
+            bench_compare_synthetic("llama-tiny", gguf_types=("Q4_0", "Q5_K"))
         result = bench_compare_synthetic("llama-tiny", tokens=8, runs=1, threads=1, prompt_tokens=8)
     finally:
         compute.set_threads(threads)  # the bench sets the process's thread count; later tests keep theirs
-    ours = result["engines"]["ours native int4-g32"]
-    assert ours["decode_tokens_per_s"]["median"] > 0 and ours["weight_bytes_per_token"] > 0
+    assert result["equal_bytes"] == {"Q4_0": "ours native int4-g64", "Q4_1": "ours native int4-g32"}
+    g32, g64 = result["engines"]["ours native int4-g32"], result["engines"]["ours native int4-g64"]
+    for ours in (g32, g64):
+        assert ours["decode_tokens_per_s"]["median"] > 0 and ours["prefill_tokens_per_s"]["median"] > 0
+    # groups of 64 carry half the scale bytes of groups of 32: 0.5625 vs 0.625 bytes per weight in the linears
+    assert g64["weight_bytes_per_token"] < g32["weight_bytes_per_token"]
     assert "random weights" in result["model"]
     if LLAMA_CPP:
-        assert result["engines"]["llama.cpp Q4_0"]["decode_tokens_per_s"]["median"] > 0
-        assert "vs_llama_cpp" in ours
+        for kind, label in result["equal_bytes"].items():
+            reference = result["engines"][f"llama.cpp {kind}"]
+            assert reference["decode_tokens_per_s"]["median"] > 0
+            assert result["engines"][label]["vs_llama_cpp"]["reference"] == f"llama.cpp {kind}"
+            # the pair reads exactly the same bytes a token (linears + fp32 norms; the embedding's one row not counted)
+            assert reference["weight_bytes_per_token"] == result["engines"][label]["weight_bytes_per_token"]
     else:
         assert "llamacpp" in result["llama_cpp_missing"]
 
