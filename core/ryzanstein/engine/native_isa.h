@@ -197,7 +197,7 @@ void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* 
 }
 
 // sum_i half(a[i]) * b[i]: the int4 min term (fp16 mins), 8 lanes then a fixed tree.
-float dot_half(const uint16_t* a, const float* b, int64_t n) {
+inline float dot_half(const uint16_t* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
