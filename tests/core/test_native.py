@@ -85,6 +85,22 @@ def test_native_step_equals_transformers_for_each_architecture(model_type, isa):
         runner.close()
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 96, 128])
+def test_attention_equals_transformers_for_each_head_size(head_dim, isa):
+    """Head sizes take different attention code (registers for 2-8 vectors of the ISA's width, one key at a
+    time otherwise); GQA groups of 3 heads share their keys. Prompts longer than 4 keys, of every length mod 4."""
+    model = tiny("llama", hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim,
+                 num_hidden_layers=2)
+    ids = IDS[:23]
+    got, runner = engine_logits(model, ids, chunk=7)
+    try:
+        assert runner.native is not None and runner.native.isa == isa
+        torch.testing.assert_close(got, reference_logits(model, ids), atol=2e-5, rtol=1e-4)
+    finally:
+        runner.close()
+
+
 def test_native_step_equals_transformers_layer_by_layer():
     """The same weights cut after 1, 2 and 3 layers: each prefix of the model agrees, so a wrong layer is
     found where it is."""

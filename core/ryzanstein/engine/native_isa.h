@@ -40,7 +40,7 @@ inline float hsum512(__m512 v) {
 #endif
 
 // q · k over one head (fp32), 8/16 lanes then a fixed tree: attention scores.
-float dot_head(const float* a, const float* b, int64_t n) {
+inline float dot_head(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
@@ -50,12 +50,121 @@ float dot_head(const float* a, const float* b, int64_t n) {
 }
 
 // out += p * v over one head.
-void axpy_head(float p, const float* v, float* out, int64_t n) {
+inline void axpy_head(float p, const float* v, float* out, int64_t n) {
   const __m256 pv = _mm256_set1_ps(p);
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
     _mm256_storeu_ps(out + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + k), _mm256_loadu_ps(out + k)));
   for (; k < n; ++k) out[k] += p * v[k];
+}
+
+#if ISA_LEVEL == 3
+using vec = __m512;
+constexpr int kLanes = 16;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vset1(float v) { return _mm512_set1_ps(v); }
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline __m256 halves(vec v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+#else
+using vec = __m256;
+constexpr int kLanes = 8;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vset1(float v) { return _mm256_set1_ps(v); }
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline __m256 halves(vec v) { return v; }
+#endif
+
+// The lane sums of four vectors, each by the same tree ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) after folding 16
+// lanes to 8: a key's score never depends on which slot of the four it took.
+inline __m128 sum4(vec a, vec b, vec c, vec d) {
+  const __m256 ab = _mm256_hadd_ps(halves(a), halves(b)), cd = _mm256_hadd_ps(halves(c), halves(d));
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// Attention of `heads` query heads that share one KV head (GQA), over `length` cached positions, for heads of
+// V vectors: q and the output stay in registers, scores are formed four keys at a time. scores: heads × length
+// scratch. Per head the arithmetic is the same whichever heads share the call and whatever the batch.
+template <int V>
+void attend_heads(const float* q, int64_t heads, const float* keys, const float* values, int64_t length,
+                  int64_t stride, float scale, float* scores, float* out) {
+  constexpr int64_t dim = V * kLanes;
+  for (int64_t h = 0; h < heads; ++h) {
+    vec qv[V];
+    for (int v = 0; v < V; ++v) qv[v] = vload(q + h * dim + v * kLanes);
+    float* s = scores + h * length;
+    for (int64_t j = 0; j < length; j += 4) {
+      vec acc[4];
+      for (int i = 0; i < 4; ++i) {
+        acc[i] = vzero();
+        if (j + i < length)
+          for (int v = 0; v < V; ++v) acc[i] = vfma(qv[v], vload(keys + (j + i) * stride + v * kLanes), acc[i]);
+      }
+      alignas(16) float four[4];
+      _mm_store_ps(four, sum4(acc[0], acc[1], acc[2], acc[3]));
+      for (int i = 0; i < 4 && j + i < length; ++i) s[j + i] = four[i] * scale;
+    }
+    float top = -INFINITY;
+    for (int64_t j = 0; j < length; ++j) top = std::max(top, s[j]);
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; ++j) {
+      s[j] = std::exp(s[j] - top);
+      total += s[j];
+    }
+    const float inverse = 1.0f / total;
+    vec o[V];
+    for (int v = 0; v < V; ++v) o[v] = vzero();
+    for (int64_t j = 0; j < length; ++j) {
+      const vec p = vset1(s[j] * inverse);
+      for (int v = 0; v < V; ++v) o[v] = vfma(p, vload(values + j * stride + v * kLanes), o[v]);
+    }
+    for (int v = 0; v < V; ++v) vstore(out + h * dim + v * kLanes, o[v]);
+  }
+}
+
+// Any other head size: one key at a time through dot_head / axpy_head.
+void attend_any(const float* q, int64_t heads, const float* keys, const float* values, int64_t length,
+                int64_t stride, int64_t dim, float scale, float* scores, float* out) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * length;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < length; ++j) {
+      s[j] = dot_head(q + h * dim, keys + j * stride, dim) * scale;
+      top = std::max(top, s[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; ++j) {
+      s[j] = std::exp(s[j] - top);
+      total += s[j];
+    }
+    const float inverse = 1.0f / total;
+    std::fill(out + h * dim, out + (h + 1) * dim, 0.0f);
+    for (int64_t j = 0; j < length; ++j) axpy_head(s[j] * inverse, values + j * stride, out + h * dim, dim);
+  }
+}
+
+void attend(const float* q, int64_t heads, const float* keys, const float* values, int64_t length, int64_t stride,
+            int64_t dim, float scale, float* scores, float* out) {
+  if (dim % kLanes == 0) {
+    switch (dim / kLanes) {  // head sizes 32-128 (AVX-512) / 32-64 (AVX2: 16 registers)
+#if ISA_LEVEL == 3
+      case 2: return attend_heads<2>(q, heads, keys, values, length, stride, scale, scores, out);
+      case 4: return attend_heads<4>(q, heads, keys, values, length, stride, scale, scores, out);
+      case 5: return attend_heads<5>(q, heads, keys, values, length, stride, scale, scores, out);
+      case 6: return attend_heads<6>(q, heads, keys, values, length, stride, scale, scores, out);
+      case 8: return attend_heads<8>(q, heads, keys, values, length, stride, scale, scores, out);
+#else
+      case 4: return attend_heads<4>(q, heads, keys, values, length, stride, scale, scores, out);
+      case 8: return attend_heads<8>(q, heads, keys, values, length, stride, scale, scores, out);
+#endif
+      default: break;
+    }
+  }
+  attend_any(q, heads, keys, values, length, stride, dim, scale, scores, out);
 }
 
 template <int rows>
@@ -340,6 +449,6 @@ void dot_q4(const uint8_t* w, int64_t depth, int64_t group, const uint16_t* scal
   }
 }
 
-const Kernels kernels = {dot_f32, dot_q8, dot_q4, dot_head, axpy_head};
+const Kernels kernels = {dot_f32, dot_q8, dot_q4, attend};
 
 }  // namespace ISA_NS

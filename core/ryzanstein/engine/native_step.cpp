@@ -17,6 +17,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -34,8 +35,7 @@ struct Kernels {
   void (*dot_q8)(const int8_t*, int64_t, const int8_t*, const float*, int64_t, int64_t, int, float*);
   void (*dot_q4)(const uint8_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, const int8_t*, const float*,
                  const float*, int64_t, int64_t, int64_t, int, float*);
-  float (*dot_head)(const float*, const float*, int64_t);
-  void (*axpy_head)(float, const float*, float*, int64_t);
+  void (*attend)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, float, float*, float*);
 };
 
 }  // namespace
@@ -576,30 +576,19 @@ class NativeModel {
                  const int64_t* seq, const std::vector<std::vector<float*>>& kp,
                  const std::vector<std::vector<float*>>& vp, size_t layer) {
     const int64_t group = heads_ / kv_heads_, kv_width = kv_heads_ * head_dim_;
+    // A chunk is one row's query heads sharing a KV head (its keys read once), or a single query head when
+    // that would leave threads idle (decode of one sequence); each head's numbers are the same either way.
+    const int64_t per_chunk = rows * kv_heads_ >= 2 * pool_->threads() ? group : 1, per_row = heads_ / per_chunk;
     const std::function<void(int64_t)> work = [&](int64_t c) {
-      const int64_t n = c / heads_, hd = c % heads_, g = hd / group;
-      const float* q = qkv + n * qkv_width + hd * head_dim_;
-      const float* keys = kp[seq[n]][layer] + g * head_dim_;
-      const float* values = vp[seq[n]][layer] + g * head_dim_;
+      const int64_t n = c / per_row, hd = (c % per_row) * per_chunk, g = hd / group;
       const int64_t length = pos[n] + 1;
       thread_local std::vector<float> scores;
-      scores.resize(length);
-      float top = -INFINITY;
-      for (int64_t j = 0; j < length; ++j) {
-        scores[j] = k_->dot_head(q, keys + j * kv_width, head_dim_) * attention_scale_;
-        top = std::max(top, scores[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j < length; ++j) {
-        scores[j] = std::exp(scores[j] - top);
-        total += scores[j];
-      }
-      float* o = out + n * heads_ * head_dim_ + hd * head_dim_;
-      std::fill(o, o + head_dim_, 0.0f);
-      const float inverse = 1.0f / total;
-      for (int64_t j = 0; j < length; ++j) k_->axpy_head(scores[j] * inverse, values + j * kv_width, o, head_dim_);
+      scores.resize(per_chunk * length);
+      k_->attend(qkv + n * qkv_width + hd * head_dim_, per_chunk, kp[seq[n]][layer] + g * head_dim_,
+                 vp[seq[n]][layer] + g * head_dim_, length, kv_width, head_dim_, attention_scale_, scores.data(),
+                 out + n * heads_ * head_dim_ + hd * head_dim_);
     };
-    pool_->run(rows * heads_, work);
+    pool_->run(rows * per_row, work);
   }
 
   torch::Tensor embed_, final_norm_, inv_freq_;
