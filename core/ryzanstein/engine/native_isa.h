@@ -86,44 +86,68 @@ inline __m128 sum4(vec a, vec b, vec c, vec d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// Attention of `heads` query heads that share one KV head (GQA), over `length` cached positions, for heads of
-// V vectors: q and the output stay in registers, scores are formed four keys at a time. scores: heads × length
-// scratch. Per head the arithmetic is the same whichever heads share the call and whatever the batch.
+// Attention of H query heads that share one KV head (GQA), over `length` cached positions, for heads of V
+// vectors: q and the outputs stay in registers, each key and value row is loaded once for the H heads, scores
+// are formed four keys at a time. s: H × length scratch. Per head the arithmetic is the same whichever heads
+// share the call and whatever the batch.
+template <int V, int H>
+void attend_group(const float* q, const float* keys, const float* values, int64_t length, int64_t stride,
+                  float scale, float* s, float* out) {
+  constexpr int64_t dim = V * kLanes;
+  for (int64_t j = 0; j < length; j += 4) {
+    vec acc[H][4];
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < 4; ++i) acc[h][i] = vzero();
+    for (int i = 0; i < 4 && j + i < length; ++i)
+      for (int v = 0; v < V; ++v) {
+        const vec k = vload(keys + (j + i) * stride + v * kLanes);
+        for (int h = 0; h < H; ++h) acc[h][i] = vfma(vload(q + h * dim + v * kLanes), k, acc[h][i]);
+      }
+    for (int h = 0; h < H; ++h) {
+      alignas(16) float four[4];
+      _mm_store_ps(four, sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
+      for (int i = 0; i < 4 && j + i < length; ++i) s[h * length + j + i] = four[i] * scale;
+    }
+  }
+  float inverse[H];
+  for (int h = 0; h < H; ++h) {
+    float* row = s + h * length;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < length; ++j) top = std::max(top, row[j]);
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; ++j) {
+      row[j] = std::exp(row[j] - top);
+      total += row[j];
+    }
+    inverse[h] = 1.0f / total;
+  }
+  vec o[H][V];
+  for (int h = 0; h < H; ++h)
+    for (int v = 0; v < V; ++v) o[h][v] = vzero();
+  for (int64_t j = 0; j < length; ++j) {
+    vec p[H];
+    for (int h = 0; h < H; ++h) p[h] = vset1(s[h * length + j] * inverse[h]);
+    for (int v = 0; v < V; ++v) {
+      const vec value = vload(values + j * stride + v * kLanes);
+      for (int h = 0; h < H; ++h) o[h][v] = vfma(p[h], value, o[h][v]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int v = 0; v < V; ++v) vstore(out + h * dim + v * kLanes, o[h][v]);
+}
+
+// Heads two at a time where their outputs fit in registers (2 × V vectors), else one at a time.
 template <int V>
 void attend_heads(const float* q, int64_t heads, const float* keys, const float* values, int64_t length,
                   int64_t stride, float scale, float* scores, float* out) {
   constexpr int64_t dim = V * kLanes;
-  for (int64_t h = 0; h < heads; ++h) {
-    vec qv[V];
-    for (int v = 0; v < V; ++v) qv[v] = vload(q + h * dim + v * kLanes);
-    float* s = scores + h * length;
-    for (int64_t j = 0; j < length; j += 4) {
-      vec acc[4];
-      for (int i = 0; i < 4; ++i) {
-        acc[i] = vzero();
-        if (j + i < length)
-          for (int v = 0; v < V; ++v) acc[i] = vfma(qv[v], vload(keys + (j + i) * stride + v * kLanes), acc[i]);
-      }
-      alignas(16) float four[4];
-      _mm_store_ps(four, sum4(acc[0], acc[1], acc[2], acc[3]));
-      for (int i = 0; i < 4 && j + i < length; ++i) s[j + i] = four[i] * scale;
-    }
-    float top = -INFINITY;
-    for (int64_t j = 0; j < length; ++j) top = std::max(top, s[j]);
-    float total = 0.0f;
-    for (int64_t j = 0; j < length; ++j) {
-      s[j] = std::exp(s[j] - top);
-      total += s[j];
-    }
-    const float inverse = 1.0f / total;
-    vec o[V];
-    for (int v = 0; v < V; ++v) o[v] = vzero();
-    for (int64_t j = 0; j < length; ++j) {
-      const vec p = vset1(s[j] * inverse);
-      for (int v = 0; v < V; ++v) o[v] = vfma(p, vload(values + j * stride + v * kLanes), o[v]);
-    }
-    for (int v = 0; v < V; ++v) vstore(out + h * dim + v * kLanes, o[v]);
-  }
+  constexpr bool pairs = 2 * V * kLanes <= 16 * kLanes / (kLanes == 16 ? 1 : 2);  // 16 of 32 zmm, 8 of 16 ymm
+  int64_t h = 0;
+  if (pairs)
+    for (; h + 2 <= heads; h += 2)
+      attend_group<V, 2>(q + h * dim, keys, values, length, stride, scale, scores + h * length, out + h * dim);
+  for (; h < heads; ++h)
+    attend_group<V, 1>(q + h * dim, keys, values, length, stride, scale, scores + h * length, out + h * dim);
 }
 
 // Any other head size: one key at a time through dot_head / axpy_head.
