@@ -538,34 +538,42 @@ class NativeModel {
     const int64_t per_thread = (offsets.back() + 4 * pool_->threads() - 1) / (4 * pool_->threads());
     const int64_t chunk = std::max<int64_t>(16, (per_thread + 15) / 16 * 16);
     const int64_t chunks = (offsets.back() + chunk - 1) / chunk;
-    // Rows outside, outputs inside: a tile of kMaxRows activation rows stays in L1 while the chunk's weights
-    // (tens of KB) stream from L2, instead of every output row re-reading all rows' codes (prefill chunks).
-    const std::function<void(int64_t)> work = [&](int64_t c) {
+    // Within a chunk, spans of outputs whose weights fit in L2 (~256 KB); per span, rows outside and outputs
+    // inside: a tile of kMaxRows activation rows stays in L1 while the span's weights come from L2, and each
+    // weight row is read from memory once per call, not once per row tile (a 7B layer's chunk is megabytes).
+    int64_t row_bytes = 1;
+    for (const auto& l : parts)
+      row_bytes = std::max(row_bytes, l.kind == kF32 ? inputs * 4 : l.kind == kInt8 ? inputs : inputs / 2 + inputs / 8);
+    const int64_t span = std::max<int64_t>(1, (256 << 10) / row_bytes);
+    const int64_t blocks = inputs / 32;
+    const auto tile = [&](int64_t o_begin, int64_t o_end, int64_t n0, int nb) {
       float out[kMaxRows];
-      const int64_t o_end = std::min(offsets.back(), (c + 1) * chunk), blocks = inputs / 32;
-      for (int64_t n0 = 0; n0 < rows; n0 += kMaxRows) {
-        const int nb = static_cast<int>(std::min<int64_t>(kMaxRows, rows - n0));
-        size_t p = 0;
-        for (int64_t o = c * chunk; o < o_end; ++o) {
-          while (o >= offsets[p + 1]) ++p;
-          const Linear& l = parts[p];
-          const int64_t r = o - offsets[p];
-          const Quantized* xq = qx[p];
-          if (l.kind == kF32) {
-            k_->dot_f32(l.wf + r * inputs, inputs, x + n0 * inputs, inputs, nb, out);
-          } else if (l.kind == kInt8) {
-            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks,
-                       inputs, blocks, nb, out);
-            for (int i = 0; i < nb; ++i) out[i] *= l.scale[r];
-          } else {
-            const int64_t groups = inputs / l.group;
-            k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale16 + r * groups, l.mins16 + r * groups,
-                       xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs,
-                       blocks, groups, nb, out);
-          }
-          for (int i = 0; i < nb; ++i) y[(n0 + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
+      size_t p = 0;
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        while (o >= offsets[p + 1]) ++p;
+        const Linear& l = parts[p];
+        const int64_t r = o - offsets[p];
+        const Quantized* xq = qx[p];
+        if (l.kind == kF32) {
+          k_->dot_f32(l.wf + r * inputs, inputs, x + n0 * inputs, inputs, nb, out);
+        } else if (l.kind == kInt8) {
+          k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, inputs,
+                     blocks, nb, out);
+          for (int i = 0; i < nb; ++i) out[i] *= l.scale[r];
+        } else {
+          const int64_t groups = inputs / l.group;
+          k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale16 + r * groups, l.mins16 + r * groups,
+                     xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs, blocks,
+                     groups, nb, out);
         }
+        for (int i = 0; i < nb; ++i) y[(n0 + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
       }
+    };
+    const std::function<void(int64_t)> work = [&](int64_t c) {
+      const int64_t o_last = std::min(offsets.back(), (c + 1) * chunk);
+      for (int64_t o_begin = c * chunk; o_begin < o_last; o_begin += span)
+        for (int64_t n0 = 0; n0 < rows; n0 += kMaxRows)
+          tile(o_begin, std::min(o_last, o_begin + span), n0, static_cast<int>(std::min<int64_t>(kMaxRows, rows - n0)));
     };
     for (const auto& l : parts)
       TORCH_CHECK(l.kind != kF32 || l.input_scale == nullptr, "fp32 weights with an input scale");
