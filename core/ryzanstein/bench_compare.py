@@ -336,7 +336,7 @@ def llama_cpp_available() -> bool:
     return True
 
 
-def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads: int = 2, kl_tokens: int = 256,
+def bench_compare(lm: Any, gguf: Path, tokens: int = 128, runs: int = 3, threads: int = 2, kl_tokens: int = 1024,
                   progress: Progress = lambda stage, fraction: None) -> dict:
     compute.set_threads(threads)
     prompt = chat_prompt_ids(lm.tokenizer, BENCH_MESSAGES)
