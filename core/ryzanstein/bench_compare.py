@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from ryzanstein import compute
-from ryzanstein.errors import InvalidRequest
 from ryzanstein.bench import BENCH_MESSAGES
 from ryzanstein.engine.batching import BatchEngine, EngineConfig, holding
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.engine.qweights import is_quantized
+from ryzanstein.errors import InvalidRequest
 
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed: pip install '.[llamacpp]' (compiles ~10-25 min)"
 Progress = Callable[[str, float], None]

@@ -734,11 +734,11 @@ def print_compare(result: dict) -> None:
                         f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s")
     for label, row in result["engines"].items():
         ratio = row.get("vs_llama_cpp")
+        versus = (f"{ratio['prefill']:.2f}x, {ratio['decode']:.2f}x ({ratio['reference'].removeprefix('llama.cpp ')})"
+                  if ratio else "")
         table.add_row(label, f"{row['weight_bytes_per_token'] / 1e6:.0f}", mmm(row["prefill_tokens_per_s"]),
                       mmm(row["decode_tokens_per_s"]), f"{row['bandwidth_bound_tokens_per_s']:.0f}",
-                      f"{row['pct_of_bound']:.0f}%",
-                      f"{ratio['prefill']:.2f}x, {ratio['decode']:.2f}x ({ratio['reference'].removeprefix('llama.cpp ')})"
-                      if ratio else "")
+                      f"{row['pct_of_bound']:.0f}%", versus)
     print_wide(table)
     accuracy = result.get("accuracy")
     if accuracy:
