@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -412,13 +413,13 @@ def bench_compare_synthetic(shape: str, tokens: int = 64, runs: int = 3, threads
             weights, group = EQUAL_BYTES[kind]
             if label not in sizes:
                 progress(f"building a random packed {label.removeprefix('ours native ')} {shape}", 0.0)
-                synthetic = compute.call(lambda w=weights, g=group: synthetic_model(shape, w, g or 32))
-                engines.append(compute.call(lambda m=synthetic.model, name=label: SyntheticEngine(name, m)))
+                synthetic = compute.call(partial(synthetic_model, shape, weights, group or 32))
+                engines.append(compute.call(partial(SyntheticEngine, label, synthetic.model)))
                 sizes[label] = weight_bytes_per_token(synthetic.model, native=True)
             if missing is None:
                 gguf = Path(folder) / f"{shape}-{kind}.gguf"
                 progress(f"writing a random {kind} GGUF of {shape}", 0.0)
-                compute.call(lambda k=kind, path=gguf: write_random_gguf(shape, path, k))
+                compute.call(partial(write_random_gguf, shape, gguf, kind))
                 engines.append(LlamaCpp(f"llama.cpp {kind}", gguf, threads))
                 sizes[f"llama.cpp {kind}"] = gguf_bytes_per_token(gguf)
         prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
