@@ -58,6 +58,18 @@ inline void axpy_head(float p, const float* v, float* out, int64_t n) {
   for (; k < n; ++k) out[k] += p * v[k];
 }
 
+// Softmax numerators in place (exp of each score minus the largest) and the reciprocal of their sum.
+inline float softmax_in_place(float* s, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - top);
+    total += s[j];
+  }
+  return 1.0f / total;
+}
+
 #if ISA_LEVEL == 3
 using vec = __m512;
 constexpr int kLanes = 16;
@@ -110,17 +122,7 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
     }
   }
   float inverse[H];
-  for (int h = 0; h < H; ++h) {
-    float* row = s + h * length;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < length; ++j) top = std::max(top, row[j]);
-    float total = 0.0f;
-    for (int64_t j = 0; j < length; ++j) {
-      row[j] = std::exp(row[j] - top);
-      total += row[j];
-    }
-    inverse[h] = 1.0f / total;
-  }
+  for (int h = 0; h < H; ++h) inverse[h] = softmax_in_place(s + h * length, length);
   vec o[H][V];
   for (int h = 0; h < H; ++h)
     for (int v = 0; v < V; ++v) o[h][v] = vzero();
@@ -141,7 +143,8 @@ template <int V>
 void attend_heads(const float* q, int64_t heads, const float* keys, const float* values, int64_t length,
                   int64_t stride, float scale, float* scores, float* out) {
   constexpr int64_t dim = V * kLanes;
-  constexpr bool pairs = 2 * V * kLanes <= 16 * kLanes / (kLanes == 16 ? 1 : 2);  // 16 of 32 zmm, 8 of 16 ymm
+  constexpr int registers = kLanes == 16 ? 32 : 16;  // zmm / ymm
+  constexpr bool pairs = 2 * V <= registers / 2;  // two heads' outputs in half the registers
   int64_t h = 0;
   if (pairs)
     for (; h + 2 <= heads; h += 2)
@@ -155,17 +158,8 @@ void attend_any(const float* q, int64_t heads, const float* keys, const float* v
                 int64_t stride, int64_t dim, float scale, float* scores, float* out) {
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * length;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < length; ++j) {
-      s[j] = dot_head(q + h * dim, keys + j * stride, dim) * scale;
-      top = std::max(top, s[j]);
-    }
-    float total = 0.0f;
-    for (int64_t j = 0; j < length; ++j) {
-      s[j] = std::exp(s[j] - top);
-      total += s[j];
-    }
-    const float inverse = 1.0f / total;
+    for (int64_t j = 0; j < length; ++j) s[j] = dot_head(q + h * dim, keys + j * stride, dim) * scale;
+    const float inverse = softmax_in_place(s, length);
     std::fill(out + h * dim, out + (h + 1) * dim, 0.0f);
     for (int64_t j = 0; j < length; ++j) axpy_head(s[j] * inverse, values + j * stride, out + h * dim, dim);
   }
@@ -263,7 +257,7 @@ void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* 
     __m512 d[kMaxRows];
     for (int r = 0; r < rows; ++r) d[r] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), xd + r * d_stride + c);
     __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    // two pairs into two sums (two fma chains in flight), as in dot_q4_rows
+    // two pairs into two sums (two fma chains in flight)
     const auto pair = [&](int at, __m512i lanes, __m512* sums) {
       const __m512i wv = _mm512_loadu_si512(w + (c + at) * 32);
       const __m512i aw = _mm512_abs_epi8(wv);
@@ -370,26 +364,23 @@ void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const uint16_t*
     __m512 d[kMaxRows];
     for (int r = 0; r < rows; ++r) d[r] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, xd + r * d_stride + c));
     __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {  // two pairs into two sums: two fma chains in flight
-      const __m512i q0 = unpack_pair(w + (c + j) * 16), q1 = unpack_pair(w + (c + j + 2) * 16);
-      const __m512i next = _mm512_add_epi32(index, _mm512_set1_epi32(2));
+    // two pairs into two sums (two fma chains in flight), as in dot_q8_rows
+    const auto pair = [&](int at, __m512i lanes, __m512* sums) {
+      const __m512i qv = unpack_pair(w + (c + at) * 16);
       for (int r = 0; r < rows; ++r) {
-        const int8_t* x = xq + r * q_stride + (c + j) * 32;
-        const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512(x));
-        const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1, _mm512_loadu_si512(x + 64));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(index, d[r]), acc[r]);
-        odd[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(next, d[r]), odd[r]);
+        const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + (c + at) * 32);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
+        sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(lanes, d[r]), sums[r]);
       }
+    };
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      pair(j, index, acc);
+      pair(j + 2, _mm512_add_epi32(index, _mm512_set1_epi32(2)), odd);
       index = _mm512_add_epi32(index, _mm512_set1_epi32(4));
     }
     if (j + 2 <= n) {
-      const __m512i qv = unpack_pair(w + (c + j) * 16);
-      for (int r = 0; r < rows; ++r) {
-        const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + (c + j) * 32);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, d[r]), acc[r]);
-      }
+      pair(j, index, acc);
       j += 2;
     }
     if (j < n) {  // an odd last block
