@@ -689,7 +689,8 @@ def bench_compare(
     synthetic: str = typer.Option("", help="A random model of this shape instead of the default model "
                                   "(llama-1b, llama-3b, llama-7b, llama3-8b): speed only."),
     gguf_type: str = typer.Option("Q4_0,Q4_1", help="With --synthetic: llama.cpp's block types (Q4_0, Q4_1, Q8_0), "
-                                  "each against our format of the same bytes per weight (int4-g64, int4-g32, int8)."),
+                                  "each against our format of the same bytes per weight (int4-g64, int4-g32; "
+                                  "Q8_0: int8, the nearest)."),
     output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/compare-<time>.json)."),
 ) -> None:
     """Our batch-1 prefill and decode vs llama.cpp on the same CPU (the default model's GGUF, or a synthetic
