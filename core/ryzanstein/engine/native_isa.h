@@ -1,15 +1,14 @@
-// Dot products of one weight row with up to kMaxRows activation rows, for one instruction set.
+// The kernels of the native step for one instruction set: dot products of weights with up to a few activation
+// rows per pass, and attention.
 //
 // Included three times by native_step.cpp, each time under its own `#pragma GCC target` and namespace
 // (ISA_LEVEL 1 = AVX2, 2 = AVX-VNNI, 3 = AVX-512 VNNI), so one library holds every path and the CPU picks at
 // run time. Activations arrive quantized per block of 32 to int8 (xq) with one fp32 scale per block (xd) and
-// the fp32 sum of each block (xs); weights stay in the store's formats:
-//   fp32  y = sum_k w[k] x[k]                                   (fp32 activations, no quantization)
-//   int8  y = sum_b xd[b] * sum_{k in b} w[k] xq[k]               (the caller multiplies by the row's scale)
-//   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (s, m read as fp16)   (xs: sums of the quantized x per group)
-// xd holds one scale per block. int4 activations arrive in *split order* (each block's 16 even inputs, then its
-// 16 odd ones), the order in which a block's nibbles unpack with one shift and mask. The integer block sums are
-// exact; the fp32 sums over blocks and lanes run in one fixed order per row, so a
+// the sums of the quantized values per int4 group (xs):
+//   fp32  y = sum_k w[k] x[k]                                   (fp32 activations, no quantization; store's rows)
+//   int8  y = sum_b xd[b] * sum_{k in b} w[k] xq[k]             (store's rows; the caller multiplies by the row's scale)
+//   int4  y = sum_b xd[b] s[g(b)] * sum_{k in b} q[k] xq[k] + sum_g m[g] * xs[g]   (tiles of 16 outputs, s and m fp16)
+// The integer block sums are exact; the fp32 sums over blocks (and lanes) run in one fixed order per row, so a
 // row's result never depends on which other rows share the call.
 
 namespace ISA_NS {
@@ -216,13 +215,6 @@ void dot_f32_rows(const float* w, int64_t depth, const float* x, int64_t x_strid
 #endif
 }
 
-// 32 int4 codes of one block (16 bytes) as 32 bytes in the activation's split order: the low nibbles (even
-// inputs) in the low 128 bits, the high nibbles (odd inputs) in the high 128 bits.
-inline __m256i unpack_block(const uint8_t* p) {
-  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
-}
-
 // Weights stream from memory once per token: asking for the lines 2 KB ahead of the loads keeps more misses in
 // flight than the hardware prefetcher alone (1B decode +9% here). Past the tensor's end it is only a hint.
 constexpr int64_t kPrefetchAhead = 2048;
@@ -230,16 +222,6 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   for (int64_t at = 0; at < bytes; at += 64)
     _mm_prefetch(static_cast<const char*>(p) + kPrefetchAhead + at, _MM_HINT_T0);
 }
-
-#if ISA_LEVEL == 3
-// Two blocks (32 bytes): block b in lanes 0-7, block b+1 in lanes 8-15, each in split order.
-inline __m512i unpack_pair(const uint8_t* p) {
-  const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i spread = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(1, 1, 0, 0));
-  return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
-                          _mm512_set1_epi8(0x0F));
-}
-#endif
 
 // int8 weights (natural input order) · int8 activations; xd: one scale per block.
 template <int rows>
@@ -323,115 +305,101 @@ void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* 
 #endif
 }
 
-// sum_i half(a[i]) * b[i]: the int4 min term (fp16 mins), 8 lanes then a fixed tree.
-inline float dot_half(const uint16_t* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k))),
-                          _mm256_loadu_ps(b + k), acc);
-  float total = hsum256(acc);
-  for (; k < n; ++k) total += _cvtsh_ss(a[k]) * b[k];
-  return total;
-}
-
-// int4 codes (split order, see unpack_block) · int8 activations (the same order). Per block the integer sum is
-// scaled by weight scale × activation scale; those products are formed for 8/16 blocks at once and each block's
-// lane picked with a permute, instead of widening two fp16 scales and loading an activation scale per block.
+// int4 tiles: 16 outputs side by side, so vector lanes are outputs (the layout tile_int4 in native_step.cpp
+// writes). Per group of a tile's inputs: 16 fp16 scales, 16 fp16 mins, then per block of 32 inputs 8 chunks of
+// 32 bytes; chunk c holds inputs 4c..4c+3, byte j output j/4's in its low nibble and output 8 + j/4's in its
+// high nibble. Unpacked, a chunk is 16 lanes (outputs) of 4 codes: one dot product with 4 broadcast activation
+// bytes advances 16 outputs' block sums, and per block one convert and one fma scale all 16 — the scale work is
+// per block rather than per (output, block), and each unpacked chunk serves every row.
+// Per output, in this order whatever the rows: acc += float(block sum) * (scale * xd) block by block, and after
+// each group acc += min * (that group's sum of x̂). Lanes never mix, so every ISA gives the same bits.
 template <int rows>
-void dot_q4_rows(const uint8_t* w, int64_t depth, int64_t group, const uint16_t* scale, const uint16_t* mins,
-            const int8_t* xq, const float* xd, const float* xs, int64_t q_stride, int64_t d_stride,
-            int64_t gs_stride, float* out) {
-  const int64_t blocks = depth / 32;
-  const int shift = __builtin_ctzll(group / 32);  // groups of 32 * 2^shift inputs: block b is in group b >> shift
+void tile_q4_rows(const uint8_t* tile, int64_t blocks, int64_t per_group, const int8_t* xq, const float* xd,
+                  const float* xs, int64_t q_stride, int64_t d_stride, int64_t gs_stride, float* out) {
+  const uint8_t* p = tile;
 #if ISA_LEVEL == 3
-  constexpr int kChunk = 16;
-  __m512 acc[kMaxRows], odd[kMaxRows];  // pairs 0, 2, 4… and 1, 3, 5… of each chunk
-  __m256 tail[kMaxRows];
-  for (int r = 0; r < rows; ++r) acc[r] = odd[r] = _mm512_setzero_ps(), tail[r] = _mm256_setzero_ps();
-  const __m512i spread = _mm512_srli_epi32(  // block lane -> group lane: i >> shift
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), std::min(shift, 4));
-  for (int64_t c = 0; c < blocks; c += kChunk) {
-    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
-    prefetch_ahead(w + c * 16, kChunk * 16);
-    const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
-    // weight scales of the chunk's blocks: its groups' scales (masked: never read past the row), spread so that
-    // lane i holds block c + i's group
-    const int64_t first = c >> shift, count = ((c + n - 1) >> shift) - first + 1;
-    const __m512 groups = _mm512_cvtph_ps(
-        _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), scale + first));
-    const __m512 ws = shift == 0 ? groups : _mm512_permutexvar_ps(spread, groups);
-    __m512 d[kMaxRows];
-    for (int r = 0; r < rows; ++r) d[r] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, xd + r * d_stride + c));
-    __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    // two pairs into two sums (two fma chains in flight), as in dot_q8_rows
-    const auto pair = [&](int at, __m512i lanes, __m512* sums) {
-      const __m512i qv = unpack_pair(w + (c + at) * 16);
+  __m512 acc[rows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F), shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+  for (int64_t g = 0, b = 0; b < blocks; ++g) {
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512 wm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+    p += 64;
+    for (int64_t e = 0; e < per_group; ++e, ++b, p += 256) {
+      prefetch_ahead(p, 256);
+      __m512i q[8];
+      for (int c = 0; c < 8; ++c)
+        q[c] = _mm512_and_si512(
+            _mm512_srlv_epi64(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c))),
+                              shift), low);
       for (int r = 0; r < rows; ++r) {
-        const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + (c + at) * 32);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
-        sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(lanes, d[r]), sums[r]);
-      }
-    };
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-      pair(j, index, acc);
-      pair(j + 2, _mm512_add_epi32(index, _mm512_set1_epi32(2)), odd);
-      index = _mm512_add_epi32(index, _mm512_set1_epi32(4));
-    }
-    if (j + 2 <= n) {
-      pair(j, index, acc);
-      j += 2;
-    }
-    if (j < n) {  // an odd last block
-      const __m256i qv = unpack_block(w + (c + j) * 16);
-      for (int r = 0; r < rows; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
-        const __m256 dv = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_set1_epi32(j), d[r]));
-        tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(qv, xv)), dv, tail[r]);
+        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + r * q_stride + b * 32);
+        __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_set1_epi32(x4[0]));
+        __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], _mm512_set1_epi32(x4[1]));
+        for (int c = 2; c < 8; c += 2) {
+          even = _mm512_dpbusd_epi32(even, q[c], _mm512_set1_epi32(x4[c]));
+          odd = _mm512_dpbusd_epi32(odd, q[c + 1], _mm512_set1_epi32(x4[c + 1]));
+        }
+        const __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(xd[r * d_stride + b]));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), d, acc[r]);
       }
     }
+    for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(wm, _mm512_set1_ps(xs[r * gs_stride + g]), acc[r]);
   }
-  for (int r = 0; r < rows; ++r) out[r] = hsum512(_mm512_add_ps(acc[r], odd[r])) + hsum256(tail[r]);
+  for (int r = 0; r < rows; ++r) _mm512_storeu_ps(out + r * 16, acc[r]);
 #else
-  constexpr int kChunk = 8;
-  __m256 acc[kMaxRows];
-  for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
-  alignas(32) float part[kChunk];
-  const __m256i spread = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), std::min(shift, 3));
-  for (int64_t c = 0; c < blocks; c += kChunk) {
-    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
-    prefetch_ahead(w + c * 16, kChunk * 16);
-    __m256 ws;  // as in the AVX-512 path; a full load only where it stays inside the row's scales
-    const int64_t first = c >> shift;
-    if (first + kChunk <= (blocks >> shift)) {
-      const __m256 groups = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + first)));
-      ws = shift == 0 ? groups : _mm256_permutevar8x32_ps(groups, spread);
-    } else {
-      for (int i = 0; i < kChunk; ++i) part[i] = i < n ? _cvtsh_ss(scale[(c + i) >> shift]) : 0.0f;
-      ws = _mm256_load_ps(part);
-    }
-    __m256 d[kMaxRows];
-    for (int r = 0; r < rows; ++r) {
-      if (n == kChunk) {
-        d[r] = _mm256_mul_ps(ws, _mm256_loadu_ps(xd + r * d_stride + c));
-      } else {
-        for (int i = 0; i < kChunk; ++i) part[i] = i < n ? xd[r * d_stride + c + i] : 0.0f;
-        d[r] = _mm256_mul_ps(ws, _mm256_load_ps(part));
+  __m256 lo[rows], hi[rows];  // outputs 0-7, 8-15
+  for (int r = 0; r < rows; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256i u[16];  // the block's chunks unpacked: u[2c] outputs 0-7, u[2c + 1] outputs 8-15
+  for (int64_t g = 0, b = 0; b < blocks; ++g) {
+    const __m128i* h = reinterpret_cast<const __m128i*>(p);
+    const __m256 ws_lo = _mm256_cvtph_ps(_mm_loadu_si128(h)), ws_hi = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
+    const __m256 wm_lo = _mm256_cvtph_ps(_mm_loadu_si128(h + 2)), wm_hi = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
+    p += 64;
+    for (int64_t e = 0; e < per_group; ++e, ++b, p += 256) {
+      prefetch_ahead(p, 256);
+      for (int c = 0; c < 8; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
+        u[2 * c] = _mm256_and_si256(v, low);
+        u[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       }
-    }
-    for (int j = 0; j < n; ++j) {
-      const __m256i qv = unpack_block(w + (c + j) * 16);
-      const __m256i index = _mm256_set1_epi32(j);
       for (int r = 0; r < rows; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(qv, xv)), _mm256_permutevar8x32_ps(d[r], index), acc[r]);
+        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + r * q_stride + b * 32);
+#if ISA_LEVEL == 1
+        // int16 pair sums: |15 * 127 * 2| = 3,810 per chunk, 30,480 over 8 chunks — exact, no saturation
+        __m256i s_lo = _mm256_setzero_si256(), s_hi = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i x = _mm256_set1_epi32(x4[c]);
+          s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(u[2 * c], x));
+          s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(u[2 * c + 1], x));
+        }
+        const __m256i i_lo = _mm256_madd_epi16(s_lo, _mm256_set1_epi16(1));
+        const __m256i i_hi = _mm256_madd_epi16(s_hi, _mm256_set1_epi16(1));
+#else
+        __m256i i_lo = _mm256_setzero_si256(), i_hi = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i x = _mm256_set1_epi32(x4[c]);
+          i_lo = _mm256_dpbusd_avx_epi32(i_lo, u[2 * c], x);
+          i_hi = _mm256_dpbusd_avx_epi32(i_hi, u[2 * c + 1], x);
+        }
+#endif
+        const __m256 dx = _mm256_set1_ps(xd[r * d_stride + b]);
+        lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i_lo), _mm256_mul_ps(ws_lo, dx), lo[r]);
+        hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i_hi), _mm256_mul_ps(ws_hi, dx), hi[r]);
       }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const __m256 sum = _mm256_set1_ps(xs[r * gs_stride + g]);
+      lo[r] = _mm256_fmadd_ps(wm_lo, sum, lo[r]);
+      hi[r] = _mm256_fmadd_ps(wm_hi, sum, hi[r]);
     }
   }
-  for (int r = 0; r < rows; ++r) out[r] = hsum256(acc[r]);
+  for (int r = 0; r < rows; ++r) {
+    _mm256_storeu_ps(out + r * 16, lo[r]);
+    _mm256_storeu_ps(out + r * 16 + 8, hi[r]);
+  }
 #endif
-  for (int r = 0; r < rows; ++r) out[r] += dot_half(mins, xs + r * gs_stride, depth / group);
 }
 
 void dot_f32(const float* w, int64_t depth, const float* x, int64_t x_stride, int rows, float* out) {
@@ -453,17 +421,30 @@ void dot_q8(const int8_t* w, int64_t depth, const int8_t* xq, const float* xd, i
   }
 }
 
-void dot_q4(const uint8_t* w, int64_t depth, int64_t group, const uint16_t* scale, const uint16_t* mins,
-            const int8_t* xq, const float* xd, const float* xs, int64_t q_stride, int64_t d_stride,
-            int64_t gs_stride, int rows, float* out) {
-  switch (rows) {
-    case 1: return dot_q4_rows<1>(w, depth, group, scale, mins, xq, xd, xs, q_stride, d_stride, gs_stride, out);
-    case 2: return dot_q4_rows<2>(w, depth, group, scale, mins, xq, xd, xs, q_stride, d_stride, gs_stride, out);
-    case 3: return dot_q4_rows<3>(w, depth, group, scale, mins, xq, xd, xs, q_stride, d_stride, gs_stride, out);
-    default: return dot_q4_rows<4>(w, depth, group, scale, mins, xq, xd, xs, q_stride, d_stride, gs_stride, out);
+// Rows in one pass over a tile: up to kTileRows (8) on AVX-512; AVX2 has half the registers, so 4 at a time.
+void tile_q4(const uint8_t* tile, int64_t blocks, int64_t per_group, const int8_t* xq, const float* xd,
+             const float* xs, int64_t q_stride, int64_t d_stride, int64_t gs_stride, int rows, float* out) {
+#if ISA_LEVEL != 3
+  if (rows > 4) {
+    tile_q4(tile, blocks, per_group, xq, xd, xs, q_stride, d_stride, gs_stride, 4, out);
+    return tile_q4(tile, blocks, per_group, xq + 4 * q_stride, xd + 4 * d_stride, xs + 4 * gs_stride, q_stride,
+                   d_stride, gs_stride, rows - 4, out + 4 * 16);
   }
+#endif
+#define TILE_ROWS(n) case n: return tile_q4_rows<n>(tile, blocks, per_group, xq, xd, xs, q_stride, d_stride, gs_stride, out);
+  switch (rows) {
+    TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4)
+#if ISA_LEVEL == 3
+    TILE_ROWS(5) TILE_ROWS(6) TILE_ROWS(7)
+#endif
+    default: break;
+  }
+#undef TILE_ROWS
+#if ISA_LEVEL == 3
+  tile_q4_rows<8>(tile, blocks, per_group, xq, xd, xs, q_stride, d_stride, gs_stride, out);
+#endif
 }
 
-const Kernels kernels = {dot_f32, dot_q8, dot_q4, attend};
+const Kernels kernels = {dot_f32, dot_q8, tile_q4, attend};
 
 }  // namespace ISA_NS

@@ -6,8 +6,10 @@
 // side, each with its own position and cache. Every row is computed on its own (integer block sums, fp32 sums
 // in a fixed order, attention one row at a time), so its numbers never depend on the batch it shares.
 //
-// Linear layers read the store's weights in place (fp32, int8 per channel, int4 groups); activations are
-// quantized per block of 32 to int8 for the integer dot products (as llama.cpp does). The instruction set is
+// fp32 and int8 (per channel) linears read the store's weights in place; int4 linears read a copy of theirs
+// rewritten once as tiles of 16 outputs (tile_int4), whose vector lanes are outputs, as llama.cpp repacks Q4_0
+// for its GEMM. Activations are quantized per block of 32 to int8 for the integer dot products (as llama.cpp
+// does). The instruction set is
 // chosen at run time (see native_isa.h); work is shared by a persistent pool whose threads take chunks of
 // outputs from a counter, so a thread the OS has descheduled delays only the chunk it holds.
 #include <torch/extension.h>
@@ -28,13 +30,15 @@
 namespace {
 
 constexpr int kMaxRows = 4;  // activation rows sharing one pass over a weight row
+constexpr int kTileRows = 8;  // … over an int4 tile (16 outputs)
+constexpr int64_t kTile = 16;  // outputs per int4 tile
 constexpr int64_t kMaxBlocks = 2048;  // inputs per linear up to 65,536
 
 struct Kernels {
   void (*dot_f32)(const float*, int64_t, const float*, int64_t, int, float*);
   void (*dot_q8)(const int8_t*, int64_t, const int8_t*, const float*, int64_t, int64_t, int, float*);
-  void (*dot_q4)(const uint8_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, const int8_t*, const float*,
-                 const float*, int64_t, int64_t, int64_t, int, float*);
+  void (*tile_q4)(const uint8_t*, int64_t, int64_t, const int8_t*, const float*, const float*, int64_t, int64_t,
+                  int64_t, int, float*);
   void (*attend)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, float, float*, float*);
 };
 
@@ -196,17 +200,16 @@ class Pool {
 };
 
 // -- model -----------------------------------------------------------------------------------------------
-enum Kind { kF32 = 0, kInt8 = 1, kInt4 = 2 };
+enum Kind { kF32 = 0, kInt8 = 1, kInt4 = 2 };  // int4 as tiles (tile_int4)
 
 struct Linear {
   int kind = kF32;
   int64_t outputs = 0, inputs = 0, group = 0;
   const float* wf = nullptr;
   const int8_t* w8 = nullptr;
-  const uint8_t* w4 = nullptr;
   const float* scale = nullptr;     // int8: per output row
-  const uint16_t* scale16 = nullptr;  // int4: fp16 scale and min per group (as llama.cpp's Q4_1 stores them)
-  const uint16_t* mins16 = nullptr;
+  const uint8_t* tiles = nullptr;   // int4: tiles of 16 outputs (tile_int4), fp16 scales and mins inside
+  int64_t tile_bytes = 0;
   const float* bias = nullptr;
   const float* input_scale = nullptr;  // AWQ: inputs divided per channel before the product
 };
@@ -231,10 +234,8 @@ struct Quantized {
   std::vector<int8_t> q;
   std::vector<float> s, d;  // per block: sum of the quantized values, scale
   int64_t depth = 0;
-  bool split = false;       // int4 weights: each block's even inputs, then its odd ones (native_isa.h)
-  void fill(const float* x, int64_t rows, int64_t width, const float* input_scale, bool split_order) {
+  void fill(const float* x, int64_t rows, int64_t width, const float* input_scale) {
     depth = width;
-    split = split_order;
     const int64_t blocks = width / 32;
     q.resize(rows * width);
     s.resize(rows * blocks);
@@ -254,7 +255,7 @@ struct Quantized {
         int8_t* dst = q.data() + n * width + b * 32;
         for (int i = 0; i < 32; ++i) {
           const int8_t code = static_cast<int8_t>(std::nearbyint(tmp[i] * inverse));
-          dst[split ? (i >> 1) + (i & 1) * 16 : i] = code;
+          dst[i] = code;
           codes += code;
         }
         s[n * blocks + b] = scale * static_cast<float>(codes);
@@ -279,6 +280,54 @@ struct Quantized {
   std::vector<std::pair<int64_t, std::vector<float>>> by_group;  // few entries; pointers stay valid (reserved)
   Quantized() { by_group.reserve(8); }
 };
+
+// Bytes of one int4 tile: per group 16 fp16 scales and 16 fp16 mins, per block of 32 inputs 256 bytes.
+int64_t tile_bytes(int64_t inputs, int64_t group) { return inputs / group * 64 + inputs / 32 * 256; }
+
+// The store's int4 linear ([outputs, inputs / 2] bytes, even input in the low nibble; scale and min per
+// output and group) rewritten as tiles of 16 outputs for tile_q4 (native_isa.h describes the layout). Outputs
+// past the last multiple of 16 are zero codes with zero scale and min: they add nothing and are never stored.
+torch::Tensor tile_int4(torch::Tensor packed, torch::Tensor scale, torch::Tensor mins, int64_t group) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2, "packed int4 weight [outputs, inputs / 2]");
+  const int64_t outputs = packed.size(0), inputs = packed.size(1) * 2;
+  TORCH_CHECK(group % 32 == 0 && inputs % group == 0, "int4 groups must be a multiple of 32 dividing the inputs");
+  const int64_t groups = inputs / group, per = group / 32, tiles = (outputs + kTile - 1) / kTile;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == outputs && scale.size(1) == groups && mins.sizes() == scale.sizes(),
+              "one scale and min per output and group");
+  packed = packed.contiguous();
+  auto s16 = scale.to(torch::kFloat16).contiguous(), m16 = mins.to(torch::kFloat16).contiguous();
+  const int64_t bytes = tile_bytes(inputs, group);
+  auto out = torch::zeros({tiles, bytes}, torch::kUInt8);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(s16.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(m16.data_ptr<at::Half>());
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const auto code = [&](int64_t o, int64_t k) -> uint8_t {
+    return o < outputs ? (w[o * (inputs / 2) + k / 2] >> (4 * (k & 1))) & 0x0F : 0;
+  };
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* at_group = dst + t * bytes + g * (64 + per * 256);
+        uint16_t* sc = reinterpret_cast<uint16_t*>(at_group);
+        for (int64_t j = 0; j < kTile; ++j) {
+          const int64_t o = t * kTile + j;
+          sc[j] = o < outputs ? sp[o * groups + g] : 0;
+          sc[kTile + j] = o < outputs ? mp[o * groups + g] : 0;
+        }
+        for (int64_t e = 0; e < per; ++e) {
+          uint8_t* block = at_group + 64 + e * 256;
+          const int64_t first = (g * per + e) * 32;
+          for (int c = 0; c < 8; ++c)
+            for (int j = 0; j < 32; ++j) {
+              const int64_t o = t * kTile + j / 4, k = first + 4 * c + j % 4;
+              block[c * 32 + j] = static_cast<uint8_t>(code(o, k) | (code(o + 8, k) << 4));
+            }
+        }
+      }
+  });
+  return out;
+}
 
 class NativeModel {
  public:
@@ -468,18 +517,14 @@ class NativeModel {
       l.w8 = w.data_ptr<int8_t>();
       l.scale = f32(scale);
     } else {
-      TORCH_CHECK(w.dtype() == torch::kUInt8 && l.kind == kInt4, "packed int4 weight expected");
-      l.inputs = w.size(1) * 2;
-      TORCH_CHECK(l.group % 32 == 0 && l.inputs % l.group == 0 && ((l.group / 32) & (l.group / 32 - 1)) == 0,
-                  "int4 groups must be 32 times a power of two");
-      l.w4 = w.data_ptr<uint8_t>();
-      TORCH_CHECK(scale.dtype() == torch::kFloat16 && mins.dtype() == torch::kFloat16, "int4 scales as fp16");
-      scale = scale.contiguous();
-      mins = mins.contiguous();
-      keep_.push_back(scale);
-      keep_.push_back(mins);
-      l.scale16 = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-      l.mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+      TORCH_CHECK(l.kind == kInt4 && t.size() == 9 && w.dtype() == torch::kUInt8 && w.dim() == 2,
+                  "int4 weights come as tiles (tile_int4)");
+      l.outputs = t[7].cast<int64_t>();
+      l.inputs = t[8].cast<int64_t>();
+      TORCH_CHECK(l.group % 32 == 0 && l.inputs % l.group == 0 && w.size(0) == (l.outputs + kTile - 1) / kTile &&
+                  w.size(1) == tile_bytes(l.inputs, l.group), "int4 tiles do not match their shape");
+      l.tiles = w.data_ptr<uint8_t>();
+      l.tile_bytes = w.size(1);
     }
     TORCH_CHECK(l.kind == kF32 || l.inputs % 32 == 0, "inputs must be a multiple of 32");
     TORCH_CHECK(l.inputs <= kMaxBlocks * 32, "at most ", kMaxBlocks * 32, " inputs per linear");
@@ -513,18 +558,15 @@ class NativeModel {
   // y[n, offset(l) + o] for the linears side by side (fused QKV / gate-up), one pool job over all outputs.
   void project(const std::vector<Linear>& parts, const float* x, int64_t rows, float* y, int64_t y_width) {
     const int64_t inputs = parts[0].inputs;
-    // parts without their own input scale share one quantization of x (int4 and int8 parts need different orders)
+    // parts without their own input scale share one quantization of x
     std::vector<Quantized> quantized(parts.size());
     std::vector<Quantized*> qx(parts.size(), nullptr);
     for (size_t i = 0; i < parts.size(); ++i) {
       if (parts[i].kind == kF32) continue;
-      const bool split = parts[i].kind == kInt4;
       for (size_t j = 0; j < i && qx[i] == nullptr; ++j)
-        if (qx[j] != nullptr && parts[j].input_scale == nullptr && parts[i].input_scale == nullptr &&
-            qx[j]->split == split)
-          qx[i] = qx[j];
+        if (qx[j] != nullptr && parts[j].input_scale == nullptr && parts[i].input_scale == nullptr) qx[i] = qx[j];
       if (qx[i] == nullptr) {
-        quantized[i].fill(x, rows, inputs, parts[i].input_scale, split);
+        quantized[i].fill(x, rows, inputs, parts[i].input_scale);
         qx[i] = &quantized[i];
       }
     }
@@ -544,36 +586,49 @@ class NativeModel {
     int64_t row_bytes = 1;
     for (const auto& l : parts)
       row_bytes = std::max(row_bytes, l.kind == kF32 ? inputs * 4 : l.kind == kInt8 ? inputs : inputs / 2 + inputs / 8);
-    const int64_t span = std::max<int64_t>(1, (256 << 10) / row_bytes);
+    const int64_t span = std::max<int64_t>(kTile, (256 << 10) / row_bytes / kTile * kTile);
     const int64_t blocks = inputs / 32;
+    // outputs [o_begin, o_end) for rows n0 … n0 + nb - 1 (nb <= kTileRows)
     const auto tile = [&](int64_t o_begin, int64_t o_end, int64_t n0, int nb) {
-      float out[kMaxRows];
+      float out[kTileRows * kTile];
       size_t p = 0;
-      for (int64_t o = o_begin; o < o_end; ++o) {
+      for (int64_t o = o_begin; o < o_end;) {
         while (o >= offsets[p + 1]) ++p;
         const Linear& l = parts[p];
         const int64_t r = o - offsets[p];
         const Quantized* xq = qx[p];
-        if (l.kind == kF32) {
-          k_->dot_f32(l.wf + r * inputs, inputs, x + n0 * inputs, inputs, nb, out);
-        } else if (l.kind == kInt8) {
-          k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, inputs,
-                     blocks, nb, out);
-          for (int i = 0; i < nb; ++i) out[i] *= l.scale[r];
-        } else {
+        if (l.kind == kInt4) {  // the whole tile holding output r; store the part of it inside the range
+          const int64_t first = r / kTile * kTile, last = std::min({first + kTile, l.outputs, o_end - offsets[p]});
           const int64_t groups = inputs / l.group;
-          k_->dot_q4(l.w4 + r * inputs / 2, inputs, l.group, l.scale16 + r * groups, l.mins16 + r * groups,
-                     xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs, blocks,
-                     groups, nb, out);
+          k_->tile_q4(l.tiles + first / kTile * l.tile_bytes, blocks, l.group / 32, xq->q.data() + n0 * inputs,
+                      xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs, blocks, groups, nb, out);
+          for (int i = 0; i < nb; ++i)
+            for (int64_t j = r; j < last; ++j) {
+              const float v = out[i * kTile + j - first];
+              y[(n0 + i) * y_width + offsets[p] + j] = l.bias ? v + l.bias[j] : v;
+            }
+          o = offsets[p] + last;
+          continue;
         }
-        for (int i = 0; i < nb; ++i) y[(n0 + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
+        for (int i0 = 0; i0 < nb; i0 += kMaxRows) {
+          const int n = n0 + i0, count = std::min(kMaxRows, nb - i0);
+          if (l.kind == kF32) {
+            k_->dot_f32(l.wf + r * inputs, inputs, x + n * inputs, inputs, count, out);
+          } else {
+            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n * inputs, xq->d.data() + n * blocks, inputs,
+                       blocks, count, out);
+            for (int i = 0; i < count; ++i) out[i] *= l.scale[r];
+          }
+          for (int i = 0; i < count; ++i) y[(n + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
+        }
+        ++o;
       }
     };
     const std::function<void(int64_t)> work = [&](int64_t c) {
       const int64_t o_last = std::min(offsets.back(), (c + 1) * chunk);
       for (int64_t o_begin = c * chunk; o_begin < o_last; o_begin += span)
-        for (int64_t n0 = 0; n0 < rows; n0 += kMaxRows)
-          tile(o_begin, std::min(o_last, o_begin + span), n0, static_cast<int>(std::min<int64_t>(kMaxRows, rows - n0)));
+        for (int64_t n0 = 0; n0 < rows; n0 += kTileRows)
+          tile(o_begin, std::min(o_last, o_begin + span), n0, static_cast<int>(std::min<int64_t>(kTileRows, rows - n0)));
     };
     for (const auto& l : parts)
       TORCH_CHECK(l.kind != kF32 || l.input_scale == nullptr, "fp32 weights with an input scale");
@@ -615,6 +670,7 @@ class NativeModel {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "highest instruction-set level this CPU runs: 1 avx2, 2 avxvnni, 3 avx512vnni");
   m.def("isa_supported", &isa_supported, "whether this CPU runs a level");
+  m.def("tile_int4", &tile_int4, "an int4 linear as tiles of 16 outputs (the native layout)");
   py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<py::dict, torch::Tensor, torch::Tensor, py::tuple, py::list, torch::Tensor>())
       .def("step", &NativeModel::step, py::call_guard<py::gil_scoped_release>())
