@@ -200,24 +200,30 @@ def test_native_linears_compute_exactly_the_integer_arithmetic(method, isa):
                                    emulated_linear(module, x[:, :module.in_features]), atol=1e-5, rtol=1e-5)
 
 
-def int4_linear(outputs: int, inputs: int, group: int, seed: int) -> torch.nn.Linear:
+def quantized_linear(outputs: int, inputs: int, group: int, seed: int) -> torch.nn.Linear:
+    """int4 with groups of `group`, or int8 per channel for group 0."""
     torch.manual_seed(seed)
     module = torch.nn.Linear(inputs, outputs, bias=True)
     with torch.no_grad():
         module.bias.normal_()
-    qweights.set_int4(module, *qweights.quantize_weight_int4(module.weight, group), group, set())
+    if group:
+        qweights.set_int4(module, *qweights.quantize_weight_int4(module.weight, group), group, set())
+    else:
+        qweights.set_int8(module, *qweights.quantize_weight(module.weight), set())
     return module
 
 
-def test_int4_tiles_hold_every_output_and_every_isa_gives_the_same_bits():
-    """Tiles of 16 outputs: a linear whose outputs are no multiple of 16 (the last tile padded), groups of 32 to
-    128, 1 to 11 rows (one and more passes of 8): each output equals the integer arithmetic, and since vector lanes
-    are outputs (no lane sums), AVX2, AVX-VNNI and AVX-512 agree to the last bit."""
+def test_weight_tiles_hold_every_output_and_every_isa_gives_the_same_bits():
+    """Tiles of 16 outputs: linears whose outputs are no multiple of 16 (the last tile padded), int8 and int4 with
+    groups of 32 to 128, 1 to 11 rows (one and more passes of 8): each output equals the integer arithmetic, and
+    since vector lanes are outputs (no lane sums), AVX2, AVX-VNNI and AVX-512 agree to the last bit."""
     decoder = native.NativeDecoder(tiny("llama"))
-    for outputs, inputs, group in [(37, 256, 32), (16, 128, 64), (50, 384, 128), (1, 64, 32)]:
-        module = int4_linear(outputs, inputs, group, seed=outputs)
-        tiles = native.int4_tiles(module)
-        assert tiles.shape == ((outputs + 15) // 16, inputs // group * 64 + inputs // 32 * 256)
+    for outputs, inputs, group in [(37, 256, 32), (16, 128, 64), (50, 384, 128), (1, 64, 32), (37, 256, 0),
+                                   (3, 96, 0), (64, 128, 0)]:
+        module = quantized_linear(outputs, inputs, group, seed=outputs + group)
+        tiles = native.weight_tiles(module)
+        per_tile = inputs // group * 64 + inputs // 32 * 256 if group else 64 + inputs // 32 * 512
+        assert tiles.shape == ((outputs + 15) // 16, per_tile)
         spec = native.linear_spec(module)
         for rows in (1, 3, 8, 11):
             x = torch.randn(rows, inputs) * torch.linspace(0.1, 3, inputs)
@@ -230,31 +236,37 @@ def test_int4_tiles_hold_every_output_and_every_isa_gives_the_same_bits():
             assert all(torch.equal(r, results[0]) for r in results)
 
 
-def test_int4_tiles_are_made_once_and_remade_when_the_weights_change():
+@pytest.mark.parametrize("group", [0, 32])
+def test_weight_tiles_are_made_once_and_remade_when_the_weights_change(group):
     decoder = native.NativeDecoder(tiny("llama"))
-    module = int4_linear(32, 64, 32, seed=1)
-    first = native.int4_tiles(module)
-    assert native.int4_tiles(module) is first  # cached
+    module = quantized_linear(32, 64, group, seed=1)
+    first = native.weight_tiles(module)
+    assert native.weight_tiles(module) is first  # cached
     x = torch.randn(2, 64)
     before = decoder.impl.linear_forward(native.linear_spec(module), x)
+    packed = module.weight_int4 if group else module.weight_int8
     with torch.no_grad():
-        module.weight_int4.copy_(module.weight_int4.flip(0))  # in place: a new version, the same storage
-    assert native.int4_tiles(module) is not first
+        packed.copy_(packed.flip(0))  # in place: a new version, the same storage
+    assert native.weight_tiles(module) is not first
     after = decoder.impl.linear_forward(native.linear_spec(module), x)
     torch.testing.assert_close(after, emulated_linear(module, x), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after)
 
 
-def test_bad_int4_tiles_are_refused_clearly():
+def test_bad_weight_tiles_are_refused_clearly():
     decoder = native.NativeDecoder(tiny("llama"))
-    module = int4_linear(32, 64, 32, seed=2)
+    module = quantized_linear(32, 64, 32, seed=2)
     kind, group, tiles, *rest = native.linear_spec(module)
-    with pytest.raises(RuntimeError, match="int4 tiles do not match their shape"):
+    with pytest.raises(RuntimeError, match="weight tiles do not match their shape"):
         decoder.impl.linear_forward((kind, group, tiles[:1], *rest), torch.randn(1, 64))
-    with pytest.raises(RuntimeError, match="int4 weights come as tiles"):
+    with pytest.raises(RuntimeError, match="weight tiles do not match their shape"):
+        decoder.impl.linear_forward((1, group, tiles, *rest), torch.randn(1, 64))  # int4 tiles read as int8
+    with pytest.raises(RuntimeError, match="int8 and int4 weights come as tiles"):
         decoder.impl.linear_forward((kind, group, module.weight_int4, *rest[:4]), torch.randn(1, 64))
     with pytest.raises(RuntimeError, match="one scale and min per output and group"):
         native.library().tile_int4(module.weight_int4, module.weight_scale[:, :1], module.weight_min, 32)
+    with pytest.raises(RuntimeError, match="one scale per output"):
+        native.library().tile_int8(torch.zeros(4, 32, dtype=torch.int8), torch.ones(3))
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)

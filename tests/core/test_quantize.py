@@ -67,6 +67,26 @@ def test_method_stays_close_and_survives_save_and_reload(method, tiny_llama_dir,
         assert torch.equal(dequantize(names[name]), dequantize(dict(lm.model.named_modules())[name]))
 
 
+def test_the_estimate_counts_the_native_int4_tiles(tiny_llama_dir, tmp_path):
+    """The native path holds int4 (and int8) weights a second time, as tiles: a budget that ignored them would let a
+    load through that then outgrows it."""
+    from ryzanstein.engine import native
+    from ryzanstein.models.estimate import estimate_memory
+
+    lm = load_model_folder("tiny", tiny_llama_dir)
+    recipe = apply_method(lm.model, "int4-g32")
+    save_quantized(lm.model, tiny_llama_dir, tmp_path, recipe, {"method": "int4-g32"})
+    int4 = [m for m in lm.model.modules() if hasattr(m, "weight_int4")]
+    assert int4 and all(m.out_features % 16 == 0 for m in int4)  # no padded tile: the sizes must match exactly
+    estimate = estimate_memory(tmp_path, 1024)
+    try:
+        tiles = sum(native.weight_tiles(m).numel() for m in int4)
+    except native.NativeUnsupported:
+        tiles = sum(m.weight_int4.numel() + m.weight_scale.numel() * 4 for m in int4)  # no compiler: the formula
+    assert estimate.native_bytes == tiles > 0
+    assert estimate.load_bytes == estimate.weights_bytes + estimate.overhead_bytes + tiles
+
+
 def test_bitnet_is_ternary_and_measurably_worse(tiny_llama_dir, data):
     chunks, calib, reference = data
     lm = load_model_folder("tiny", tiny_llama_dir)

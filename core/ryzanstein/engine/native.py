@@ -2,8 +2,8 @@
 
 Supported: Llama, Mistral (without sliding window), Qwen2, Qwen3, Granite and Phi-3 decoders with RMSNorm,
 RoPE (default, linear, YaRN or our fixed NTK: whatever inverse frequencies the model's rotary embedding holds)
-and a gated SiLU MLP; weights fp32 or int8 (the store's formats, read in place) or int4 (rewritten once as
-tiles of 16 outputs, see int4_tiles); an fp32 KV cache with
+and a gated SiLU MLP; weights fp32 (read in place), int8 or int4 (rewritten once as tiles of 16 outputs,
+see weight_tiles); an fp32 KV cache with
 dense attention. Everything else — other architectures, bf16 weights, quantized or low-rank KV caches, sparse
 attention patterns, models split across the cluster, adapters — runs on the transformers path, which stays the
 reference. The engine picks the native path by itself; `decode_path="reference"` at load forces transformers.
@@ -131,11 +131,9 @@ def linear_spec(module: Any) -> tuple:
     bias = module.bias.detach() if module.bias is not None else EMPTY
     input_scale = getattr(module, "input_scale", None)
     input_scale = EMPTY if input_scale is None else input_scale.float()
-    if hasattr(module, "weight_int8"):
-        return (1, 0, module.weight_int8, module.weight_scale, EMPTY, bias, input_scale)
-    if hasattr(module, "weight_int4"):
-        return (2, module.int4_group, int4_tiles(module), EMPTY, EMPTY, bias, input_scale, module.out_features,
-                module.in_features)
+    if hasattr(module, "weight_int8") or hasattr(module, "weight_int4"):
+        return (1 if hasattr(module, "weight_int8") else 2, getattr(module, "int4_group", 0), weight_tiles(module),
+                EMPTY, EMPTY, bias, input_scale, module.out_features, module.in_features)
     if module.weight.dtype != torch.float32:
         raise NativeUnsupported(f"{module.weight.dtype} weights (fp32, int8 and int4 run natively)")
     if input_scale.numel():
@@ -143,16 +141,18 @@ def linear_spec(module: Any) -> tuple:
     return (0, 0, module.weight.detach(), EMPTY, EMPTY, bias, input_scale)
 
 
-def int4_tiles(module: Any) -> torch.Tensor:
-    """The int4 linear as the native kernel reads it: tiles of 16 outputs whose vector lanes are outputs (fp16
-    scales and mins inside). A copy of the weights (+0.625 byte per weight at groups of 32), made once per module
-    and remade only when its weights change."""
-    sources = (module.weight_int4, module.weight_scale, module.weight_min)
+def weight_tiles(module: Any) -> torch.Tensor:
+    """An int8 or int4 linear as the native kernels read it: tiles of 16 outputs whose vector lanes are outputs
+    (scales, and int4's mins, inside). A copy of the weights (int4 at groups of 32: +0.625 byte per weight; int8:
+    +1), made once per module and remade only when its weights change."""
+    int4 = hasattr(module, "weight_int4")
+    sources = (module.weight_int4, module.weight_scale, module.weight_min) if int4 else (module.weight_int8,
+                                                                                          module.weight_scale)
     key = tuple((t.data_ptr(), t._version) for t in sources)
-    cached = getattr(module, "_ryzanstein_int4_tiles", None)
+    cached = getattr(module, "_ryzanstein_tiles", None)
     if cached is None or cached[0] != key:
-        tiles = library().tile_int4(*sources, module.int4_group)
-        module._ryzanstein_int4_tiles = cached = (key, tiles)
+        tiles = library().tile_int4(*sources, module.int4_group) if int4 else library().tile_int8(*sources)
+        module._ryzanstein_tiles = cached = (key, tiles)
     return cached[1]
 
 

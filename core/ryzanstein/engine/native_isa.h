@@ -223,85 +223,96 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
     _mm_prefetch(static_cast<const char*>(p) + kPrefetchAhead + at, _MM_HINT_T0);
 }
 
-// int8 weights (natural input order) · int8 activations; xd: one scale per block.
+// int8 tiles (tile_int8 in native_step.cpp): 16 outputs' fp32 row scales, then per block of 32 inputs 8 chunks
+// of 64 bytes; chunk c holds inputs 4c..4c+3, byte j output j/4's input 4c + j%4. VNNI multiplies unsigned by
+// signed bytes, so the activations come offset by 128 (xu = x + 128, see Quantized::offset) and each block
+// subtracts 128 × its weights' sum, formed once for all rows: the integer block sums stay exact.
+// Per output, whatever the rows: acc += float(block sum) * xd block by block, then acc * row scale.
 template <int rows>
-void dot_q8_rows(const int8_t* w, int64_t depth, const int8_t* xq, const float* xd, int64_t q_stride,
-            int64_t d_stride, float* out) {
-  const int64_t blocks = depth / 32;
+void tile_q8_rows(const uint8_t* tile, int64_t blocks, const uint8_t* xu, const int8_t* xq, const float* xd,
+                  int64_t q_stride, int64_t d_stride, float* out) {
+  const float* row_scale = reinterpret_cast<const float*>(tile);
+  const int8_t* p = reinterpret_cast<const int8_t*>(tile + 64);
 #if ISA_LEVEL == 3
-  constexpr int kChunk = 16;
-  __m512 acc[kMaxRows], odd[kMaxRows];  // pairs 0, 2, 4… and 1, 3, 5… of each chunk
-  __m256 tail[kMaxRows];
-  for (int r = 0; r < rows; ++r) acc[r] = odd[r] = _mm512_setzero_ps(), tail[r] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < blocks; c += kChunk) {
-    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
-    prefetch_ahead(w + c * 32, kChunk * 32);
-    __m512 d[kMaxRows];
-    for (int r = 0; r < rows; ++r) d[r] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), xd + r * d_stride + c);
-    __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    // two pairs into two sums (two fma chains in flight)
-    const auto pair = [&](int at, __m512i lanes, __m512* sums) {
-      const __m512i wv = _mm512_loadu_si512(w + (c + at) * 32);
-      const __m512i aw = _mm512_abs_epi8(wv);
-      const __mmask64 negative = _mm512_movepi8_mask(wv);
-      for (int r = 0; r < rows; ++r) {
-        const __m512i xv = _mm512_loadu_si512(xq + r * q_stride + (c + at) * 32);
-        const __m512i sx = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-        sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(lanes, d[r]), sums[r]);
-      }
-    };
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-      pair(j, index, acc);
-      pair(j + 2, _mm512_add_epi32(index, _mm512_set1_epi32(2)), odd);
-      index = _mm512_add_epi32(index, _mm512_set1_epi32(4));
+  (void)xq;
+  __m512 acc[rows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < blocks; ++b, p += 512) {
+    prefetch_ahead(p, 512);
+    __m512i w[8];
+    __m512i offset = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {
+      w[c] = _mm512_loadu_si512(p + 64 * c);
+      offset = _mm512_dpbusd_epi32(offset, k128, w[c]);
     }
-    if (j + 2 <= n) {
-      pair(j, index, acc);
-      j += 2;
-    }
-    if (j < n) {  // an odd last block
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (c + j) * 32));
-      const __m256i aw = _mm256_sign_epi8(wv, wv);
-      for (int r = 0; r < rows; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
-        const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv, wv));
-        const __m256 dv = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_set1_epi32(j), d[r]));
-        tail[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, tail[r]);
-      }
-    }
-  }
-  for (int r = 0; r < rows; ++r) out[r] = hsum512(_mm512_add_ps(acc[r], odd[r])) + hsum256(tail[r]);
-#else
-  constexpr int kChunk = 8;
-  __m256 acc[kMaxRows];
-  for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
-  alignas(32) float part[kChunk];
-  for (int64_t c = 0; c < blocks; c += kChunk) {
-    const int n = static_cast<int>(std::min<int64_t>(kChunk, blocks - c));
-    prefetch_ahead(w + c * 32, kChunk * 32);
-    __m256 d[kMaxRows];
     for (int r = 0; r < rows; ++r) {
-      if (n == kChunk) {
-        d[r] = _mm256_loadu_ps(xd + r * d_stride + c);
-      } else {
-        for (int i = 0; i < kChunk; ++i) part[i] = i < n ? xd[r * d_stride + c + i] : 0.0f;
-        d[r] = _mm256_load_ps(part);
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(xu + r * q_stride + b * 32);
+      __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32(x4[0]), w[0]);
+      __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32(x4[1]), w[1]);
+      for (int c = 2; c < 8; c += 2) {
+        even = _mm512_dpbusd_epi32(even, _mm512_set1_epi32(x4[c]), w[c]);
+        odd = _mm512_dpbusd_epi32(odd, _mm512_set1_epi32(x4[c + 1]), w[c + 1]);
       }
-    }
-    for (int j = 0; j < n; ++j) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (c + j) * 32));
-      const __m256i aw = _mm256_sign_epi8(wv, wv);
-      const __m256i index = _mm256_set1_epi32(j);
-      for (int r = 0; r < rows; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * q_stride + (c + j) * 32));
-        const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv, wv));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(d[r], index), acc[r]);
-      }
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(even, odd), offset);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xd[r * d_stride + b]), acc[r]);
     }
   }
-  for (int r = 0; r < rows; ++r) out[r] = hsum256(acc[r]);
+  const __m512 scale = _mm512_loadu_ps(row_scale);
+  for (int r = 0; r < rows; ++r) _mm512_storeu_ps(out + r * 16, _mm512_mul_ps(acc[r], scale));
+#else
+  __m256 lo[rows], hi[rows];  // outputs 0-7, 8-15
+  for (int r = 0; r < rows; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+#if ISA_LEVEL == 1
+  (void)xu;
+  __m256i mag[16];  // |w| of the block's chunks: mag[2c] outputs 0-7, mag[2c + 1] outputs 8-15
+#else
+  (void)xq;
+  const __m256i k128 = _mm256_set1_epi8(static_cast<char>(0x80));
+#endif
+  __m256i w[16];
+  for (int64_t b = 0; b < blocks; ++b, p += 512) {
+    prefetch_ahead(p, 512);
+    for (int i = 0; i < 16; ++i) w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i));
+#if ISA_LEVEL == 1
+    // AVX2 multiplies unsigned by signed bytes into saturating int16 pairs: |w| times x carrying w's sign
+    // (|127 * 127 * 2| < 32,767), widened to int32 per chunk
+    for (int i = 0; i < 16; ++i) mag[i] = _mm256_sign_epi8(w[i], w[i]);
+    for (int r = 0; r < rows; ++r) {
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + r * q_stride + b * 32);
+      __m256i i_lo = _mm256_setzero_si256(), i_hi = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i x = _mm256_set1_epi32(x4[c]);
+        i_lo = _mm256_add_epi32(i_lo, dot_u8s8(mag[2 * c], _mm256_sign_epi8(x, w[2 * c])));
+        i_hi = _mm256_add_epi32(i_hi, dot_u8s8(mag[2 * c + 1], _mm256_sign_epi8(x, w[2 * c + 1])));
+      }
+#else
+    __m256i off_lo = _mm256_setzero_si256(), off_hi = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      off_lo = _mm256_dpbusd_avx_epi32(off_lo, k128, w[2 * c]);
+      off_hi = _mm256_dpbusd_avx_epi32(off_hi, k128, w[2 * c + 1]);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(xu + r * q_stride + b * 32);
+      __m256i i_lo = _mm256_setzero_si256(), i_hi = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i x = _mm256_set1_epi32(x4[c]);
+        i_lo = _mm256_dpbusd_avx_epi32(i_lo, x, w[2 * c]);
+        i_hi = _mm256_dpbusd_avx_epi32(i_hi, x, w[2 * c + 1]);
+      }
+      i_lo = _mm256_sub_epi32(i_lo, off_lo);
+      i_hi = _mm256_sub_epi32(i_hi, off_hi);
+#endif
+      const __m256 dx = _mm256_set1_ps(xd[r * d_stride + b]);
+      lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i_lo), dx, lo[r]);
+      hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i_hi), dx, hi[r]);
+    }
+  }
+  const __m256 s_lo = _mm256_loadu_ps(row_scale), s_hi = _mm256_loadu_ps(row_scale + 8);
+  for (int r = 0; r < rows; ++r) {
+    _mm256_storeu_ps(out + r * 16, _mm256_mul_ps(lo[r], s_lo));
+    _mm256_storeu_ps(out + r * 16 + 8, _mm256_mul_ps(hi[r], s_hi));
+  }
 #endif
 }
 
@@ -411,16 +422,6 @@ void dot_f32(const float* w, int64_t depth, const float* x, int64_t x_stride, in
   }
 }
 
-void dot_q8(const int8_t* w, int64_t depth, const int8_t* xq, const float* xd, int64_t q_stride,
-            int64_t d_stride, int rows, float* out) {
-  switch (rows) {
-    case 1: return dot_q8_rows<1>(w, depth, xq, xd, q_stride, d_stride, out);
-    case 2: return dot_q8_rows<2>(w, depth, xq, xd, q_stride, d_stride, out);
-    case 3: return dot_q8_rows<3>(w, depth, xq, xd, q_stride, d_stride, out);
-    default: return dot_q8_rows<4>(w, depth, xq, xd, q_stride, d_stride, out);
-  }
-}
-
 // Rows in one pass over a tile: up to kTileRows (8) on AVX-512; AVX2 has half the registers, so 4 at a time.
 void tile_q4(const uint8_t* tile, int64_t blocks, int64_t per_group, const int8_t* xq, const float* xd,
              const float* xs, int64_t q_stride, int64_t d_stride, int64_t gs_stride, int rows, float* out) {
@@ -445,6 +446,29 @@ void tile_q4(const uint8_t* tile, int64_t blocks, int64_t per_group, const int8_
 #endif
 }
 
-const Kernels kernels = {dot_f32, dot_q8, tile_q4, attend};
+void tile_q8(const uint8_t* tile, int64_t blocks, const uint8_t* xu, const int8_t* xq, const float* xd,
+             int64_t q_stride, int64_t d_stride, int rows, float* out) {
+#if ISA_LEVEL != 3
+  if (rows > 4) {
+    tile_q8(tile, blocks, xu, xq, xd, q_stride, d_stride, 4, out);
+    return tile_q8(tile, blocks, xu + 4 * q_stride, xq + 4 * q_stride, xd + 4 * d_stride, q_stride, d_stride,
+                   rows - 4, out + 4 * 16);
+  }
+#endif
+#define TILE_ROWS(n) case n: return tile_q8_rows<n>(tile, blocks, xu, xq, xd, q_stride, d_stride, out);
+  switch (rows) {
+    TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4)
+#if ISA_LEVEL == 3
+    TILE_ROWS(5) TILE_ROWS(6) TILE_ROWS(7)
+#endif
+    default: break;
+  }
+#undef TILE_ROWS
+#if ISA_LEVEL == 3
+  tile_q8_rows<8>(tile, blocks, xu, xq, xd, q_stride, d_stride, out);
+#endif
+}
+
+const Kernels kernels = {dot_f32, tile_q8, tile_q4, attend};
 
 }  // namespace ISA_NS

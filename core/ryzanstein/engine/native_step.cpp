@@ -36,7 +36,7 @@ constexpr int64_t kMaxBlocks = 2048;  // inputs per linear up to 65,536
 
 struct Kernels {
   void (*dot_f32)(const float*, int64_t, const float*, int64_t, int, float*);
-  void (*dot_q8)(const int8_t*, int64_t, const int8_t*, const float*, int64_t, int64_t, int, float*);
+  void (*tile_q8)(const uint8_t*, int64_t, const uint8_t*, const int8_t*, const float*, int64_t, int64_t, int, float*);
   void (*tile_q4)(const uint8_t*, int64_t, int64_t, const int8_t*, const float*, const float*, int64_t, int64_t,
                   int64_t, int, float*);
   void (*attend)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, float, float*, float*);
@@ -200,15 +200,13 @@ class Pool {
 };
 
 // -- model -----------------------------------------------------------------------------------------------
-enum Kind { kF32 = 0, kInt8 = 1, kInt4 = 2 };  // int4 as tiles (tile_int4)
+enum Kind { kF32 = 0, kInt8 = 1, kInt4 = 2 };  // int8 and int4 as tiles (tile_int8, tile_int4)
 
 struct Linear {
   int kind = kF32;
   int64_t outputs = 0, inputs = 0, group = 0;
   const float* wf = nullptr;
-  const int8_t* w8 = nullptr;
-  const float* scale = nullptr;     // int8: per output row
-  const uint8_t* tiles = nullptr;   // int4: tiles of 16 outputs (tile_int4), fp16 scales and mins inside
+  const uint8_t* tiles = nullptr;   // int8 / int4: tiles of 16 outputs (tile_int8 / tile_int4), scales inside
   int64_t tile_bytes = 0;
   const float* bias = nullptr;
   const float* input_scale = nullptr;  // AWQ: inputs divided per channel before the product
@@ -262,6 +260,15 @@ struct Quantized {
         d[n * blocks + b] = scale;
       }
   }
+  // the codes + 128 as unsigned bytes, for int8 weights (VNNI multiplies unsigned by signed bytes)
+  const uint8_t* offset() {
+    if (unsigned_codes.empty()) {
+      unsigned_codes.resize(q.size());
+      for (size_t i = 0; i < q.size(); ++i) unsigned_codes[i] = static_cast<uint8_t>(q[i] ^ 0x80);
+    }
+    return unsigned_codes.data();
+  }
+  std::vector<uint8_t> unsigned_codes;
   // sums of x̂ over groups of `group` inputs (block sums added in order), for the int4 min term
   const float* group_sums(int64_t group, int64_t rows) {
     for (auto& [size, sums] : by_group)
@@ -325,6 +332,39 @@ torch::Tensor tile_int4(torch::Tensor packed, torch::Tensor scale, torch::Tensor
             }
         }
       }
+  });
+  return out;
+}
+
+// Bytes of one int8 tile: 16 fp32 row scales, then per block of 32 inputs 512 bytes.
+int64_t tile_bytes_int8(int64_t inputs) { return 64 + inputs / 32 * 512; }
+
+// The store's int8 linear ([outputs, inputs], one fp32 scale per output) as tiles of 16 outputs for tile_q8
+// (native_isa.h); the padded outputs of a last partial tile have zero weights and scale.
+torch::Tensor tile_int8(torch::Tensor weight, torch::Tensor scale) {
+  TORCH_CHECK(weight.dtype() == torch::kInt8 && weight.dim() == 2 && weight.size(1) % 32 == 0,
+              "int8 weight [outputs, inputs], inputs a multiple of 32");
+  const int64_t outputs = weight.size(0), inputs = weight.size(1), tiles = (outputs + kTile - 1) / kTile;
+  TORCH_CHECK(scale.numel() == outputs, "one scale per output");
+  weight = weight.contiguous();
+  auto s32 = scale.to(torch::kFloat32).contiguous();
+  const int64_t bytes = tile_bytes_int8(inputs);
+  auto out = torch::zeros({tiles, bytes}, torch::kUInt8);
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* sp = s32.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      uint8_t* tile = dst + t * bytes;
+      float* sc = reinterpret_cast<float*>(tile);
+      for (int64_t j = 0; j < kTile; ++j) sc[j] = t * kTile + j < outputs ? sp[t * kTile + j] : 0.0f;
+      for (int64_t b = 0; b < inputs / 32; ++b)
+        for (int c = 0; c < 8; ++c)
+          for (int j = 0; j < 64; ++j) {
+            const int64_t o = t * kTile + j / 4, k = b * 32 + 4 * c + j % 4;
+            tile[64 + b * 512 + c * 64 + j] = o < outputs ? static_cast<uint8_t>(w[o * inputs + k]) : 0;
+          }
+    }
   });
   return out;
 }
@@ -511,18 +551,15 @@ class NativeModel {
       TORCH_CHECK(w.dtype() == torch::kFloat32, "fp32 weight expected");
       l.inputs = w.size(1);
       l.wf = w.data_ptr<float>();
-    } else if (l.kind == kInt8) {
-      TORCH_CHECK(w.dtype() == torch::kInt8, "int8 weight expected");
-      l.inputs = w.size(1);
-      l.w8 = w.data_ptr<int8_t>();
-      l.scale = f32(scale);
     } else {
-      TORCH_CHECK(l.kind == kInt4 && t.size() == 9 && w.dtype() == torch::kUInt8 && w.dim() == 2,
-                  "int4 weights come as tiles (tile_int4)");
+      TORCH_CHECK((l.kind == kInt8 || l.kind == kInt4) && t.size() == 9 && w.dtype() == torch::kUInt8 && w.dim() == 2,
+                  "int8 and int4 weights come as tiles (tile_int8, tile_int4)");
       l.outputs = t[7].cast<int64_t>();
       l.inputs = t[8].cast<int64_t>();
-      TORCH_CHECK(l.group % 32 == 0 && l.inputs % l.group == 0 && w.size(0) == (l.outputs + kTile - 1) / kTile &&
-                  w.size(1) == tile_bytes(l.inputs, l.group), "int4 tiles do not match their shape");
+      const bool fits = l.kind == kInt8 ? l.inputs % 32 == 0 && w.size(1) == tile_bytes_int8(l.inputs)
+                                        : l.group % 32 == 0 && l.inputs % l.group == 0 &&
+                                              w.size(1) == tile_bytes(l.inputs, l.group);
+      TORCH_CHECK(fits && w.size(0) == (l.outputs + kTile - 1) / kTile, "weight tiles do not match their shape");
       l.tiles = w.data_ptr<uint8_t>();
       l.tile_bytes = w.size(1);
     }
@@ -571,8 +608,11 @@ class NativeModel {
       }
     }
     std::vector<const float*> sums(parts.size(), nullptr);  // int4: x summed per group
-    for (size_t i = 0; i < parts.size(); ++i)
+    std::vector<const uint8_t*> offsets8(parts.size(), nullptr);  // int8: codes + 128
+    for (size_t i = 0; i < parts.size(); ++i) {  // made here, before the threads share them
       if (parts[i].kind == kInt4) sums[i] = qx[i]->group_sums(parts[i].group, rows);
+      if (parts[i].kind == kInt8) offsets8[i] = qx[i]->offset();
+    }
     std::vector<int64_t> offsets{0};
     for (const auto& l : parts) offsets.push_back(offsets.back() + l.outputs);
     // about four chunks per thread: enough to rebalance when a thread is descheduled, few enough that taking
@@ -585,7 +625,7 @@ class NativeModel {
     // weight row is read from memory once per call, not once per row tile (a 7B layer's chunk is megabytes).
     int64_t row_bytes = 1;
     for (const auto& l : parts)
-      row_bytes = std::max(row_bytes, l.kind == kF32 ? inputs * 4 : l.kind == kInt8 ? inputs : inputs / 2 + inputs / 8);
+      row_bytes = std::max(row_bytes, l.kind == kF32 ? inputs * 4 : l.tile_bytes / kTile);
     const int64_t span = std::max<int64_t>(kTile, (256 << 10) / row_bytes / kTile * kTile);
     const int64_t blocks = inputs / 32;
     // outputs [o_begin, o_end) for rows n0 … n0 + nb - 1 (nb <= kTileRows)
@@ -597,11 +637,17 @@ class NativeModel {
         const Linear& l = parts[p];
         const int64_t r = o - offsets[p];
         const Quantized* xq = qx[p];
-        if (l.kind == kInt4) {  // the whole tile holding output r; store the part of it inside the range
+        if (l.kind != kF32) {  // the whole tile holding output r; store the part of it inside the range
           const int64_t first = r / kTile * kTile, last = std::min({first + kTile, l.outputs, o_end - offsets[p]});
-          const int64_t groups = inputs / l.group;
-          k_->tile_q4(l.tiles + first / kTile * l.tile_bytes, blocks, l.group / 32, xq->q.data() + n0 * inputs,
-                      xq->d.data() + n0 * blocks, sums[p] + n0 * groups, inputs, blocks, groups, nb, out);
+          const uint8_t* at = l.tiles + first / kTile * l.tile_bytes;
+          if (l.kind == kInt8) {
+            k_->tile_q8(at, blocks, offsets8[p] + n0 * inputs, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks,
+                        inputs, blocks, nb, out);
+          } else {
+            const int64_t groups = inputs / l.group;
+            k_->tile_q4(at, blocks, l.group / 32, xq->q.data() + n0 * inputs, xq->d.data() + n0 * blocks,
+                        sums[p] + n0 * groups, inputs, blocks, groups, nb, out);
+          }
           for (int i = 0; i < nb; ++i)
             for (int64_t j = r; j < last; ++j) {
               const float v = out[i * kTile + j - first];
@@ -610,15 +656,9 @@ class NativeModel {
           o = offsets[p] + last;
           continue;
         }
-        for (int i0 = 0; i0 < nb; i0 += kMaxRows) {
+        for (int i0 = 0; i0 < nb; i0 += kMaxRows) {  // fp32: one weight row at a time
           const int n = n0 + i0, count = std::min(kMaxRows, nb - i0);
-          if (l.kind == kF32) {
-            k_->dot_f32(l.wf + r * inputs, inputs, x + n * inputs, inputs, count, out);
-          } else {
-            k_->dot_q8(l.w8 + r * inputs, inputs, xq->q.data() + n * inputs, xq->d.data() + n * blocks, inputs,
-                       blocks, count, out);
-            for (int i = 0; i < count; ++i) out[i] *= l.scale[r];
-          }
+          k_->dot_f32(l.wf + r * inputs, inputs, x + n * inputs, inputs, count, out);
           for (int i = 0; i < count; ++i) y[(n + i) * y_width + o] = l.bias ? out[i] + l.bias[r] : out[i];
         }
         ++o;
@@ -671,6 +711,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "highest instruction-set level this CPU runs: 1 avx2, 2 avxvnni, 3 avx512vnni");
   m.def("isa_supported", &isa_supported, "whether this CPU runs a level");
   m.def("tile_int4", &tile_int4, "an int4 linear as tiles of 16 outputs (the native layout)");
+  m.def("tile_int8", &tile_int8, "an int8 linear as tiles of 16 outputs (the native layout)");
   py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<py::dict, torch::Tensor, torch::Tensor, py::tuple, py::list, torch::Tensor>())
       .def("step", &NativeModel::step, py::call_guard<py::gil_scoped_release>())

@@ -24,11 +24,12 @@ class MemoryEstimate:
     overhead_bytes: int
     kv_cache_bytes: int
     context_tokens: int
+    native_bytes: int = 0  # the native decode path's copy of int8/int4 weights as tiles (engine/native.py)
 
     @property
     def load_bytes(self) -> int:
         """What a load itself adds to the process: comparable with the measured figure."""
-        return self.weights_bytes + self.overhead_bytes
+        return self.weights_bytes + self.overhead_bytes + self.native_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -114,6 +115,23 @@ def kv_cache_bytes(config: dict, context_tokens: int, bytes_per_element: int = 4
     return 2 * layers * kv_heads * head_dim * context_tokens * bytes_per_element
 
 
+def native_tile_bytes(folder: Path) -> int:
+    """Bytes of the native path's weight tiles: int4 and int8 codes again, int4 with fp16 (half of fp32) scales
+    and mins, int8 with its fp32 row scales."""
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        header = {n: t for n, t in safetensors_header(file).items() if n != "__metadata__"}
+        for name, tensor in header.items():
+            for packed, sides, divisor in ((".weight_int4", (".weight_scale", ".weight_min"), 2),
+                                           (".weight_int8", (".weight_scale",), 1)):
+                if name.endswith(packed):
+                    total += tensor["data_offsets"][1] - tensor["data_offsets"][0]
+                    for side in sides:
+                        offsets = header.get(name.removesuffix(packed) + side, {}).get("data_offsets", (0, 0))
+                        total += (offsets[1] - offsets[0]) // divisor
+    return total
+
+
 def estimate_memory(folder: Path, context_tokens: int) -> MemoryEstimate:
     config = json.loads((folder / "config.json").read_text())
     parameters, dtype = count_parameters(folder)
@@ -128,4 +146,5 @@ def estimate_memory(folder: Path, context_tokens: int) -> MemoryEstimate:
         overhead_bytes=int(weights * OVERHEAD_FRACTION) + OVERHEAD_FIXED_BYTES,
         kv_cache_bytes=kv_cache_bytes(config, context_tokens),
         context_tokens=context_tokens,
+        native_bytes=native_tile_bytes(folder) if quantized else 0,
     )

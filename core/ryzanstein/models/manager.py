@@ -281,7 +281,8 @@ class ModelManager:
                        else "every loaded model is busy")
                 raise OutOfMemoryBudget(
                     f"Loading {name!r} needs ~{needed / MB:.0f} MiB (weights {estimate.weights_bytes / MB:.0f} + "
-                    f"overhead {estimate.overhead_bytes / MB:.0f} + KV cache {estimate.kv_cache_bytes / MB:.0f} at "
+                    f"overhead {estimate.overhead_bytes / MB:.0f} + weight tiles {estimate.native_bytes / MB:.0f} + "
+                    f"KV cache {estimate.kv_cache_bytes / MB:.0f} at "
                     f"{estimate.context_tokens} tokens), but {self.reserved_bytes() / MB:.0f} of the "
                     f"{self.budget_bytes / MB:.0f} MiB budget is taken ({loaded or 'nothing loaded'}) and {why}. "
                     "Unload a model, raise the memory budget, or lower the context length.")
