@@ -16,6 +16,7 @@ bandwidth: batch-1 decode cannot be faster than that.
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import threading
@@ -61,6 +62,8 @@ def weight_bytes_per_token(model: Any, native: bool = False) -> int:
             if buffer is not None:
                 halved = native and name in ("weight_scale", "weight_min") and hasattr(module, "weight_int4")
                 total += buffer.numel() * (2 if halved else buffer.element_size())
+        if getattr(module, "_ryzanstein_released", False):  # codes the native path holds as tiles only
+            total += math.prod(module._ryzanstein_store_shape)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_reads_embed = (head is not None and not is_quantized(head)

@@ -152,6 +152,7 @@ def emulated_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """y as native_step.cpp defines it: x quantized per block of 32 (scale amax/127, round half to even), exact
     integer block sums, times the activation and weight scales; int4 adds min · (sum of the quantized x per
     group), so the result is w · x̂ exactly."""
+    qweights.store_layout(module)  # the codes in the store's layout (the native path may hold only tiles)
     flat = x.reshape(-1, x.shape[-1]).float()
     blocks = flat.reshape(flat.shape[0], -1, 32)
     d32 = blocks.abs().amax(-1) / 127  # in float32, as the kernel does: codes must match exactly
@@ -251,6 +252,44 @@ def test_weight_tiles_are_made_once_and_remade_when_the_weights_change(group):
     after = decoder.impl.linear_forward(native.linear_spec(module), x)
     torch.testing.assert_close(after, emulated_linear(module, x), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4-g64"])
+def test_attached_weights_live_once_and_come_back_exactly_when_needed(method):
+    """Once the decoder attaches, the store-layout codes are released (the tiles hold them: a 7B int4 model must
+    not take twice its size); the transformers path, saving and dequantizing get them back bit for bit, and the
+    native step goes on reading the same tiles."""
+    from ryzanstein.quant.io import quantized_state
+
+    model = tiny("llama")
+    quantize(model, method)
+    quantized = [m for m in model.modules() if qweights.is_quantized(m)]
+
+    def codes(m):
+        return m.weight_int4 if hasattr(m, "weight_int4") else m.weight_int8
+
+    before = {id(m): codes(m).clone() for m in quantized}
+    sizes = {id(m): qweights.linear_bytes(m) for m in quantized}
+    expected = reference_logits(model, IDS[:10])
+    got, runner = engine_logits(model, IDS[:10])
+    try:
+        assert all(codes(m).numel() == 0 for m in quantized)  # released: the tiles hold the codes
+        assert all(qweights.linear_bytes(m) == sizes[id(m)] for m in quantized)
+        tiles = {id(m): native.weight_tiles(m).data_ptr() for m in quantized}
+        torch.testing.assert_close(reference_logits(model, IDS[:10]), expected, atol=0, rtol=0)  # rebuilt exactly
+        assert all(torch.equal(codes(m), before[id(m)]) for m in quantized)
+        state = quantized_state(model)
+        head = model.get_output_embeddings()
+        assert torch.equal(state["lm_head.weight_int8"], before[id(head)])  # the head is int8 in both recipes
+        down, kind = model.model.layers[0].mlp.down_proj, "weight_int8" if method == "int8" else "weight_int4"
+        assert torch.equal(state[f"model.layers.0.mlp.down_proj.{kind}"], before[id(down)])
+        assert {id(m): native.weight_tiles(m).data_ptr() for m in quantized} == tiles  # nothing remade
+        kv = runner.cache("again")
+        kv.reserve(16)
+        again = runner.forward(build_rows([(kv, IDS[:10], 0, False, "all")]), "prefill")
+        assert torch.equal(again, got[:10])  # the step still reads the same tiles, after the restore too
+    finally:
+        runner.close()
 
 
 def test_bad_weight_tiles_are_refused_clearly():

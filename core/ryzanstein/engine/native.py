@@ -124,16 +124,18 @@ def library() -> Any:
 EMPTY = torch.empty(0)
 
 
-def linear_spec(module: Any) -> tuple:
-    """(kind, group, weight, scale, mins, bias, input_scale) as native_step.cpp reads a linear."""
+def linear_spec(module: Any, tiles: bool = True) -> tuple:
+    """(kind, group, weight, scale, mins, bias, input_scale[, outputs, inputs]) as native_step.cpp reads a linear;
+    tiles=False only checks that it fits (no tiles are made)."""
     if type(module) is not torch.nn.Linear:
         raise NativeUnsupported(f"{type(module).__name__} layers (adapters or custom linears)")
     bias = module.bias.detach() if module.bias is not None else EMPTY
     input_scale = getattr(module, "input_scale", None)
     input_scale = EMPTY if input_scale is None else input_scale.float()
     if hasattr(module, "weight_int8") or hasattr(module, "weight_int4"):
-        return (1 if hasattr(module, "weight_int8") else 2, getattr(module, "int4_group", 0), weight_tiles(module),
-                EMPTY, EMPTY, bias, input_scale, module.out_features, module.in_features)
+        return (1 if hasattr(module, "weight_int8") else 2, getattr(module, "int4_group", 0),
+                weight_tiles(module) if tiles else EMPTY, EMPTY, EMPTY, bias, input_scale, module.out_features,
+                module.in_features)
     if module.weight.dtype != torch.float32:
         raise NativeUnsupported(f"{module.weight.dtype} weights (fp32, int8 and int4 run natively)")
     if input_scale.numel():
@@ -141,19 +143,58 @@ def linear_spec(module: Any) -> tuple:
     return (0, 0, module.weight.detach(), EMPTY, EMPTY, bias, input_scale)
 
 
+def _sources(module: Any) -> tuple[torch.Tensor, ...]:
+    if hasattr(module, "weight_int4"):
+        return module.weight_int4, module.weight_scale, module.weight_min
+    return module.weight_int8, module.weight_scale
+
+
+def _key(module: Any) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in _sources(module))
+
+
 def weight_tiles(module: Any) -> torch.Tensor:
     """An int8 or int4 linear as the native kernels read it: tiles of 16 outputs whose vector lanes are outputs
-    (scales, and int4's mins, inside). A copy of the weights (int4 at groups of 32: +0.625 byte per weight; int8:
-    +1), made once per module and remade only when its weights change."""
-    int4 = hasattr(module, "weight_int4")
-    sources = (module.weight_int4, module.weight_scale, module.weight_min) if int4 else (module.weight_int8,
-                                                                                          module.weight_scale)
-    key = tuple((t.data_ptr(), t._version) for t in sources)
+    (scales, and int4's mins, inside). Made once per module and remade only when its weights change; once the
+    decoder attaches, the store layout's codes are released (release_store_layout), so they live in memory once."""
     cached = getattr(module, "_ryzanstein_tiles", None)
-    if cached is None or cached[0] != key:
-        tiles = library().tile_int4(*sources, module.int4_group) if int4 else library().tile_int8(*sources)
-        module._ryzanstein_tiles = cached = (key, tiles)
+    if getattr(module, "_ryzanstein_released", False):
+        return cached[1]
+    if cached is None or cached[0] != _key(module):
+        sources = _sources(module)
+        tiles = (library().tile_int4(*sources, module.int4_group) if hasattr(module, "weight_int4")
+                 else library().tile_int8(*sources))
+        module._ryzanstein_tiles = cached = (_key(module), tiles)
     return cached[1]
+
+
+def release_store_layout(model: Any) -> None:
+    """Drop the store-layout codes of every tiled linear (its tiles hold the same codes): int4/int8 weights then
+    sit in memory once, plus the tiles' fp16 scales. Whatever needs the store layout again — the transformers
+    path, saving, dequantizing — rebuilds it exactly (qweights.store_layout → restore_store_layout)."""
+    for module in model.modules():
+        if getattr(module, "_ryzanstein_tiles", None) is None or getattr(module, "_ryzanstein_released", False):
+            continue
+        if module._ryzanstein_tiles[0] != _key(module):
+            continue  # stale tiles: the next weight_tiles remakes them
+        name = "weight_int4" if hasattr(module, "weight_int4") else "weight_int8"
+        codes = getattr(module, name)
+        module._ryzanstein_store_shape = tuple(codes.shape)
+        setattr(module, name, torch.empty(0, dtype=codes.dtype))
+        module._ryzanstein_released = True
+
+
+def restore_store_layout(module: Any) -> None:
+    """The store-layout codes back from the tiles, bit for bit; the tiles stay valid (nothing is remade)."""
+    tiles = module._ryzanstein_tiles[1]
+    outputs, inputs = module.out_features, module.in_features
+    with torch.inference_mode(False):  # a normal tensor, as loaded (a forward may be running in inference mode)
+        if hasattr(module, "weight_int4"):
+            module.weight_int4 = library().untile_int4(tiles, outputs, inputs, module.int4_group)
+        else:
+            module.weight_int8 = library().untile_int8(tiles, outputs, inputs)
+    module._ryzanstein_released = False
+    module._ryzanstein_tiles = (_key(module), tiles)
 
 
 def _norm(module: Any) -> torch.Tensor:
@@ -169,8 +210,9 @@ def _eps(module: Any) -> float:
     raise NativeUnsupported(f"{type(module).__name__} has no epsilon")
 
 
-def describe(model: Any) -> tuple[dict, torch.Tensor, torch.Tensor, tuple, list, torch.Tensor]:
-    """The constructor arguments of NativeModel, or NativeUnsupported naming what does not fit."""
+def describe(model: Any, tiles: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor, tuple, list, torch.Tensor]:
+    """The constructor arguments of NativeModel, or NativeUnsupported naming what does not fit (tiles=False: only
+    the check, no weight tiles made)."""
     config = model.config.get_text_config()
     if config.model_type not in ARCHITECTURES:
         raise NativeUnsupported(f"architecture {config.model_type!r} (native: {', '.join(ARCHITECTURES)})")
@@ -209,26 +251,26 @@ def describe(model: Any) -> tuple[dict, torch.Tensor, torch.Tensor, tuple, list,
         if not {"input_layernorm", "post_attention_layernorm"} <= set(dict(layer.named_children())):
             raise NativeUnsupported("a layer without pre-attention and pre-MLP norms")
         if hasattr(attn, "qkv_proj"):
-            qkv = [linear_spec(attn.qkv_proj)]
+            qkv = [linear_spec(attn.qkv_proj, tiles)]
         else:
-            qkv = [linear_spec(attn.q_proj), linear_spec(attn.k_proj), linear_spec(attn.v_proj)]
+            qkv = [linear_spec(attn.q_proj, tiles), linear_spec(attn.k_proj, tiles), linear_spec(attn.v_proj, tiles)]
         if hasattr(mlp, "gate_up_proj"):
-            gate_up = [linear_spec(mlp.gate_up_proj)]
+            gate_up = [linear_spec(mlp.gate_up_proj, tiles)]
         else:
-            gate_up = [linear_spec(mlp.gate_proj), linear_spec(mlp.up_proj)]
+            gate_up = [linear_spec(mlp.gate_proj, tiles), linear_spec(mlp.up_proj, tiles)]
         q_norm = _norm(attn.q_norm) if getattr(attn, "q_norm", None) is not None else EMPTY
         k_norm = _norm(attn.k_norm) if getattr(attn, "k_norm", None) is not None else EMPTY
         if q_norm.numel() and q_norm.numel() != first.head_dim:
             raise NativeUnsupported("q/k norms over the whole projection")
         described.append((_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm), q_norm, k_norm,
-                          qkv, linear_spec(attn.o_proj), gate_up, linear_spec(mlp.down_proj)))
+                          qkv, linear_spec(attn.o_proj, tiles), gate_up, linear_spec(mlp.down_proj, tiles)))
         extra_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
         if any(getattr(layer, n, None) is not None for n in extra_norms):
             raise NativeUnsupported("extra per-layer norms")
     head = model.get_output_embeddings()
     if head is None:
         raise NativeUnsupported("no output head")
-    return spec, embed, _norm(body.norm), linear_spec(head), described, rotary.inv_freq.detach().float()
+    return spec, embed, _norm(body.norm), linear_spec(head, tiles), described, rotary.inv_freq.detach().float()
 
 
 def usable_cores() -> int:
@@ -306,6 +348,7 @@ class NativeDecoder:
         self.kv_heads, self.head_dim = args[0]["kv_heads"], args[0]["head_dim"]
         self.isa = chosen_isa()
         self.impl = library().NativeModel(*args)
+        release_store_layout(model)
         self.watched = self._watched()  # the C++ side holds pointers: a replaced tensor must not go unseen
         self.impl.set_isa(ISA_LEVELS[self.isa])
         self.policy: ThreadPolicy | None = None
@@ -324,8 +367,8 @@ class NativeDecoder:
         as an adapter swap keep the storage, which the native step reads directly)."""
         head = self.model.get_output_embeddings()
         tensors = [self.model.get_input_embeddings().weight]
-        quantized = [getattr(head, name) for name in ("weight_int4", "weight_int8") if hasattr(head, name)]
-        tensors += quantized or [head.weight]
+        tiled = getattr(head, "_ryzanstein_tiles", None)  # the tiles this step reads (a restore keeps them)
+        tensors += [tiled[1] if tiled is not None else head.weight]
         return tuple(t.data_ptr() if t.device.type != "meta" else -1 for t in tensors)
 
     def set_threads(self, threads: int, spin: int = SPIN) -> None:
@@ -369,7 +412,7 @@ def prepare(model: Any) -> None:
     if getattr(model, "ryzanstein_decode_path", "auto") == "reference":
         return
     try:
-        describe(model)
+        describe(model, tiles=False)
         chosen_isa()
         library()
     except (NativeUnsupported, InvalidRequest):
@@ -392,7 +435,7 @@ def require_native(model: Any, kv_cache: str, pattern: str, batching: bool) -> N
     if blocker:
         reasons.append(blocker)
     try:
-        describe(model)
+        describe(model, tiles=False)
         chosen_isa()
         library()
     except NativeUnsupported as exc:

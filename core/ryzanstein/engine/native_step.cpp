@@ -369,6 +369,55 @@ torch::Tensor tile_int8(torch::Tensor weight, torch::Tensor scale) {
   return out;
 }
 
+// The store's layout back from tiles (exact: tiles hold the same codes), for whoever needs it after the native
+// path released it (native.py restore_store_layout): int4 packed bytes [outputs, inputs / 2], int8 [outputs, inputs].
+torch::Tensor untile_int4(torch::Tensor tiles, int64_t outputs, int64_t inputs, int64_t group) {
+  TORCH_CHECK(tiles.dtype() == torch::kUInt8 && tiles.dim() == 2 && group % 32 == 0 && inputs % group == 0 &&
+              tiles.size(0) == (outputs + kTile - 1) / kTile && tiles.size(1) == tile_bytes(inputs, group),
+              "weight tiles do not match their shape");
+  tiles = tiles.contiguous();
+  const int64_t per = group / 32, bytes = tiles.size(1);
+  auto out = torch::empty({outputs, inputs / 2}, torch::kUInt8);
+  const uint8_t* src = tiles.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, outputs, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* tile = src + o / kTile * bytes;
+      const int64_t j = o % kTile, lane = j % 8, shift = j < 8 ? 0 : 4;
+      for (int64_t k = 0; k < inputs; k += 2) {
+        uint8_t pair = 0;
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t b = (k + e) / 32, i = (k + e) % 32, g = b / per;
+          const uint8_t* block = tile + g * (64 + per * 256) + 64 + (b % per) * 256;
+          pair |= static_cast<uint8_t>(((block[(i / 4) * 32 + lane * 4 + i % 4] >> shift) & 0x0F) << (4 * e));
+        }
+        dst[o * (inputs / 2) + k / 2] = pair;
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor untile_int8(torch::Tensor tiles, int64_t outputs, int64_t inputs) {
+  TORCH_CHECK(tiles.dtype() == torch::kUInt8 && tiles.dim() == 2 && inputs % 32 == 0 &&
+              tiles.size(0) == (outputs + kTile - 1) / kTile && tiles.size(1) == tile_bytes_int8(inputs),
+              "weight tiles do not match their shape");
+  tiles = tiles.contiguous();
+  const int64_t bytes = tiles.size(1);
+  auto out = torch::empty({outputs, inputs}, torch::kInt8);
+  const uint8_t* src = tiles.data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, outputs, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* tile = src + o / kTile * bytes + 64;
+      const int64_t j = o % kTile;
+      for (int64_t k = 0; k < inputs; ++k)
+        dst[o * inputs + k] = static_cast<int8_t>(tile[(k / 32) * 512 + (k % 32 / 4) * 64 + j * 4 + k % 4]);
+    }
+  });
+  return out;
+}
+
 class NativeModel {
  public:
   NativeModel(py::dict config, torch::Tensor embed, torch::Tensor final_norm, py::tuple head, py::list layers,
@@ -712,6 +761,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa_supported", &isa_supported, "whether this CPU runs a level");
   m.def("tile_int4", &tile_int4, "an int4 linear as tiles of 16 outputs (the native layout)");
   m.def("tile_int8", &tile_int8, "an int8 linear as tiles of 16 outputs (the native layout)");
+  m.def("untile_int4", &untile_int4, "int4 tiles back to the store's packed layout");
+  m.def("untile_int8", &untile_int8, "int8 tiles back to the store's layout");
   py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<py::dict, torch::Tensor, torch::Tensor, py::tuple, py::list, torch::Tensor>())
       .def("step", &NativeModel::step, py::call_guard<py::gil_scoped_release>())

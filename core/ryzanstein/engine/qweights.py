@@ -13,6 +13,7 @@ unchanged and `state_dict()` saves the quantized tensors as safetensors.
 
 from __future__ import annotations
 
+import math
 import threading
 import types
 from functools import cache
@@ -113,8 +114,18 @@ def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor
     return pack_int4(int4_codes(w, scale, low, group)), scale.contiguous(), low.contiguous()
 
 
+def store_layout(module: Any) -> None:
+    """Make sure the module holds its codes in the store's layout: the native decode path releases them once it
+    keeps them as tiles (engine/native.py), and they are rebuilt, bit for bit, when something here needs them."""
+    if getattr(module, "_ryzanstein_released", False):
+        from ryzanstein.engine.native import restore_store_layout
+
+        restore_store_layout(module)
+
+
 def dequantize(module: torch.nn.Linear) -> torch.Tensor:
     """The fp32 weight a quantized linear computes with."""
+    store_layout(module)
     if hasattr(module, "weight_int8"):
         return module.weight_int8.float() * module.weight_scale[:, None]
     if hasattr(module, "weight_int4"):
@@ -144,6 +155,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
 def _quantized_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     from ryzanstein.engine.invariant import current_mode, prefill_linear
 
+    store_layout(self)
     if getattr(self, "input_scale", None) is not None:  # AWQ-style: weights were scaled up per input channel
         x = x / self.input_scale
     rows = x.numel() // x.shape[-1]
@@ -215,10 +227,14 @@ def quantize_model_int8(model: Any) -> dict[str, int]:
 
 
 def linear_bytes(module: torch.nn.Linear) -> int:
+    """Bytes of the weights in the store's layout (also when the native path holds the codes as tiles)."""
     names = ("weight_int8", "weight_int4", "weight_scale", "weight_min", "input_scale")
     if is_quantized(module):
-        return sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names
-                   if getattr(module, n, None) is not None)
+        total = sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names
+                    if getattr(module, n, None) is not None)
+        if getattr(module, "_ryzanstein_released", False):
+            total += math.prod(module._ryzanstein_store_shape)  # the codes (int8 or packed int4: 1 byte each)
+        return total
     return module.weight.numel() * module.weight.element_size()
 
 

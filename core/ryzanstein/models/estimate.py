@@ -116,16 +116,16 @@ def kv_cache_bytes(config: dict, context_tokens: int, bytes_per_element: int = 4
 
 
 def native_tile_bytes(folder: Path) -> int:
-    """Bytes of the native path's weight tiles: int4 and int8 codes again, int4 with fp16 (half of fp32) scales
-    and mins, int8 with its fp32 row scales."""
+    """What the native path's weight tiles add: the codes move into the tiles (the store-layout copy is released
+    once the decoder attaches), the scales are copied — int4's as fp16 (half of the stored fp32 scales and
+    mins), int8's row scales as they are."""
     total = 0
     for file in sorted(folder.glob("*.safetensors")):
         header = {n: t for n, t in safetensors_header(file).items() if n != "__metadata__"}
-        for name, tensor in header.items():
+        for name in header:
             for packed, sides, divisor in ((".weight_int4", (".weight_scale", ".weight_min"), 2),
                                            (".weight_int8", (".weight_scale",), 1)):
                 if name.endswith(packed):
-                    total += tensor["data_offsets"][1] - tensor["data_offsets"][0]
                     for side in sides:
                         offsets = header.get(name.removesuffix(packed) + side, {}).get("data_offsets", (0, 0))
                         total += (offsets[1] - offsets[0]) // divisor

@@ -30,6 +30,10 @@ def is_quantized_folder(path: Path) -> bool:
 def quantized_state(model: Any) -> dict[str, torch.Tensor]:
     """state_dict without placeholders and without tensors that share storage with an earlier one (a head tied
     to the embeddings): safetensors refuses shared tensors, and `tie_weights()` restores them at load."""
+    from ryzanstein.engine.qweights import store_layout
+
+    for module in model.modules():  # codes the native path released come back in the store's layout
+        store_layout(module)
     state, seen = {}, set()
     for key, tensor in model.state_dict().items():
         if tensor.numel() == 0:
