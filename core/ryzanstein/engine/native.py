@@ -150,7 +150,8 @@ def _sources(module: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _key(module: Any) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in _sources(module))
+    """Where the weights live and how often they were written to (inference tensors keep no count)."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in _sources(module))
 
 
 def weight_tiles(module: Any) -> torch.Tensor:

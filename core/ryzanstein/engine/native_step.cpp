@@ -223,6 +223,76 @@ struct Layer {
   Linear down;
 };
 
+// -- element-wise work on activations (AVX2: every CPU the native path runs has it) ---------------------
+// One block of 32 activations to int8 codes: scale = amax / 127, codes = round-half-even(x / scale) — the same
+// IEEE operations, in the same order per element, as the scalar definition (emulated_linear in the tests).
+__attribute__((target("avx2,fma"))) void quantize_block(const float* src, const float* input_scale, int8_t* dst,
+                                                         float* scale_out, float* sum_out) {
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(src + 8 * i);
+    if (input_scale) v[i] = _mm256_div_ps(v[i], _mm256_loadu_ps(input_scale + 8 * i));
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  const float scale = _mm_cvtss_f32(m) / 127.0f;
+  const __m256 inverse = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+  __m256i c[4];
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    total = _mm256_add_epi32(total, c[i]);
+  }
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  *scale_out = scale;
+  *sum_out = scale * static_cast<float>(_mm_cvtsi128_si32(t));
+}
+
+// e^x for x in [-87.3, 88.3] (clamped), 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5
+// polynomial, 2^n through the exponent bits), within ~2 ulp of std::exp. Every row gets the same function.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                                 _mm256_set1_ps(0.5f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+// out = silu(gate) * up = gate / (1 + e^-gate) * up
+__attribute__((target("avx2,fma"))) void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+  }
+  if (i < n) {  // the tail through the same lanes (padded with zeros), so every element sees exp8
+    alignas(32) float g[8] = {}, u[8] = {}, o[8];
+    for (int64_t j = i; j < n; ++j) g[j - i] = gate[j], u[j - i] = up[j];
+    silu_mul(g, u, o, 8);
+    for (int64_t j = i; j < n; ++j) out[j] = o[j - i];
+  }
+}
+
 // Activations of `rows` rows quantized per block of 32: codes, scales, and each block's sum *of the quantized
 // values* (scale × sum of codes). The int4 min term uses that sum, so a linear computes exactly w · x̂ (x̂ the
 // quantized activations): the activation error then meets weights centred on zero, not the all-positive
@@ -232,33 +302,18 @@ struct Quantized {
   std::vector<int8_t> q;
   std::vector<float> s, d;  // per block: sum of the quantized values, scale
   int64_t depth = 0;
-  void fill(const float* x, int64_t rows, int64_t width, const float* input_scale) {
+  void fill(const float* x, int64_t rows, int64_t width, const float* input_scale, Pool& pool) {
     depth = width;
     const int64_t blocks = width / 32;
     q.resize(rows * width);
     s.resize(rows * blocks);
     d.resize(rows * blocks);
-    float tmp[32];
-    for (int64_t n = 0; n < rows; ++n)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const float* src = x + n * width + b * 32;
-        float amax = 0.0f;
-        for (int i = 0; i < 32; ++i) {
-          tmp[i] = input_scale ? src[i] / input_scale[b * 32 + i] : src[i];
-          amax = std::max(amax, std::fabs(tmp[i]));
-        }
-        const float scale = amax / 127.0f;
-        const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-        int codes = 0;
-        int8_t* dst = q.data() + n * width + b * 32;
-        for (int i = 0; i < 32; ++i) {
-          const int8_t code = static_cast<int8_t>(std::nearbyint(tmp[i] * inverse));
-          dst[i] = code;
-          codes += code;
-        }
-        s[n * blocks + b] = scale * static_cast<float>(codes);
-        d[n * blocks + b] = scale;
-      }
+    const std::function<void(int64_t)> row = [&](int64_t n) {
+      for (int64_t b = 0; b < blocks; ++b)
+        quantize_block(x + n * width + b * 32, input_scale ? input_scale + b * 32 : nullptr,
+                       q.data() + n * width + b * 32, &d[n * blocks + b], &s[n * blocks + b]);
+    };
+    pool.run(rows, row);
   }
   // the codes + 128 as unsigned bytes, for int8 weights (VNNI multiplies unsigned by signed bytes)
   const uint8_t* offset() {
@@ -547,11 +602,11 @@ class NativeModel {
       residual(h.data(), out.data(), rows * hidden_);
       rms_norm(h.data(), layer.post_norm, x.data(), rows, hidden_);
       project(layer.gate_up, x.data(), rows, mlp.data(), 2 * intermediate_);
-      for (int64_t n = 0; n < rows; ++n)
-        for (int64_t i = 0; i < intermediate_; ++i) {
-          const float g = mlp[n * 2 * intermediate_ + i], u = mlp[n * 2 * intermediate_ + intermediate_ + i];
-          act[n * intermediate_ + i] = g / (1.0f + std::exp(-g)) * u;
-        }
+      const std::function<void(int64_t)> gated = [&](int64_t n) {
+        const float* g = mlp.data() + n * 2 * intermediate_;
+        silu_mul(g, g + intermediate_, act.data() + n * intermediate_, intermediate_);
+      };
+      pool_->run(rows, gated);
       project({layer.down}, act.data(), rows, out.data(), hidden_);
       residual(h.data(), out.data(), rows * hidden_);
     }
@@ -652,7 +707,7 @@ class NativeModel {
       for (size_t j = 0; j < i && qx[i] == nullptr; ++j)
         if (qx[j] != nullptr && parts[j].input_scale == nullptr && parts[i].input_scale == nullptr) qx[i] = qx[j];
       if (qx[i] == nullptr) {
-        quantized[i].fill(x, rows, inputs, parts[i].input_scale);
+        quantized[i].fill(x, rows, inputs, parts[i].input_scale, *pool_);
         qx[i] = &quantized[i];
       }
     }
