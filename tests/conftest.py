@@ -62,3 +62,14 @@ def service(store, default_model_dir: Path, tiny_llama_dir: Path, session_home: 
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_inference_mode_left_on():
+    """Inference mode is thread-local state: a test (or the code under it) that leaves it on turns every tensor
+    later tests create into an inference tensor. Fail the test that leaked it, not an innocent later one."""
+    import torch
+
+    yield
+    if torch.is_inference_mode_enabled():
+        pytest.fail("this test left torch's inference mode on in the test thread", pytrace=False)

@@ -96,3 +96,33 @@ def test_cancel_stops_the_stream(tiny_llama_dir):
             cancel.set()
     assert chunks[-1].finish_reason == "cancelled"
     assert len(chunks) <= 5
+
+
+def test_streams_never_leave_inference_mode_on_in_the_consumers_thread(tiny_llama_dir):
+    """Two streams interleaved in one thread, one dropped half way, and a stream resumed from another thread:
+    the consumer's thread is never left in inference mode (it was, while a stream held a `with` across yields,
+    and every tensor the thread made afterwards became an inference tensor)."""
+    import concurrent.futures
+
+    lm = load_model_folder("m", tiny_llama_dir)
+    params = GenerationParams(max_tokens=6, temperature=1.0, seed=3)
+    a = stream_tokens(lm.model, lm.tokenizer, [1, 2, 3], params)
+    b = stream_tokens(lm.model, lm.tokenizer, [4, 5, 6], params)
+    for _ in range(3):
+        next(a)
+        assert not torch.is_inference_mode_enabled()
+        next(b)
+        assert not torch.is_inference_mode_enabled()
+    rest = list(a)
+    assert rest[-1].finish_reason and not torch.is_inference_mode_enabled()
+    def resume_elsewhere(stream) -> bool:
+        next(stream)
+        return torch.is_inference_mode_enabled()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as other:  # b resumed from another thread, then dropped
+        assert other.submit(resume_elsewhere, b).result() is False
+    b.close()
+    assert not torch.is_inference_mode_enabled()
+    weights = torch.zeros(3)
+    weights.add_(1)  # an inference tensor would refuse this outside inference mode
+    assert not weights.is_inference()

@@ -78,37 +78,44 @@ def stream_tokens(
     history = torch.tensor([prompt_ids], dtype=torch.long)
     finish = "length"
 
+    # Inference mode is thread-local state that a `with` block sets and restores: held across a `yield`, it would
+    # stay on in whichever thread resumes the consumer (or be restored out of order when two streams
+    # interleave), so only the model and the sampler run inside it, never a yield.
+    def next_logits(ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1, :]
+
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        started = time.perf_counter()
-        logits = model(input_ids=history, cache=cache, use_cache=True).logits[:, -1, :]
-        stats.prefill_seconds = time.perf_counter() - started
-        decode_started = time.perf_counter()
-        for step in range(params.max_tokens):
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
+    started = time.perf_counter()
+    logits = next_logits(history)
+    stats.prefill_seconds = time.perf_counter() - started
+    decode_started = time.perf_counter()
+    for step in range(params.max_tokens):
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+            break
+        with torch.inference_mode():
             token = sampler(logits, history)
-            stats.completion_tokens += 1
-            if on_token is not None:
-                on_token()
-            if token in eos:
-                finish = "stop"
-                break
-            history = torch.cat([history, torch.tensor([[token]])], dim=1)
-            text = detok.add(token)
-            logprob = sampler.take_logprob(token) if params.logprobs else None
-            if detok.stopped:
-                if text:
-                    yield StreamChunk(text, token, logprob=logprob)
-                finish = "stop"
-                break
-            yield StreamChunk(text, token, logprob=logprob)
-            if step + 1 == params.max_tokens:
-                break
-            next_input = history[:, -1:]
-            logits = model(input_ids=next_input, cache=cache, use_cache=True).logits[:, -1, :]
-        stats.decode_seconds = time.perf_counter() - decode_started
+        stats.completion_tokens += 1
+        if on_token is not None:
+            on_token()
+        if token in eos:
+            finish = "stop"
+            break
+        history = torch.cat([history, torch.tensor([[token]])], dim=1)
+        text = detok.add(token)
+        logprob = sampler.take_logprob(token) if params.logprobs else None
+        if detok.stopped:
+            if text:
+                yield StreamChunk(text, token, logprob=logprob)
+            finish = "stop"
+            break
+        yield StreamChunk(text, token, logprob=logprob)
+        if step + 1 == params.max_tokens:
+            break
+        logits = next_logits(history[:, -1:])
+    stats.decode_seconds = time.perf_counter() - decode_started
     yield StreamChunk(detok.flush(), None, finish)
 
 

@@ -137,19 +137,23 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
     for (int v = 0; v < V; ++v) vstore(out + h * dim + v * kLanes, o[h][v]);
 }
 
-// Heads two at a time where their outputs fit in registers (2 × V vectors), else one at a time.
+// Up to three heads at a time (a GQA group of 3, as in SmolLM2, in one pass over its keys and values) while
+// their outputs fit in half the registers (heads × V vectors), the rest in pairs or one at a time.
 template <int V>
 void attend_heads(const float* q, int64_t heads, const float* keys, const float* values, int64_t length,
                   int64_t stride, float scale, float* scores, float* out) {
   constexpr int64_t dim = V * kLanes;
   constexpr int registers = kLanes == 16 ? 32 : 16;  // zmm / ymm
-  constexpr bool pairs = 2 * V <= registers / 2;  // two heads' outputs in half the registers
+  constexpr int most = std::max(1, std::min(3, registers / 2 / V));
+  const auto group = [&](auto size, int64_t h) {
+    attend_group<V, decltype(size)::value>(q + h * dim, keys, values, length, stride, scale, scores + h * length,
+                                           out + h * dim);
+  };
   int64_t h = 0;
-  if (pairs)
-    for (; h + 2 <= heads; h += 2)
-      attend_group<V, 2>(q + h * dim, keys, values, length, stride, scale, scores + h * length, out + h * dim);
-  for (; h < heads; ++h)
-    attend_group<V, 1>(q + h * dim, keys, values, length, stride, scale, scores + h * length, out + h * dim);
+  for (; h + most <= heads; h += most) group(std::integral_constant<int, most>(), h);
+  if constexpr (most > 2)
+    for (; h + 2 <= heads; h += 2) group(std::integral_constant<int, 2>(), h);
+  for (; h < heads; ++h) group(std::integral_constant<int, 1>(), h);
 }
 
 // Any other head size: one key at a time through dot_head / axpy_head.
