@@ -485,6 +485,20 @@ def test_thread_policy_follows_measured_step_times():
     assert native.ThreadPolicy([1]).next_threads() == 1
 
 
+def test_thread_policy_decides_one_row_and_many_row_steps_apart():
+    """One decode row reads weights (one thread may do), eight rows multiply them (two threads win): a choice
+    made on one-row steps must not run eight-row steps, and prompt chunks follow the many-row choice."""
+    policy = native.ThreadPolicy([1, 2], period=10, probe=3)
+    cost = {(1, 1): 0.004, (2, 1): 0.005, (1, 8): 0.013, (2, 8): 0.008}
+    for _ in range(12):
+        for rows in (1, 8):
+            threads = policy.next_threads(rows)
+            policy.observe(threads, rows, cost[threads, rows])
+    assert policy.decision(1) == 1 and policy.decision(8) == 2
+    assert policy.next_threads(64) == 2
+    assert policy.decision(3) == 2  # 2-3 rows: not measured yet, the default (all threads)
+
+
 def test_fixed_native_threads_from_the_environment(monkeypatch):
     monkeypatch.setenv(native.THREADS_ENV, "1")
     decoder = native.NativeDecoder(tiny("llama"))

@@ -281,29 +281,21 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class ThreadPolicy:
-    """Picks the native pool's thread count from measured step times, because the best count depends on what
-    else runs on the machine: with other programs busy on the same cores, two threads can be many times slower
-    than one (each step waits for a descheduled peer). Decode-sized steps (few rows) are timed; every `period`
-    of them, each other choice is tried for `probe` steps and the fastest median is kept. Results are bit-identical
-    for any thread count (the pool only splits outputs), so switching never changes an answer."""
+class _Rounds:
+    """One row-count class's measurements: every `period` steps each other choice is tried for `probe` steps and
+    the fastest median is kept."""
 
-    def __init__(self, choices: list[int], period: int = 96, probe: int = 6, small_step_rows: int = 8):
-        self.choices = choices
-        self.period, self.probe, self.small = period, probe, small_step_rows
+    def __init__(self, choices: list[int], period: int, probe: int):
+        self.choices, self.period, self.probe = choices, period, probe
         self.current = choices[-1]  # decided after the first round
         self.samples: dict[int, list[float]] = {c: [] for c in choices}
         self.queue: list[int] = list(choices)  # choices still to probe in this round: a first round at once
         self.since_round = 0
 
-    def next_threads(self, rows: int = 1) -> int:
-        """Threads for a step of `rows` rows: a probed choice for decode-sized steps, the decided one otherwise
-        (a prompt chunk is never run with a choice that is only being tried)."""
-        return self.queue[0] if self.queue and rows <= self.small else self.current
+    def next_threads(self) -> int:
+        return self.queue[0] if self.queue else self.current
 
-    def observe(self, threads: int, rows: int, seconds: float) -> None:
-        if rows > self.small or len(self.choices) == 1:
-            return
+    def observe(self, threads: int, seconds: float) -> None:
         samples = self.samples[threads]
         samples.append(seconds)
         del samples[:-self.probe]
@@ -325,6 +317,48 @@ class ThreadPolicy:
 
         medians = {c: statistics.median(s) for c, s in self.samples.items() if s}
         self.current = min(medians, key=lambda c: medians[c])
+
+
+class ThreadPolicy:
+    """Picks the native pool's thread count from measured step times, because the best count depends on what
+    else runs on the machine: with other programs busy on the same cores, two threads can be many times slower
+    than one (each step waits for a descheduled peer). It also depends on the step: one decode row reads weights
+    (memory-bound), eight rows multiply them (compute-bound), so steps of 1, 2–3 and 4–8 rows are measured and
+    decided apart (a choice made on one-row steps once ran eight-row steps on one thread at 0.6x). Each class
+    re-probes every `period` of its steps for `probe` steps. Prompt chunks (more rows) use the largest class's
+    choice and are not counted. Results are bit-identical for any thread count (the pool only splits outputs),
+    so switching never changes an answer."""
+
+    def __init__(self, choices: list[int], period: int = 96, probe: int = 6, small_step_rows: int = 8):
+        self.choices, self.small = choices, small_step_rows
+        self.classes = [_Rounds(choices, period, probe) for _ in range(self._class_of(small_step_rows) + 1)]
+
+    def _class_of(self, rows: int) -> int:
+        return min(max(rows, 1), self.small).bit_length() - 1 if rows <= 3 else 2
+
+    @property
+    def current(self) -> int:
+        """The choice for one-row decode steps."""
+        return self.classes[0].current
+
+    @property
+    def queue(self) -> list[int]:
+        return self.classes[0].queue
+
+    def decision(self, rows: int) -> int:
+        return self.classes[min(self._class_of(rows), len(self.classes) - 1)].current
+
+    def next_threads(self, rows: int = 1) -> int:
+        """Threads for a step of `rows` rows: a probed choice for decode-sized steps, the decided one otherwise
+        (a prompt chunk is never run with a choice that is only being tried)."""
+        if rows > self.small:
+            return self.classes[-1].current
+        return self.classes[self._class_of(rows)].next_threads()
+
+    def observe(self, threads: int, rows: int, seconds: float) -> None:
+        if rows > self.small or len(self.choices) == 1:
+            return
+        self.classes[self._class_of(rows)].observe(threads, seconds)
 
 
 def fixed_threads() -> int | None:
