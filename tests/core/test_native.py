@@ -292,6 +292,23 @@ def test_attached_weights_live_once_and_come_back_exactly_when_needed(method):
         runner.close()
 
 
+def test_weights_quantized_again_after_the_release_get_new_tiles():
+    model = tiny("llama")
+    quantize(model, "int4-g32")
+    native.NativeDecoder(model)  # tiles made, store layout released
+    down = model.model.layers[0].mlp.down_proj
+    old = native.weight_tiles(down)
+    with torch.no_grad():
+        weight = torch.randn(down.out_features, down.in_features)
+    qweights.set_int4(down, *qweights.quantize_weight_int4(weight, 32), 32, set())
+    fresh = native.weight_tiles(down)
+    assert fresh is not old and not torch.equal(fresh, old)
+    x = torch.randn(3, down.in_features)
+    decoder = native.NativeDecoder(model)
+    torch.testing.assert_close(decoder.impl.linear_forward(native.linear_spec(down), x), emulated_linear(down, x),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_bad_weight_tiles_are_refused_clearly():
     decoder = native.NativeDecoder(tiny("llama"))
     module = quantized_linear(32, 64, 32, seed=2)

@@ -176,6 +176,8 @@ def _quantized_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _replace_weight(module: torch.nn.Linear, shared: set[int]) -> None:
+    for stale in ("_ryzanstein_tiles", "_ryzanstein_released", "_ryzanstein_store_shape"):  # the native path's
+        module.__dict__.pop(stale, None)  # tiles of the weights being replaced
     weight = module.weight
     if id(weight) not in shared:
         del module.weight
