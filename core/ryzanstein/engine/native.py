@@ -158,8 +158,8 @@ def weight_tiles(module: Any) -> torch.Tensor:
     """An int8 or int4 linear as the native kernels read it: tiles of 16 outputs whose vector lanes are outputs
     (scales, and int4's mins, inside). Made once per module and remade only when its weights change; once the
     decoder attaches, the store layout's codes are released (release_store_layout), so they live in memory once."""
-    cached = getattr(module, "_ryzanstein_tiles", None)
-    if getattr(module, "_ryzanstein_released", False):
+    cached: tuple[tuple, torch.Tensor] | None = getattr(module, "_ryzanstein_tiles", None)
+    if cached is not None and getattr(module, "_ryzanstein_released", False):
         return cached[1]
     if cached is None or cached[0] != _key(module):
         sources = _sources(module)

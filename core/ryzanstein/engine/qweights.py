@@ -235,7 +235,8 @@ def linear_bytes(module: torch.nn.Linear) -> int:
         total = sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names
                     if getattr(module, n, None) is not None)
         if getattr(module, "_ryzanstein_released", False):
-            total += math.prod(module._ryzanstein_store_shape)  # the codes (int8 or packed int4: 1 byte each)
+            shape: tuple[int, ...] = module.__dict__["_ryzanstein_store_shape"]
+            total += math.prod(shape)  # the codes (int8 or packed int4: 1 byte each)
         return total
     return module.weight.numel() * module.weight.element_size()
 
