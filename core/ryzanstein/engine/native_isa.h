@@ -426,51 +426,42 @@ void dot_f32(const float* w, int64_t depth, const float* x, int64_t x_stride, in
   }
 }
 
-// Rows in one pass over a tile: up to kTileRows (8) on AVX-512; AVX2 has half the registers, so 4 at a time.
+// Rows in one pass over a tile: up to 8 on AVX-512; AVX2 has half the registers, so 4 at a time. Calls
+// kernel(std::integral_constant<int, n>, first row) for each pass.
+constexpr int kPassRows = ISA_LEVEL == 3 ? 8 : 4;
+template <typename Kernel>
+void by_passes(int rows, const Kernel& kernel) {
+  for (int r0 = 0; r0 < rows; r0 += kPassRows) {
+    switch (std::min(kPassRows, rows - r0)) {
+      case 1: kernel(std::integral_constant<int, 1>(), r0); break;
+      case 2: kernel(std::integral_constant<int, 2>(), r0); break;
+      case 3: kernel(std::integral_constant<int, 3>(), r0); break;
+      case 4: kernel(std::integral_constant<int, 4>(), r0); break;
+#if ISA_LEVEL == 3
+      case 5: kernel(std::integral_constant<int, 5>(), r0); break;
+      case 6: kernel(std::integral_constant<int, 6>(), r0); break;
+      case 7: kernel(std::integral_constant<int, 7>(), r0); break;
+      case 8: kernel(std::integral_constant<int, 8>(), r0); break;
+#endif
+      default: break;
+    }
+  }
+}
+
 void tile_q4(const uint8_t* tile, int64_t blocks, int64_t per_group, const int8_t* xq, const float* xd,
              const float* xs, int64_t q_stride, int64_t d_stride, int64_t gs_stride, int rows, float* out) {
-#if ISA_LEVEL != 3
-  if (rows > 4) {
-    tile_q4(tile, blocks, per_group, xq, xd, xs, q_stride, d_stride, gs_stride, 4, out);
-    return tile_q4(tile, blocks, per_group, xq + 4 * q_stride, xd + 4 * d_stride, xs + 4 * gs_stride, q_stride,
-                   d_stride, gs_stride, rows - 4, out + 4 * 16);
-  }
-#endif
-#define TILE_ROWS(n) case n: return tile_q4_rows<n>(tile, blocks, per_group, xq, xd, xs, q_stride, d_stride, gs_stride, out);
-  switch (rows) {
-    TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4)
-#if ISA_LEVEL == 3
-    TILE_ROWS(5) TILE_ROWS(6) TILE_ROWS(7)
-#endif
-    default: break;
-  }
-#undef TILE_ROWS
-#if ISA_LEVEL == 3
-  tile_q4_rows<8>(tile, blocks, per_group, xq, xd, xs, q_stride, d_stride, gs_stride, out);
-#endif
+  by_passes(rows, [&](auto n, int r0) {
+    tile_q4_rows<decltype(n)::value>(tile, blocks, per_group, xq + r0 * q_stride, xd + r0 * d_stride,
+                                     xs + r0 * gs_stride, q_stride, d_stride, gs_stride, out + r0 * 16);
+  });
 }
 
 void tile_q8(const uint8_t* tile, int64_t blocks, const uint8_t* xu, const int8_t* xq, const float* xd,
              int64_t q_stride, int64_t d_stride, int rows, float* out) {
-#if ISA_LEVEL != 3
-  if (rows > 4) {
-    tile_q8(tile, blocks, xu, xq, xd, q_stride, d_stride, 4, out);
-    return tile_q8(tile, blocks, xu + 4 * q_stride, xq + 4 * q_stride, xd + 4 * d_stride, q_stride, d_stride,
-                   rows - 4, out + 4 * 16);
-  }
-#endif
-#define TILE_ROWS(n) case n: return tile_q8_rows<n>(tile, blocks, xu, xq, xd, q_stride, d_stride, out);
-  switch (rows) {
-    TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4)
-#if ISA_LEVEL == 3
-    TILE_ROWS(5) TILE_ROWS(6) TILE_ROWS(7)
-#endif
-    default: break;
-  }
-#undef TILE_ROWS
-#if ISA_LEVEL == 3
-  tile_q8_rows<8>(tile, blocks, xu, xq, xd, q_stride, d_stride, out);
-#endif
+  by_passes(rows, [&](auto n, int r0) {
+    tile_q8_rows<decltype(n)::value>(tile, blocks, xu + r0 * q_stride, xq + r0 * q_stride, xd + r0 * d_stride,
+                                     q_stride, d_stride, out + r0 * 16);
+  });
 }
 
 const Kernels kernels = {dot_f32, tile_q8, tile_q4, attend};
