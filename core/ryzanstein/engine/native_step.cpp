@@ -31,7 +31,7 @@
 namespace {
 
 constexpr int kMaxRows = 4;  // activation rows sharing one pass over a weight row
-constexpr int kTileRows = 8;  // … over an int4 tile (16 outputs)
+constexpr int kTileRows = 8;  // … over an int8/int4 tile (16 outputs)
 constexpr int64_t kTile = 16;  // outputs per int4 tile
 constexpr int64_t kMaxBlocks = 2048;  // inputs per linear up to 65,536
 
@@ -347,6 +347,18 @@ struct Quantized {
 // Bytes of one int4 tile: per group 16 fp16 scales and 16 fp16 mins, per block of 32 inputs 256 bytes.
 int64_t tile_bytes(int64_t inputs, int64_t group) { return inputs / group * 64 + inputs / 32 * 256; }
 
+// Where block b's codes start in an int4 tile (per = blocks per group; each group opens with its 64 bytes of
+// scales and mins), and where in a block output j (0-15) keeps input i (0-31): the byte and the nibble's shift.
+int64_t int4_block(int64_t b, int64_t per) { return b / per * (64 + per * 256) + 64 + b % per * 256; }
+struct Nibble {
+  int64_t byte;
+  int shift;
+};
+Nibble int4_in_block(int64_t j, int64_t i) { return {i / 4 * 32 + j % 8 * 4 + i % 4, j < 8 ? 0 : 4}; }
+
+// Where output j of an int8 tile keeps input k's weight (after the 16 fp32 row scales).
+int64_t int8_at(int64_t j, int64_t k) { return 64 + k / 32 * 512 + k % 32 / 4 * 64 + j * 4 + k % 4; }
+
 // The store's int4 linear ([outputs, inputs / 2] bytes, even input in the low nibble; scale and min per
 // output and group) rewritten as tiles of 16 outputs for tile_q4 (native_isa.h describes the layout). Outputs
 // past the last multiple of 16 are zero codes with zero scale and min: they add nothing and are never stored.
@@ -365,29 +377,29 @@ torch::Tensor tile_int4(torch::Tensor packed, torch::Tensor scale, torch::Tensor
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(s16.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(m16.data_ptr<at::Half>());
   uint8_t* dst = out.data_ptr<uint8_t>();
-  const auto code = [&](int64_t o, int64_t k) -> uint8_t {
+  const auto code = [&](int64_t o, int64_t k) -> uint8_t {  // zero past the last output (tiles start zeroed)
     return o < outputs ? (w[o * (inputs / 2) + k / 2] >> (4 * (k & 1))) & 0x0F : 0;
   };
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
+    for (int64_t t = begin; t < end; ++t) {
+      uint8_t* tile = dst + t * bytes;
       for (int64_t g = 0; g < groups; ++g) {
-        uint8_t* at_group = dst + t * bytes + g * (64 + per * 256);
-        uint16_t* sc = reinterpret_cast<uint16_t*>(at_group);
+        uint16_t* sc = reinterpret_cast<uint16_t*>(tile + g * (64 + per * 256));
         for (int64_t j = 0; j < kTile; ++j) {
           const int64_t o = t * kTile + j;
           sc[j] = o < outputs ? sp[o * groups + g] : 0;
           sc[kTile + j] = o < outputs ? mp[o * groups + g] : 0;
         }
-        for (int64_t e = 0; e < per; ++e) {
-          uint8_t* block = at_group + 64 + e * 256;
-          const int64_t first = (g * per + e) * 32;
-          for (int c = 0; c < 8; ++c)
-            for (int j = 0; j < 32; ++j) {
-              const int64_t o = t * kTile + j / 4, k = first + 4 * c + j % 4;
-              block[c * 32 + j] = static_cast<uint8_t>(code(o, k) | (code(o + 8, k) << 4));
-            }
-        }
       }
+      for (int64_t j = 0; j < kTile; ++j)
+        for (int64_t b = 0; b < inputs / 32; ++b) {
+          uint8_t* block = tile + int4_block(b, per);
+          for (int64_t i = 0; i < 32; ++i) {
+            const Nibble at = int4_in_block(j, i);
+            block[at.byte] |= static_cast<uint8_t>(code(t * kTile + j, b * 32 + i) << at.shift);
+          }
+        }
+    }
   });
   return out;
 }
@@ -414,12 +426,9 @@ torch::Tensor tile_int8(torch::Tensor weight, torch::Tensor scale) {
       uint8_t* tile = dst + t * bytes;
       float* sc = reinterpret_cast<float*>(tile);
       for (int64_t j = 0; j < kTile; ++j) sc[j] = t * kTile + j < outputs ? sp[t * kTile + j] : 0.0f;
-      for (int64_t b = 0; b < inputs / 32; ++b)
-        for (int c = 0; c < 8; ++c)
-          for (int j = 0; j < 64; ++j) {
-            const int64_t o = t * kTile + j / 4, k = b * 32 + 4 * c + j % 4;
-            tile[64 + b * 512 + c * 64 + j] = o < outputs ? static_cast<uint8_t>(w[o * inputs + k]) : 0;
-          }
+      for (int64_t j = 0; j < kTile && t * kTile + j < outputs; ++j)
+        for (int64_t k = 0; k < inputs; ++k)
+          tile[int8_at(j, k)] = static_cast<uint8_t>(w[(t * kTile + j) * inputs + k]);
     }
   });
   return out;
@@ -433,21 +442,19 @@ torch::Tensor untile_int4(torch::Tensor tiles, int64_t outputs, int64_t inputs, 
               "weight tiles do not match their shape");
   tiles = tiles.contiguous();
   const int64_t per = group / 32, bytes = tiles.size(1);
-  auto out = torch::empty({outputs, inputs / 2}, torch::kUInt8);
+  auto out = torch::zeros({outputs, inputs / 2}, torch::kUInt8);
   const uint8_t* src = tiles.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, outputs, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* tile = src + o / kTile * bytes;
-      const int64_t j = o % kTile, lane = j % 8, shift = j < 8 ? 0 : 4;
-      for (int64_t k = 0; k < inputs; k += 2) {
-        uint8_t pair = 0;
-        for (int64_t e = 0; e < 2; ++e) {
-          const int64_t b = (k + e) / 32, i = (k + e) % 32, g = b / per;
-          const uint8_t* block = tile + g * (64 + per * 256) + 64 + (b % per) * 256;
-          pair |= static_cast<uint8_t>(((block[(i / 4) * 32 + lane * 4 + i % 4] >> shift) & 0x0F) << (4 * e));
+      for (int64_t b = 0; b < inputs / 32; ++b) {
+        const uint8_t* block = tile + int4_block(b, per);
+        for (int64_t i = 0; i < 32; ++i) {
+          const Nibble at = int4_in_block(o % kTile, i);
+          const int code = (block[at.byte] >> at.shift) & 0x0F;
+          dst[o * (inputs / 2) + b * 16 + i / 2] |= static_cast<uint8_t>(code << (4 * (i & 1)));
         }
-        dst[o * (inputs / 2) + k / 2] = pair;
       }
     }
   });
@@ -465,10 +472,8 @@ torch::Tensor untile_int8(torch::Tensor tiles, int64_t outputs, int64_t inputs) 
   int8_t* dst = out.data_ptr<int8_t>();
   at::parallel_for(0, outputs, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const uint8_t* tile = src + o / kTile * bytes + 64;
-      const int64_t j = o % kTile;
-      for (int64_t k = 0; k < inputs; ++k)
-        dst[o * inputs + k] = static_cast<int8_t>(tile[(k / 32) * 512 + (k % 32 / 4) * 64 + j * 4 + k % 4]);
+      const uint8_t* tile = src + o / kTile * bytes;
+      for (int64_t k = 0; k < inputs; ++k) dst[o * inputs + k] = static_cast<int8_t>(tile[int8_at(o % kTile, k)]);
     }
   });
   return out;
@@ -648,8 +653,7 @@ class NativeModel {
     l.kind = t[0].cast<int>();
     l.group = t[1].cast<int64_t>();
     auto w = t[2].cast<torch::Tensor>().contiguous();
-    auto scale = t[3].cast<torch::Tensor>(), mins = t[4].cast<torch::Tensor>(), bias = t[5].cast<torch::Tensor>(),
-         input_scale = t[6].cast<torch::Tensor>();
+    auto bias = t[5].cast<torch::Tensor>(), input_scale = t[6].cast<torch::Tensor>();  // 3, 4: unused (empty)
     keep_.push_back(w);
     l.outputs = w.size(0);
     if (l.kind == kF32) {
@@ -726,7 +730,7 @@ class NativeModel {
     const int64_t chunk = std::max<int64_t>(16, (per_thread + 15) / 16 * 16);
     const int64_t chunks = (offsets.back() + chunk - 1) / chunk;
     // Within a chunk, spans of outputs whose weights fit in L2 (~256 KB); per span, rows outside and outputs
-    // inside: a tile of kMaxRows activation rows stays in L1 while the span's weights come from L2, and each
+    // inside: kTileRows activation rows stay in L1 while the span's weights come from L2, and each
     // weight row is read from memory once per call, not once per row tile (a 7B layer's chunk is megabytes).
     int64_t row_bytes = 1;
     for (const auto& l : parts)
