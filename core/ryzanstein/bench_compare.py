@@ -16,7 +16,6 @@ bandwidth: batch-1 decode cannot be faster than that.
 
 from __future__ import annotations
 
-import math
 import statistics
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from ryzanstein.bench import BENCH_MESSAGES
 from ryzanstein.engine.batching import BatchEngine, EngineConfig, holding
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.params import GenerationParams
-from ryzanstein.engine.qweights import is_quantized
+from ryzanstein.engine.qweights import code_bytes, is_quantized
 from ryzanstein.errors import InvalidRequest
 
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed: pip install '.[llamacpp]' (compiles ~10-25 min)"
@@ -57,13 +56,14 @@ def weight_bytes_per_token(model: Any, native: bool = False) -> int:
     and mins as fp16 (half the bytes of the stored fp32 ones)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
-        for name in ("weight_int8", "weight_int4", "weight_scale", "weight_min"):
+        if not is_quantized(module):
+            continue
+        total += code_bytes(module)
+        for name in ("weight_scale", "weight_min"):
             buffer = getattr(module, name, None) if name in getattr(module, "_buffers", {}) else None
             if buffer is not None:
-                halved = native and name in ("weight_scale", "weight_min") and hasattr(module, "weight_int4")
+                halved = native and hasattr(module, "weight_int4")
                 total += buffer.numel() * (2 if halved else buffer.element_size())
-        if getattr(module, "_ryzanstein_released", False):  # codes the native path holds as tiles only
-            total += math.prod(module._ryzanstein_store_shape)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_reads_embed = (head is not None and not is_quantized(head)

@@ -161,11 +161,12 @@ def weight_tiles(module: Any) -> torch.Tensor:
     cached: tuple[tuple, torch.Tensor] | None = getattr(module, "_ryzanstein_tiles", None)
     if cached is not None and getattr(module, "_ryzanstein_released", False):
         return cached[1]
-    if cached is None or cached[0] != _key(module):
+    key = _key(module)
+    if cached is None or cached[0] != key:
         sources = _sources(module)
         tiles = (library().tile_int4(*sources, module.int4_group) if hasattr(module, "weight_int4")
                  else library().tile_int8(*sources))
-        module._ryzanstein_tiles = cached = (_key(module), tiles)
+        module._ryzanstein_tiles = cached = (key, tiles)
     return cached[1]
 
 
@@ -333,8 +334,9 @@ class ThreadPolicy:
         self.choices, self.small = choices, small_step_rows
         self.classes = [_Rounds(choices, period, probe) for _ in range(self._class_of(small_step_rows) + 1)]
 
-    def _class_of(self, rows: int) -> int:
-        return min(max(rows, 1), self.small).bit_length() - 1 if rows <= 3 else 2
+    @staticmethod
+    def _class_of(rows: int) -> int:
+        return 0 if rows <= 1 else 1 if rows <= 3 else 2  # 1, 2-3, 4-8 rows
 
     @property
     def current(self) -> int:

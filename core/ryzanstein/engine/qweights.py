@@ -228,16 +228,22 @@ def quantize_model_int8(model: Any) -> dict[str, int]:
     return {"linear_bytes_before": before, "linear_bytes_after": after}
 
 
+def code_bytes(module: Any) -> int:
+    """Bytes of a quantized linear's codes (int8, or packed int4: one byte each) in the store's layout, also when
+    the native path holds them as tiles only."""
+    if getattr(module, "_ryzanstein_released", False):
+        shape: tuple[int, ...] = module.__dict__["_ryzanstein_store_shape"]
+        return math.prod(shape)
+    codes = module.weight_int4 if hasattr(module, "weight_int4") else module.weight_int8
+    return codes.numel()
+
+
 def linear_bytes(module: torch.nn.Linear) -> int:
     """Bytes of the weights in the store's layout (also when the native path holds the codes as tiles)."""
-    names = ("weight_int8", "weight_int4", "weight_scale", "weight_min", "input_scale")
     if is_quantized(module):
-        total = sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names
-                    if getattr(module, n, None) is not None)
-        if getattr(module, "_ryzanstein_released", False):
-            shape: tuple[int, ...] = module.__dict__["_ryzanstein_store_shape"]
-            total += math.prod(shape)  # the codes (int8 or packed int4: 1 byte each)
-        return total
+        sides = ("weight_scale", "weight_min", "input_scale")
+        return code_bytes(module) + sum(getattr(module, n).numel() * getattr(module, n).element_size()
+                                        for n in sides if getattr(module, n, None) is not None)
     return module.weight.numel() * module.weight.element_size()
 
 
