@@ -57,16 +57,35 @@ inline void axpy_head(float p, const float* v, float* out, int64_t n) {
   for (; k < n; ++k) out[k] += p * v[k];
 }
 
-// Softmax numerators in place (exp of each score minus the largest) and the reciprocal of their sum.
-inline float softmax_in_place(float* s, int64_t n) {
+// Softmax in place: each score becomes its probability (e^(s - largest) through exp8, times the reciprocal of
+// their sum). Eight lanes, then the tail through the same lanes (zero-padded, its padding left out of the sum);
+// the sum runs in one fixed order for a given length.
+inline void softmax_in_place(float* s, int64_t n) {
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
   float top = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
-  float total = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - top);
-    total += s[j];
+  for (int i = 0; i < 8; ++i) top = std::max(top, lanes[i]);
+  for (int64_t k = j; k < n; ++k) top = std::max(top, s[k]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+    _mm256_storeu_ps(s + j, e);
+    total8 = _mm256_add_ps(total8, e);
   }
-  return 1.0f / total;
+  float total = hsum256(total8);
+  if (j < n) {
+    alignas(32) float tail[8] = {};
+    for (int64_t k = j; k < n; ++k) tail[k - j] = s[k];
+    _mm256_store_ps(tail, exp8(_mm256_sub_ps(_mm256_load_ps(tail), shift)));
+    for (int64_t k = j; k < n; ++k) total += (s[k] = tail[k - j]);
+  }
+  const __m256 inverse = _mm256_set1_ps(1.0f / total);
+  for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inverse));
+  for (; j < n; ++j) s[j] *= 1.0f / total;
 }
 
 #if ISA_LEVEL == 3
@@ -99,35 +118,45 @@ inline __m128 sum4(vec a, vec b, vec c, vec d) {
 
 // Attention of H query heads that share one KV head (GQA), over `length` cached positions, for heads of V
 // vectors: q and the outputs stay in registers, each key and value row is loaded once for the H heads, scores
-// are formed four keys at a time. s: H × length scratch. Per head the arithmetic is the same whichever heads
-// share the call and whatever the batch.
+// are formed four keys at a time (the last few keys through a zero-padded copy, so every key takes the same
+// path). s: H × length scratch. Per head the arithmetic is the same whichever heads share the call and
+// whatever the batch.
 template <int V, int H>
 void attend_group(const float* q, const float* keys, const float* values, int64_t length, int64_t stride,
                   float scale, float* s, float* out) {
   constexpr int64_t dim = V * kLanes;
-  for (int64_t j = 0; j < length; j += 4) {
+  vec qv[H][V];
+  for (int h = 0; h < H; ++h)
+    for (int v = 0; v < V; ++v) qv[h][v] = vload(q + h * dim + v * kLanes);
+  const auto four_keys = [&](const float* k4, int64_t k_stride, int64_t j, int64_t count) {
     vec acc[H][4];
     for (int h = 0; h < H; ++h)
       for (int i = 0; i < 4; ++i) acc[h][i] = vzero();
-    for (int i = 0; i < 4 && j + i < length; ++i)
+    for (int i = 0; i < 4; ++i)
       for (int v = 0; v < V; ++v) {
-        const vec k = vload(keys + (j + i) * stride + v * kLanes);
-        for (int h = 0; h < H; ++h) acc[h][i] = vfma(vload(q + h * dim + v * kLanes), k, acc[h][i]);
+        const vec k = vload(k4 + i * k_stride + v * kLanes);
+        for (int h = 0; h < H; ++h) acc[h][i] = vfma(qv[h][v], k, acc[h][i]);
       }
     for (int h = 0; h < H; ++h) {
       alignas(16) float four[4];
       _mm_store_ps(four, sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
-      for (int i = 0; i < 4 && j + i < length; ++i) s[h * length + j + i] = four[i] * scale;
+      for (int64_t i = 0; i < count; ++i) s[h * length + j + i] = four[i] * scale;
     }
+  };
+  int64_t j = 0;
+  for (; j + 4 <= length; j += 4) four_keys(keys + j * stride, stride, j, 4);
+  if (j < length) {
+    alignas(64) float padded[4 * dim] = {};
+    for (int64_t i = 0; j + i < length; ++i) std::memcpy(padded + i * dim, keys + (j + i) * stride, dim * sizeof(float));
+    four_keys(padded, dim, j, length - j);
   }
-  float inverse[H];
-  for (int h = 0; h < H; ++h) inverse[h] = softmax_in_place(s + h * length, length);
+  for (int h = 0; h < H; ++h) softmax_in_place(s + h * length, length);
   vec o[H][V];
   for (int h = 0; h < H; ++h)
     for (int v = 0; v < V; ++v) o[h][v] = vzero();
-  for (int64_t j = 0; j < length; ++j) {
+  for (j = 0; j < length; ++j) {
     vec p[H];
-    for (int h = 0; h < H; ++h) p[h] = vset1(s[h * length + j] * inverse[h]);
+    for (int h = 0; h < H; ++h) p[h] = vset1(s[h * length + j]);
     for (int v = 0; v < V; ++v) {
       const vec value = vload(values + j * stride + v * kLanes);
       for (int h = 0; h < H; ++h) o[h][v] = vfma(p[h], value, o[h][v]);
@@ -162,9 +191,9 @@ void attend_any(const float* q, int64_t heads, const float* keys, const float* v
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * length;
     for (int64_t j = 0; j < length; ++j) s[j] = dot_head(q + h * dim, keys + j * stride, dim) * scale;
-    const float inverse = softmax_in_place(s, length);
+    softmax_in_place(s, length);
     std::fill(out + h * dim, out + (h + 1) * dim, 0.0f);
-    for (int64_t j = 0; j < length; ++j) axpy_head(s[j] * inverse, values + j * stride, out + h * dim, dim);
+    for (int64_t j = 0; j < length; ++j) axpy_head(s[j], values + j * stride, out + h * dim, dim);
   }
 }
 
