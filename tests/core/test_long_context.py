@@ -415,3 +415,32 @@ def test_lowrank_cache_rank_is_chosen_by_measured_error_and_stays_close_to_dense
         for name in ("ryzanstein_kv_lowrank", "ryzanstein_attention", "ryzanstein_kv_cache"):
             if hasattr(tiny_lm.model, name):
                 delattr(tiny_lm.model, name)
+
+
+def test_remembered_buffers_and_byte_count_follow_growth_and_swaps(tmp_path):
+    """The native step's per-layer buffers and the engine's byte count are remembered between steps: a grown,
+    swapped-out or swapped-in cache must never hand out (or count) the buffers it replaced."""
+    from ryzanstein.engine.kvcache import SequenceKV
+
+    kv = SequenceKV(3, 32)
+    kv.reserve(8)
+    keys, values = kv.plain_buffers(8, 2, 4)
+    assert kv.plain_buffers(6, 2, 4)[0] is keys and kv.nbytes == 3 * 2 * 8 * 2 * 4 * 4
+    for layer in range(3):
+        keys[layer][:5] = layer + 1.0
+        values[layer][:5] = -layer - 1.0
+    kv.length = 5
+    kv.reserve(20)
+    grown, _ = kv.plain_buffers(20, 2, 4)
+    assert all(g.shape[0] >= 20 and g is not k for g, k in zip(grown, keys, strict=True))
+    assert all(torch.equal(g[:5], k[:5]) for g, k in zip(grown, keys, strict=True))
+    assert kv.nbytes == 3 * 2 * 20 * 2 * 4 * 4
+    kv.swap_out(tmp_path, "r")
+    assert kv.nbytes == 0 and kv._plain is None  # nothing of the swapped-out rows stays referenced
+    kv.reserve(20)
+    kv.swap_in()
+    back, back_values = kv.plain_buffers(20, 2, 4)
+    assert all(b is not g for b, g in zip(back, grown, strict=True))
+    assert all(torch.equal(b[:5], torch.full((5, 2, 4), i + 1.0)) for i, b in enumerate(back))
+    assert all(torch.equal(v[:5], torch.full((5, 2, 4), -i - 1.0)) for i, v in enumerate(back_values))
+    assert kv.nbytes == sum(t.numel() * 4 for t in (*back, *back_values))

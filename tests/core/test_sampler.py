@@ -123,3 +123,15 @@ def test_no_logprobs_are_kept_unless_asked(scores):
     sampler = Sampler(GenerationParams())
     sampler(scores, torch.tensor([[0]]))
     assert not sampler.logprobs
+
+
+@pytest.mark.parametrize("change", [{}, {"temperature": 0.7}, {"repetition_penalty": 1.2}, {"presence_penalty": 0.5},
+                                    {"frequency_penalty": 0.5}, {"logit_bias": ((3, 1.0),)}, {"logprobs": True},
+                                    {"grammar": object()}])
+def test_only_an_untouched_greedy_choice_is_taken_by_the_batch_argmax(scores, change):
+    """The engine takes one argmax over a batch for plain greedy rows: anything that adjusts the logits or
+    records the choice keeps the row on its own sampler."""
+    sampler = Sampler(GenerationParams(**change))
+    assert sampler.plain_greedy == (not change)
+    if sampler.plain_greedy:
+        assert sampler(scores, torch.tensor([[0]])) == int(scores.argmax(dim=-1)[0])

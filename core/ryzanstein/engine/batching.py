@@ -320,10 +320,16 @@ class BatchEngine:
                 tokens = [seq.generated[-1]] + drafts.get(seq.request_id, [])
                 items.append((kv, tokens, seq.total_len - 1, True, "all"))
             logits = runner.forward(build_rows(items), "decode")
+            choices: list[int] | None = None  # plain greedy rows: one argmax for the whole batch
             row = 0
             for seq, (_, tokens, *_rest) in zip(plan.decode, items, strict=True):
-                results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row, n=len(tokens), t=tokens:
-                                                        self._verify(s, logits[r:r + n], t[1:]))
+                if len(tokens) == 1 and getattr(self.requests[seq.request_id].sampler, "plain_greedy", False):
+                    if choices is None:
+                        choices = logits.argmax(dim=-1).tolist()
+                    results[seq.request_id] = [choices[row]]
+                else:
+                    results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row, n=len(tokens), t=tokens:
+                                                            self._verify(s, logits[r:r + n], t[1:]))
                 row += len(tokens)
         # Short and long chunks run as separate passes: a chunk's length (fixed by the prompt) picks its
         # kernels, so its rows are computed the same way alone and in any batch.

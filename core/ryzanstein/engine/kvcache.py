@@ -28,6 +28,10 @@ Fields = dict[str, torch.Tensor]
 Pick = Callable[[str], torch.Tensor]  # a field's selected rows
 
 
+def _same(known: list, now: list) -> bool:
+    return len(known) == len(now) and all(a is b for a, b in zip(known, now, strict=True))
+
+
 class PlainCodec:
     def encode(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Fields:
         return {"k": keys, "v": values}
@@ -69,12 +73,23 @@ class SequenceKV:
         self.length = 0  # rows holding valid entries (set by the runner after each step)
         self.capacity = 0  # rows reserved (the scheduler's blocks × block size)
         self.swap_path: Path | None = None
+        # remembered with the buffers they describe (compared by identity: any grown, swapped or replaced
+        # buffer makes them stale); the engine asks for both every step
+        self._bytes: tuple[list, int] | None = None
+        self._plain: tuple[int, list, list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _holders(self) -> list:
+        return [*self.layers, *self.summaries, *self.pooled]
 
     @property
     def nbytes(self) -> int:
         """Rows plus what sparse attention keeps beside them (block summaries, pooled means)."""
+        holders = self._holders()
+        if self._bytes is not None and _same(self._bytes[0], holders):
+            return self._bytes[1]
         rows = sum(t.numel() * t.element_size() for fields in self.layers if fields for t in fields.values())
         extra = sum(t.numel() * t.element_size() for pair in (*self.summaries, *self.pooled) if pair for t in pair)
+        self._bytes = (holders, rows + extra)
         return rows + extra
 
     def reserve(self, capacity: int) -> None:
@@ -118,6 +133,7 @@ class SequenceKV:
             return current
         capacity = max(rows, self.capacity)
         grown = {key: t.new_empty((capacity, *t.shape[1:])) for key, t in sample.items()}
+        self._plain = self._bytes = None  # nor the buffers being replaced
         if current is not None:
             for key, old in current.items():
                 grown[key][:old.shape[0]] = old
@@ -133,6 +149,17 @@ class SequenceKV:
             sample = {"k": torch.empty(0, kv_heads, head_dim), "v": torch.empty(0, kv_heads, head_dim)}
             fields = self._ensure(layer, rows, sample)
         return fields["k"], fields["v"]
+
+    def plain_buffers(self, rows: int, kv_heads: int, head_dim: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """plain_rows of every layer (keys, values), remembered while no layer's buffers change: a native step
+        asks for all of them."""
+        known = self._plain
+        if known is not None and known[0] >= rows and _same(known[1], self.layers):
+            return known[2], known[3]
+        pairs = [self.plain_rows(layer, rows, kv_heads, head_dim) for layer in range(len(self.layers))]
+        self._plain = (min(k.shape[0] for k, _ in pairs), list(self.layers), [k for k, _ in pairs],
+                       [v for _, v in pairs])
+        return self._plain[2], self._plain[3]
 
     def write(self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values: [rows, kv_heads, head_dim] for positions position .. position+rows-1."""
@@ -238,6 +265,7 @@ class SequenceKV:
         os.replace(temp, path)
         self.swap_path = path
         self.layers = [None] * len(self.layers)
+        self._plain = self._bytes = None  # hold no swapped-out buffer
         self.summaries = [None] * len(self.layers)  # recomputed from the same rows after swap-in
         self.pooled = [None] * len(self.layers)
         self.capacity = 0

@@ -430,9 +430,9 @@ class NativeDecoder:
         ends = {id(seg.kv): seg.position + seg.rows for seg in rows.segments}
         keys, values = [], []
         for kv in caches:
-            buffers = [kv.plain_rows(layer, ends[id(kv)], self.kv_heads, self.head_dim) for layer in range(self.layers)]
-            keys.append([k for k, _ in buffers])
-            values.append([v for _, v in buffers])
+            k, v = kv.plain_buffers(ends[id(kv)], self.kv_heads, self.head_dim)
+            keys.append(k)
+            values.append(v)
         if self.policy is not None and self.policy.next_threads(len(rows.tokens)) != self.threads:
             self.set_threads(self.policy.next_threads(len(rows.tokens)))
         started = time.perf_counter()

@@ -97,6 +97,14 @@ class Sampler:
         else:
             self.generator.seed()
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The choice is the argmax of the raw logits (nothing adjusts them and nothing is recorded): a batch
+        of such rows can take one argmax over all of them."""
+        p = self.params
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and not p.logit_bias and p.grammar is None and not p.logprobs)
+
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
         """logits: [1, vocab] float; history: [1, T] token ids seen so far."""
         p = self.params
