@@ -28,6 +28,15 @@ def prompts(lm: Any, count: int) -> list[list[int]]:
                                             f"{TOPICS[i % len(TOPICS)]}."}]) for i in range(count)]
 
 
+def random_prompts(vocab_size: int, count: int, length: int = 42, seed: int = 0) -> list[list[int]]:
+    """Prompts for a synthetic model (random weights, no chat template): `length` random token ids each, about
+    the length of the default model's chat prompts above."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (length,), generator=generator).tolist() for _ in range(count)]
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -79,17 +88,25 @@ def run_sequential_plain(lm: Any, prompt_list: list[list[int]], tokens: int) -> 
 
 
 def bench_batch(lm: Any, levels: tuple[int, ...] = (1, 2, 4, 8, 16), tokens: int = 64,
-                threads: int | None = None) -> dict:
+                threads: int | None = None, synthetic: bool = False) -> dict:
+    """synthetic: `lm` is a synthetic model (models/synthetic.py, with synthetic_tokenizer): random prompts, and
+    no plain-loop baseline (the transformers path at that size would take many minutes; the engine's own
+    one-after-another run is the fast single stream either way)."""
     import torch
+
+    def make_prompts(count: int) -> list[list[int]]:
+        if synthetic:
+            return random_prompts(lm.model.config.vocab_size, count)
+        return prompts(lm, count)
 
     if threads:
         compute.set_threads(threads)
     config = EngineConfig(max_running=max(levels), speculation="off")
     engine = BatchEngine(lm.name, lambda: holding(lm), config=config)
     try:
-        run_concurrent(engine, lm, prompts(lm, 2), 8)  # warm-up: probe regimes, first kernels
-        rows = [run_concurrent(engine, lm, prompts(lm, n), tokens) for n in levels]
-        eight = prompts(lm, 8)
+        run_concurrent(engine, lm, make_prompts(2), 8)  # warm-up: probe regimes, first kernels
+        rows = [run_concurrent(engine, lm, make_prompts(n), tokens) for n in levels]
+        eight = make_prompts(8)
         sequential_engine = {"requests": 8, "tokens": 0, "seconds": 0.0}
         for ids in eight:
             one = run_concurrent(engine, lm, [ids], tokens)
@@ -98,11 +115,13 @@ def bench_batch(lm: Any, levels: tuple[int, ...] = (1, 2, 4, 8, 16), tokens: int
         sequential_engine["tokens_per_s"] = sequential_engine["tokens"] / sequential_engine["seconds"]
     finally:
         engine.close()
-    sequential_plain = compute.call(lambda: run_sequential_plain(lm, eight, tokens))
+    sequential_plain = None if synthetic else compute.call(lambda: run_sequential_plain(lm, eight, tokens))
     batch8 = next((r for r in rows if r["requests"] == 8), None)
-    best_sequential = max(sequential_plain["tokens_per_s"], sequential_engine["tokens_per_s"])
+    best_sequential = max(sequential_plain["tokens_per_s"] if sequential_plain else 0.0,
+                          sequential_engine["tokens_per_s"])
     return {
-        "model": lm.name, "tokens_per_request": tokens, "threads": torch.get_num_threads(),
+        "model": lm.name + (" (random weights: speed only)" if synthetic else ""),
+        "tokens_per_request": tokens, "threads": torch.get_num_threads(),
         "decode": (getattr(lm.model, "ryzanstein_decode", None) or {}).get("path", "reference"),
         "rows": rows,
         "sequential_8_plain_loop": sequential_plain,

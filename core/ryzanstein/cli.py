@@ -511,6 +511,9 @@ def bench_batch(
     output: Path = typer.Option(None, help="JSON output (default: <data dir>/bench/batch-<time>.json)."),
     method: str = typer.Option("", help="Quantize the weights in memory first (int8, int4-g32, …): the native "
                                "decode path's integer kernels."),
+    synthetic: str = typer.Option("", help="A random int4 model of this shape instead (llama-1b, llama-3b, "
+                                  "llama-7b, llama3-8b): speed only; random prompts."),
+    group: int = typer.Option(64, help="With --synthetic: the int4 group size (64 = Q4_0's bytes per weight)."),
 ) -> None:
     """Continuous batching: aggregate tokens/s and latency percentiles at each concurrency, against the same
     8 requests run one after another."""
@@ -525,13 +528,25 @@ def bench_batch(
             raise ValueError
     except ValueError:
         fail(InvalidRequest(f"levels={levels!r} is invalid: give positive integers such as 1,2,4,8."))
-    lm = open_model(model)
-    if method:
-        from ryzanstein import compute
+    from ryzanstein import compute
+
+    if synthetic:
+        from ryzanstein.models.synthetic import synthetic_model, synthetic_tokenizer
+
+        try:
+            lm = compute.call(lambda: synthetic_model(synthetic, "int4", group))
+        except InvalidRequest as exc:
+            fail(exc)
+        lm.tokenizer = synthetic_tokenizer(lm.model.config.vocab_size)
+        model, method = lm.name, f"int4-g{group}"
+    else:
+        lm = open_model(model)
+    if method and not synthetic:
         from ryzanstein.quant.methods import apply_method
 
         compute.call(lambda: apply_method(lm.model, method))
-    result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1)
+    result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1,
+                 synthetic=bool(synthetic))
     result["weights"] = method or "as stored"
     table = Table("concurrent", "tokens", "aggregate tok/s", "TTFT p50 ms", "TTFT p95 ms", "per-token p50 ms",
                   "per-token p95 ms", title=f"bench batch: {model} ({result['weights']}, {result['decode']}), "
@@ -543,6 +558,8 @@ def bench_batch(
     for key, label in (("sequential_8_plain_loop", "8 one after another (plain loop)"),
                        ("sequential_8_engine", "8 one after another (engine)")):
         row = result[key]
+        if row is None:
+            continue
         table.add_row(label, str(row["tokens"]), f"{row['tokens_per_s']:.1f}", "", "", "", "", style="dim")
     console.print(table)
     if result["speedup_8_vs_sequential"]:

@@ -277,6 +277,27 @@ __attribute__((target("avx2,fma"))) void quantize_block(const float* src, const 
   *sum_out = scale * static_cast<float>(_mm_cvtsi128_si32(t));
 }
 
+// y = weight * (x / sqrt(mean(x^2) + eps)) for one row (y may be x): squares summed in 8 lanes, then a fixed
+// tree and the tail in order, so a row's norm never depends on the others.
+__attribute__((target("avx2,fma"))) void rms_norm_row(const float* x, const float* weight, float* y, int64_t width,
+                                                      float eps) {
+  __m256 squares = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= width; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    squares = _mm256_add_ps(squares, _mm256_mul_ps(v, v));
+  }
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(squares), _mm256_extractf128_ps(squares, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  float total = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 0x55)));
+  for (int64_t k = i; k < width; ++k) total += x[k] * x[k];
+  const float inverse = 1.0f / std::sqrt(total / static_cast<float>(width) + eps);
+  const __m256 scale = _mm256_set1_ps(inverse);
+  for (i = 0; i + 8 <= width; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), scale)));
+  for (; i < width; ++i) y[i] = weight[i] * (x[i] * inverse);
+}
+
 // out = silu(gate) * up = gate / (1 + e^-gate) * up
 __attribute__((target("avx2,fma"))) void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   int64_t i = 0;
@@ -680,13 +701,7 @@ class NativeModel {
   }
 
   void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t width) const {
-    for (int64_t n = 0; n < rows; ++n) {
-      const float* xr = x + n * width;
-      float total = 0.0f;
-      for (int64_t i = 0; i < width; ++i) total += xr[i] * xr[i];
-      const float inverse = 1.0f / std::sqrt(total / static_cast<float>(width) + eps_);
-      for (int64_t i = 0; i < width; ++i) y[n * width + i] = weight[i] * (xr[i] * inverse);
-    }
+    for (int64_t n = 0; n < rows; ++n) rms_norm_row(x + n * width, weight, y + n * width, width, eps_);
   }
 
   static void rope(float* v, const float* c, const float* s, int64_t half) {

@@ -97,3 +97,17 @@ def synthetic_model(shape: str, weights: str = "int4", group: int = 32, seed: in
     if leftover:
         raise RuntimeError(f"synthetic model left tensors on the meta device: {leftover[:3]}")
     return SyntheticModel(f"synthetic-{shape}-{weights}", model, weights, total)
+
+
+def synthetic_tokenizer(vocab_size: int) -> Any:
+    """A real (fast, word-level) tokenizer for a synthetic model's vocabulary: token i is the word "t<i>". The
+    batching engine streams text through a tokenizer as it would for any model; a synthetic model's text is
+    noise, and this gives that noise a spelling without borrowing another model's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", bos_token="t1", eos_token="t2")
