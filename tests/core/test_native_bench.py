@@ -96,3 +96,26 @@ def test_contention_bench_compares_thread_settings_and_stops_its_helpers(tiny_ll
     assert all(v["median"] > 0 for by_setting in table.values() for v in by_setting.values())
     assert result["verdict"]["busy=1"]["auto_vs_best_fixed"] > 0
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # the busy helpers are gone
+
+
+def test_bench_batch_runs_a_synthetic_model_through_the_engine():
+    """`bench batch --synthetic`: random prompts, the synthetic vocabulary's own tokenizer, every request exactly
+    its tokens, and the one-after-another engine run as the baseline (no plain loop at synthetic sizes)."""
+    import torch
+
+    from ryzanstein import compute
+    from ryzanstein.bench_batch import bench_batch
+    from ryzanstein.models.synthetic import synthetic_model, synthetic_tokenizer
+
+    lm = synthetic_model("llama-tiny", "int4", 64)
+    lm.tokenizer = synthetic_tokenizer(lm.model.config.vocab_size)
+    assert len(lm.tokenizer) == 512 and lm.tokenizer.decode([5, 511]) == "t5 t511"
+    threads = torch.get_num_threads()
+    try:
+        result = bench_batch(lm, levels=(1, 2), tokens=8, threads=1, synthetic=True)
+    finally:
+        compute.set_threads(threads)
+    assert [(r["requests"], r["tokens"]) for r in result["rows"]] == [(1, 8), (2, 16)]
+    assert result["decode"] == "native" and "random weights" in result["model"]
+    assert result["sequential_8_plain_loop"] is None and result["sequential_8_engine"]["tokens"] == 64
+    assert result["speedup_8_vs_sequential"] is None  # no level of 8 asked
