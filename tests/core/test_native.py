@@ -101,6 +101,38 @@ def test_attention_equals_transformers_for_each_head_size(head_dim, isa):
         runner.close()
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("head_dim", [48, 64, 128])
+def test_an_fp16_cache_is_written_and_read_as_the_reference_path_does(head_dim, isa):
+    """kv_cache="fp16": the native step rounds keys/values to fp16 as torch does (the two caches agree to the
+    last fp16 bit, where the fp32 keys themselves differ in their last bits) and reads them widened, as the
+    reference path reads the same cache (48: the any-size code)."""
+    model = tiny("llama", hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim,
+                 num_hidden_layers=2)
+    model.ryzanstein_kv_cache = "fp16"
+    ids = IDS[:23]
+    got, runner = engine_logits(model, ids, chunk=7)
+    path, model.ryzanstein_decode_path = getattr(model, "ryzanstein_decode_path", "auto"), "reference"
+    try:
+        expected, reference = engine_logits(model, ids, chunk=7)
+    finally:
+        model.ryzanstein_decode_path = path
+    try:
+        assert runner.native is not None and runner.native.isa == isa and reference.native is None
+        ours, theirs = runner.cache("a"), reference.cache("a")
+        for layer in range(2):
+            for field in ("k", "v"):
+                assert ours.layers[layer][field].dtype == torch.float16
+                torch.testing.assert_close(ours.layers[layer][field][:len(ids)].float(),
+                                           theirs.layers[layer][field][:len(ids)].float(), atol=1e-6, rtol=2**-10)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+        # and the rounding is small next to the fp32 cache's answer
+        torch.testing.assert_close(got, reference_logits(model, ids), atol=5e-3, rtol=5e-3)
+    finally:
+        runner.close()
+        reference.close()
+
+
 def test_native_step_equals_transformers_layer_by_layer():
     """The same weights cut after 1, 2 and 3 layers: each prefix of the model agrees, so a wrong layer is
     found where it is."""
@@ -356,9 +388,10 @@ def test_quantized_native_step_is_near_the_transformers_path(method):
 
 
 # -- rows are independent of their batch ------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["fp32", "int4-g32"])
-def test_native_rows_are_bit_identical_alone_and_in_any_batch(method):
+@pytest.mark.parametrize("method,kv_cache", [("fp32", "fp32"), ("int4-g32", "fp32"), ("int4-g32", "fp16")])
+def test_native_rows_are_bit_identical_alone_and_in_any_batch(method, kv_cache):
     model = tiny("llama")
+    model.ryzanstein_kv_cache = kv_cache
     if method != "fp32":
         quantize(model, method)
     runner = BatchRunner(model, Path(tempfile.gettempdir()))

@@ -33,11 +33,16 @@ def _same(known: list, now: list) -> bool:
 
 
 class PlainCodec:
+    """Keys and values as they are (fp32) or rounded to fp16 (half the memory; widened to fp32 when read)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+
     def encode(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Fields:
-        return {"k": keys, "v": values}
+        return {"k": keys.to(self.dtype), "v": values.to(self.dtype)}
 
     def widen(self, layer: int, pick: Pick, heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        return pick("k"), pick("v")
+        return pick("k").float(), pick("v").float()
 
 
 class QuantCodec:
@@ -62,7 +67,8 @@ class SequenceKV:
         self.layers: list[Fields | None] = [None] * layers
         self.bits = bits
         # how rows are stored and widened: fp32, int8/int4 codes, or low-rank coordinates (kvlowrank.py)
-        self.codec: Any = lowrank if lowrank is not None else (PlainCodec() if bits == 32 else QuantCodec(bits))
+        self.codec: Any = lowrank if lowrank is not None else (
+            PlainCodec(torch.float16 if bits == 16 else torch.float32) if bits in (16, 32) else QuantCodec(bits))
         # eviction (keep_last set): positions < keep_first stay; older ones beyond the last keep_last go
         self.keep_first, self.keep_last, self.max_rows = keep_first, keep_last, max_rows
         self.dropped = [0] * layers  # per layer: positions removed after the first keep_first rows
@@ -141,12 +147,12 @@ class SequenceKV:
         return grown
 
     def plain_rows(self, layer: int, rows: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole fp32 key and value buffers [capacity ≥ rows, kv_heads, head_dim] of a layer, for the native
-        step to write and read in place."""
+        """The whole fp32 (or fp16) key and value buffers [capacity ≥ rows, kv_heads, head_dim] of a layer, for
+        the native step to write and read in place."""
         assert isinstance(self.codec, PlainCodec) and self.keep_last is None, "native steps use plain caches"
         fields = self.layers[layer]
         if fields is None or fields["k"].shape[0] < rows:  # grow (a sample only says the shape and dtype)
-            sample = {"k": torch.empty(0, kv_heads, head_dim), "v": torch.empty(0, kv_heads, head_dim)}
+            sample = {key: torch.empty(0, kv_heads, head_dim, dtype=self.codec.dtype) for key in ("k", "v")}
             fields = self._ensure(layer, rows, sample)
         return fields["k"], fields["v"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-KV_FORMATS = ("fp32", "int8", "int4")
+KV_FORMATS = ("fp32", "fp16", "int8", "int4")
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,11 +35,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits
 
 
 def fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 16:
+        return x.to(torch.float16).to(x.dtype)
     return dequantize(*quantize(x.float(), bits), bits).to(x.dtype)
 
 
 def bits_of(kv_format: str) -> int:
-    return {"fp32": 32, "int8": 8, "int4": 4}[kv_format]
+    return {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}[kv_format]
 
 
 def register_eval_attention(kv_format: str) -> str:

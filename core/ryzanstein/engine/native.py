@@ -457,8 +457,8 @@ def prepare(model: Any) -> None:
 
 
 def settings_blocker(kv_cache: str, pattern: str) -> str | None:
-    """What in the load's settings keeps the native step from running (it reads fp32 caches densely)."""
-    if kv_cache != "fp32":
+    """What in the load's settings keeps the native step from running (it reads fp32 or fp16 caches densely)."""
+    if kv_cache not in ("fp32", "fp16"):
         return f"a {kv_cache} KV cache"
     if pattern != "dense":
         return f"the {pattern} attention pattern"

@@ -97,6 +97,7 @@ inline vec vset1(float v) { return _mm512_set1_ps(v); }
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline __m256 halves(vec v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+inline vec vload(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #else
 using vec = __m256;
 constexpr int kLanes = 8;
@@ -106,6 +107,7 @@ inline vec vset1(float v) { return _mm256_set1_ps(v); }
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline __m256 halves(vec v) { return v; }
+inline vec vload(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #endif
 
 // The lane sums of four vectors, each by the same tree ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) after folding 16
@@ -116,19 +118,19 @@ inline __m128 sum4(vec a, vec b, vec c, vec d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// Attention of H query heads that share one KV head (GQA), over `length` cached positions, for heads of V
-// vectors: q and the outputs stay in registers, each key and value row is loaded once for the H heads, scores
+// Attention of H query heads that share one KV head (GQA), over `length` cached positions (fp32, or fp16 bits
+// widened as they load), for heads of V vectors: q and the outputs stay in registers, each key and value row is loaded once for the H heads, scores
 // are formed four keys at a time (the last few keys through a zero-padded copy, so every key takes the same
 // path). s: H × length scratch. Per head the arithmetic is the same whichever heads share the call and
 // whatever the batch.
-template <int V, int H>
-void attend_group(const float* q, const float* keys, const float* values, int64_t length, int64_t stride,
+template <int V, int H, typename T>
+void attend_group(const float* q, const T* keys, const T* values, int64_t length, int64_t stride,
                   float scale, float* s, float* out) {
   constexpr int64_t dim = V * kLanes;
   vec qv[H][V];
   for (int h = 0; h < H; ++h)
     for (int v = 0; v < V; ++v) qv[h][v] = vload(q + h * dim + v * kLanes);
-  const auto four_keys = [&](const float* k4, int64_t k_stride, int64_t j, int64_t count) {
+  const auto four_keys = [&](const T* k4, int64_t k_stride, int64_t j, int64_t count) {
     vec acc[H][4];
     for (int h = 0; h < H; ++h)
       for (int i = 0; i < 4; ++i) acc[h][i] = vzero();
@@ -146,8 +148,8 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
   int64_t j = 0;
   for (; j + 4 <= length; j += 4) four_keys(keys + j * stride, stride, j, 4);
   if (j < length) {
-    alignas(64) float padded[4 * dim] = {};
-    for (int64_t i = 0; j + i < length; ++i) std::memcpy(padded + i * dim, keys + (j + i) * stride, dim * sizeof(float));
+    alignas(64) T padded[4 * dim] = {};
+    for (int64_t i = 0; j + i < length; ++i) std::memcpy(padded + i * dim, keys + (j + i) * stride, dim * sizeof(T));
     four_keys(padded, dim, j, length - j);
   }
   for (int h = 0; h < H; ++h) softmax_in_place(s + h * length, length);
@@ -168,14 +170,14 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
 
 // Up to three heads at a time (a GQA group of 3, as in SmolLM2, in one pass over its keys and values) while
 // their outputs fit in half the registers (heads × V vectors), the rest in pairs or one at a time.
-template <int V>
-void attend_heads(const float* q, int64_t heads, const float* keys, const float* values, int64_t length,
+template <int V, typename T>
+void attend_heads(const float* q, int64_t heads, const T* keys, const T* values, int64_t length,
                   int64_t stride, float scale, float* scores, float* out) {
   constexpr int64_t dim = V * kLanes;
   constexpr int registers = kLanes == 16 ? 32 : 16;  // zmm / ymm
   constexpr int most = std::max(1, std::min(3, registers / 2 / V));
   const auto group = [&](auto size, int64_t h) {
-    attend_group<V, decltype(size)::value>(q + h * dim, keys, values, length, stride, scale, scores + h * length,
+    attend_group<V, decltype(size)::value, T>(q + h * dim, keys, values, length, stride, scale, scores + h * length,
                                            out + h * dim);
   };
   int64_t h = 0;
@@ -185,20 +187,33 @@ void attend_heads(const float* q, int64_t heads, const float* keys, const float*
   for (; h < heads; ++h) group(std::integral_constant<int, 1>(), h);
 }
 
-// Any other head size: one key at a time through dot_head / axpy_head.
-void attend_any(const float* q, int64_t heads, const float* keys, const float* values, int64_t length,
+// Any other head size: one key at a time through dot_head / axpy_head (fp16 rows widened first).
+inline const float* as_f32(const float* row, int64_t, float*) { return row; }
+inline const float* as_f32(const uint16_t* row, int64_t dim, float* buffer) {
+  int64_t k = 0;
+  for (; k + kLanes <= dim; k += kLanes) vstore(buffer + k, vload(row + k));
+  for (; k < dim; ++k) buffer[k] = _cvtsh_ss(row[k]);
+  return buffer;
+}
+
+template <typename T>
+void attend_any(const float* q, int64_t heads, const T* keys, const T* values, int64_t length,
                 int64_t stride, int64_t dim, float scale, float* scores, float* out) {
+  std::vector<float> row(dim);
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * length;
-    for (int64_t j = 0; j < length; ++j) s[j] = dot_head(q + h * dim, keys + j * stride, dim) * scale;
+    for (int64_t j = 0; j < length; ++j)
+      s[j] = dot_head(q + h * dim, as_f32(keys + j * stride, dim, row.data()), dim) * scale;
     softmax_in_place(s, length);
     std::fill(out + h * dim, out + (h + 1) * dim, 0.0f);
-    for (int64_t j = 0; j < length; ++j) axpy_head(s[j], values + j * stride, out + h * dim, dim);
+    for (int64_t j = 0; j < length; ++j)
+      axpy_head(s[j], as_f32(values + j * stride, dim, row.data()), out + h * dim, dim);
   }
 }
 
-void attend(const float* q, int64_t heads, const float* keys, const float* values, int64_t length, int64_t stride,
-            int64_t dim, float scale, float* scores, float* out) {
+template <typename T>
+void attend_kv(const float* q, int64_t heads, const T* keys, const T* values, int64_t length, int64_t stride,
+               int64_t dim, float scale, float* scores, float* out) {
   if (dim % kLanes == 0) {
     switch (dim / kLanes) {  // head sizes 32-128 (AVX-512) / 32-64 (AVX2: 16 registers)
 #if ISA_LEVEL == 3
@@ -215,6 +230,16 @@ void attend(const float* q, int64_t heads, const float* keys, const float* value
     }
   }
   attend_any(q, heads, keys, values, length, stride, dim, scale, scores, out);
+}
+
+void attend(const float* q, int64_t heads, const float* keys, const float* values, int64_t length, int64_t stride,
+            int64_t dim, float scale, float* scores, float* out) {
+  attend_kv(q, heads, keys, values, length, stride, dim, scale, scores, out);
+}
+
+void attend_half(const float* q, int64_t heads, const uint16_t* keys, const uint16_t* values, int64_t length,
+                 int64_t stride, int64_t dim, float scale, float* scores, float* out) {
+  attend_kv(q, heads, keys, values, length, stride, dim, scale, scores, out);
 }
 
 template <int rows>
@@ -493,6 +518,6 @@ void tile_q8(const uint8_t* tile, int64_t blocks, const uint8_t* xu, const int8_
   });
 }
 
-const Kernels kernels = {dot_f32, tile_q8, tile_q4, attend};
+const Kernels kernels = {dot_f32, tile_q8, tile_q4, attend, attend_half};
 
 }  // namespace ISA_NS

@@ -41,7 +41,18 @@ struct Kernels {
   void (*tile_q4)(const uint8_t*, int64_t, int64_t, const int8_t*, const float*, const float*, int64_t, int64_t,
                   int64_t, int, float*);
   void (*attend)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, float, float*, float*);
+  void (*attend_half)(const float*, int64_t, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float, float*,
+                      float*);
 };
+
+// A row's keys or values into an fp16 cache: round to nearest even, as torch's .half() does.
+__attribute__((target("avx2,f16c"))) inline void store_half(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 
 // e^x for x in [-87.3, 88.3] (clamped), 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5
 // polynomial, 2^n through the exponent bits), within ~2 ulp of std::exp. Every row gets the same function.
@@ -572,17 +583,20 @@ class NativeModel {
       TORCH_CHECK(tok[n] >= 0 && tok[n] < vocab_in, "token id out of range");
       TORCH_CHECK(seq[n] >= 0 && seq[n] < static_cast<int64_t>(keys.size()), "cache index out of range");
     }
-    std::vector<std::vector<float*>> kp(keys.size()), vp(values.size());
+    // every cache fp32, or every cache fp16 (one load's setting)
+    const bool half_kv = !keys.empty() && !keys[0].empty() && keys[0][0].dtype() == torch::kFloat16;
+    const auto cache_dtype = half_kv ? torch::kFloat16 : torch::kFloat32;
+    std::vector<std::vector<void*>> kp(keys.size()), vp(values.size());
     for (size_t s = 0; s < keys.size(); ++s) {
       TORCH_CHECK(keys[s].size() == layers_.size() && values[s].size() == layers_.size(), "a cache per layer");
       for (size_t l = 0; l < layers_.size(); ++l) {
         const auto& k = keys[s][l];
         const auto& v = values[s][l];
-        TORCH_CHECK(k.dtype() == torch::kFloat32 && k.is_contiguous() && v.is_contiguous() && k.dim() == 3 &&
-                    k.size(1) == kv_heads_ && k.size(2) == head_dim_ && v.sizes() == k.sizes(),
-                    "caches must be contiguous fp32 [capacity, kv_heads, head_dim]");
-        kp[s].push_back(k.data_ptr<float>());
-        vp[s].push_back(v.data_ptr<float>());
+        TORCH_CHECK(k.dtype() == cache_dtype && v.dtype() == cache_dtype && k.is_contiguous() && v.is_contiguous() &&
+                    k.dim() == 3 && k.size(1) == kv_heads_ && k.size(2) == head_dim_ && v.sizes() == k.sizes(),
+                    "caches must be contiguous [capacity, kv_heads, head_dim], all fp32 or all fp16");
+        kp[s].push_back(k.data_ptr());
+        vp[s].push_back(v.data_ptr());
       }
       for (int64_t n = 0; n < rows; ++n)
         if (seq[n] == static_cast<int64_t>(s)) TORCH_CHECK(pos[n] >= 0 && pos[n] < keys[s][0].size(0), "position beyond the cache");
@@ -621,10 +635,15 @@ class NativeModel {
           rope(v, cosv.data() + n * half, sinv.data() + n * half, half);
         }
         const int64_t s = seq[n], p = pos[n];
-        std::memcpy(kp[s][l] + p * kv_width, row + q_width, kv_width * sizeof(float));
-        std::memcpy(vp[s][l] + p * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+        if (half_kv) {
+          store_half(row + q_width, static_cast<uint16_t*>(kp[s][l]) + p * kv_width, kv_width);
+          store_half(row + q_width + kv_width, static_cast<uint16_t*>(vp[s][l]) + p * kv_width, kv_width);
+        } else {
+          std::memcpy(static_cast<float*>(kp[s][l]) + p * kv_width, row + q_width, kv_width * sizeof(float));
+          std::memcpy(static_cast<float*>(vp[s][l]) + p * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+        }
       }
-      attention(qkv.data(), qkv_width, att.data(), rows, pos, seq, kp, vp, l);
+      attention(qkv.data(), qkv_width, att.data(), rows, pos, seq, kp, vp, half_kv, l);
       project({layer.o}, att.data(), rows, out.data(), hidden_);
       residual(h.data(), out.data(), rows * hidden_);
       rms_norm(h.data(), layer.post_norm, x.data(), rows, hidden_);
@@ -800,8 +819,8 @@ class NativeModel {
   }
 
   void attention(const float* qkv, int64_t qkv_width, float* out, int64_t rows, const int64_t* pos,
-                 const int64_t* seq, const std::vector<std::vector<float*>>& kp,
-                 const std::vector<std::vector<float*>>& vp, size_t layer) {
+                 const int64_t* seq, const std::vector<std::vector<void*>>& kp,
+                 const std::vector<std::vector<void*>>& vp, bool half, size_t layer) {
     const int64_t group = heads_ / kv_heads_, kv_width = kv_heads_ * head_dim_;
     // A chunk is one row's query heads sharing a KV head (its keys read once), or a single query head when
     // that would leave threads idle (decode of one sequence); each head's numbers are the same either way.
@@ -811,9 +830,16 @@ class NativeModel {
       const int64_t length = pos[n] + 1;
       thread_local std::vector<float> scores;
       scores.resize(per_chunk * length);
-      k_->attend(qkv + n * qkv_width + hd * head_dim_, per_chunk, kp[seq[n]][layer] + g * head_dim_,
-                 vp[seq[n]][layer] + g * head_dim_, length, kv_width, head_dim_, attention_scale_, scores.data(),
-                 out + n * heads_ * head_dim_ + hd * head_dim_);
+      const float* q = qkv + n * qkv_width + hd * head_dim_;
+      float* o = out + n * heads_ * head_dim_ + hd * head_dim_;
+      if (half)
+        k_->attend_half(q, per_chunk, static_cast<const uint16_t*>(kp[seq[n]][layer]) + g * head_dim_,
+                        static_cast<const uint16_t*>(vp[seq[n]][layer]) + g * head_dim_, length, kv_width, head_dim_,
+                        attention_scale_, scores.data(), o);
+      else
+        k_->attend(q, per_chunk, static_cast<const float*>(kp[seq[n]][layer]) + g * head_dim_,
+                   static_cast<const float*>(vp[seq[n]][layer]) + g * head_dim_, length, kv_width, head_dim_,
+                   attention_scale_, scores.data(), o);
     };
     pool_->run(rows * per_row, work);
   }

@@ -40,7 +40,7 @@ from ryzanstein.numa import model_bytes_per_node, pin_current_thread
 
 EventFn = Callable[[str, dict[str, Any]], None]
 WEIGHT_FORMATS = ("fp32", "int8")
-KV_FORMATS = ("fp32", "int8", "int4", "lowrank")
+KV_FORMATS = ("fp32", "fp16", "int8", "int4", "lowrank")
 MB = 2**20
 
 
@@ -54,7 +54,7 @@ class LoadedEntry:
     pin_node: int | None = None
     pin_cpus: list[int] | None = None
     weights: str = "fp32"  # fp32 | int8 (weight-only, our kernel)
-    kv_cache: str = "fp32"  # fp32 | int8 | int4 (the batching engine's cache)
+    kv_cache: str = "fp32"  # fp32 | fp16 | int8 | int4 | lowrank (the batching engine's cache)
     active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_unload: Callable[[], None] | None = None  # a split model closes its links to the workers

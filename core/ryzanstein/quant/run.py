@@ -145,18 +145,19 @@ def row_for(method: str, lm: Any, accuracy: Accuracy, reference: Accuracy, speed
 
 def measure_kv_cache(lm: Any, chunks: list, reference_logits: list, reference: Accuracy,
                      on_chunk: Callable[[int, int], None] = lambda done, total: None) -> list[dict[str, Any]]:
-    """Accuracy with an int8 / int4 KV cache (a load option of the engine), measured like the weight methods:
+    """Accuracy with an fp16 / int8 / int4 KV cache (a load option of the engine), measured like the weight methods:
     keys and values go through the cache's rounding before attention."""
     from ryzanstein.engine.kvquant import register_eval_attention
 
     config = lm.model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = {"fp32": 4 * head_dim, "int8": head_dim + 8, "int4": head_dim // 2 + 8}  # codes + scale/min
+    per_token = {"fp32": 4 * head_dim, "fp16": 2 * head_dim, "int8": head_dim + 8,
+                 "int4": head_dim // 2 + 8}  # codes + scale/min
     previous = lm.model.config._attn_implementation
     rows = []
     try:
-        for kv in ("fp32", "int8", "int4"):
+        for kv in ("fp32", "fp16", "int8", "int4"):
             if kv == "fp32":
                 accuracy = reference
             else:

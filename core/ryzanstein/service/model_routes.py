@@ -48,8 +48,9 @@ class LoadRequest(BaseModel):
     pin_numa_node: int | None = Field(None, ge=0, description="Run this model's compute on one node's CPUs.")
     weights: Literal["fp32", "int8"] | None = Field(None, description="fp32 (exact), or int8 weight-only: a "
                                                     "quarter of the weight memory, ~1.7x faster decode on AVX2.")
-    kv_cache: Literal["fp32", "int8", "int4", "lowrank"] | None = Field(
-        None, description="KV-cache storage of the batching engine: int8/int4 hold 4x/7x more tokens per byte; "
+    kv_cache: Literal["fp32", "fp16", "int8", "int4", "lowrank"] | None = Field(
+        None, description="KV-cache storage of the batching engine: fp16/int8/int4 hold 2x/4x/7x more tokens per "
+                          "byte (fp16 also runs on the native decode path); "
                           "lowrank stores keys/values in a per-layer PCA basis, rank chosen at load as the smallest "
                           "whose measured KL to fp32 on calibration text is at most 0.01.")
     context_tokens: int | None = Field(None, ge=16, le=MAX_CONTEXT, description="Longest prompt + completion; "
