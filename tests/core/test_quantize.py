@@ -169,7 +169,8 @@ def test_run_measures_every_candidate_picks_for_the_goal_and_saves(qstore):
     assert kv["int8"]["bytes_per_token"] < kv["fp32"]["bytes_per_token"] / 2  # head_dim 16: scales weigh
     assert kv["int4"]["bytes_per_token"] < kv["int8"]["bytes_per_token"]
     assert kv["fp16"]["bytes_per_token"] * 2 == kv["fp32"]["bytes_per_token"]
-    assert kv["fp32"]["mean_kl"] == 0 and -1e-6 <= kv["fp16"]["mean_kl"] <= kv["int8"]["mean_kl"] <= kv["int4"]["mean_kl"]
+    assert kv["fp32"]["mean_kl"] == 0
+    assert -1e-6 <= kv["fp16"]["mean_kl"] <= kv["int8"]["mean_kl"] <= kv["int4"]["mean_kl"]
     saved = load_model_folder("saved", Path(qstore.get("tiny-int4-g32").path))
     assert generate_text(saved.model, saved.tokenizer, [5, 6, 7], GenerationParams(max_tokens=5))[2].completion_tokens
 

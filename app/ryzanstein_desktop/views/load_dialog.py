@@ -28,10 +28,12 @@ POLICY_HELP = {
     "evict": "Window and pooled only: drop keys and values that left the window (pooled keeps their averages), "
              "so memory stays flat or grows slowly.",
 }
-KV_HELP = {"fp32": "Exact.", "fp16": "Half the memory; rounding far below the model's own noise (llama.cpp's "
-           "default). Runs on the native decode path, a little faster there.", "int8": "A quarter of the memory; near-exact.", "int4": "A seventh of the memory; "
-           "small drift.", "lowrank": "Keys and values in a basis fitted at load; the rank is the smallest that keeps "
-           "answers within 0.01 nats of fp32 on calibration text (its memory is known once loaded)."}
+KV_HELP = {"fp32": "Exact.",
+           "fp16": "Half the memory; rounding far below the model's own noise (llama.cpp's default). Runs on the "
+                   "native decode path, a little faster there.",
+           "int8": "A quarter of the memory; near-exact.", "int4": "A seventh of the memory; small drift.",
+           "lowrank": "Keys and values in a basis fitted at load; the rank is the smallest that keeps answers within "
+                      "0.01 nats of fp32 on calibration text (its memory is known once loaded)."}
 ROPE_HELP = {"auto": "YaRN when the context is longer than the model was trained on, else nothing.",
              "yarn": "Interpolates slow rotations only and sharpens attention: the usual best choice.",
              "ntk": "A larger rotary base, fixed for the chosen length (NTK-aware).",
