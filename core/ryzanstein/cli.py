@@ -514,6 +514,8 @@ def bench_batch(
     synthetic: str = typer.Option("", help="A random int4 model of this shape instead (llama-1b, llama-3b, "
                                   "llama-7b, llama3-8b): speed only; random prompts."),
     group: int = typer.Option(64, help="With --synthetic: the int4 group size (64 = Q4_0's bytes per weight)."),
+    kv_cache: str = typer.Option("fp32", help="The engine's KV cache: fp32 or fp16 (both run natively), int8, "
+                                 "int4."),
 ) -> None:
     """Continuous batching: aggregate tokens/s and latency percentiles at each concurrency, against the same
     8 requests run one after another."""
@@ -545,12 +547,19 @@ def bench_batch(
         from ryzanstein.quant.methods import apply_method
 
         compute.call(lambda: apply_method(lm.model, method))
+    from ryzanstein.engine.kvquant import KV_FORMATS
+
+    if kv_cache not in KV_FORMATS:
+        fail(InvalidRequest(f"kv_cache={kv_cache!r} is invalid: use one of {', '.join(KV_FORMATS)}.",
+                            param="kv_cache"))
+    lm.model.ryzanstein_kv_cache = kv_cache
     result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1,
                  synthetic=bool(synthetic))
-    result["weights"] = method or "as stored"
+    result["weights"], result["kv_cache"] = method or "as stored", kv_cache
     table = Table("concurrent", "tokens", "aggregate tok/s", "TTFT p50 ms", "TTFT p95 ms", "per-token p50 ms",
-                  "per-token p95 ms", title=f"bench batch: {model} ({result['weights']}, {result['decode']}), "
-                                            f"{tokens} tokens per request, {result['threads']} threads")
+                  "per-token p95 ms", title=f"bench batch: {model} ({result['weights']}, {kv_cache} KV cache, "
+                                            f"{result['decode']}), {tokens} tokens per request, "
+                                            f"{result['threads']} threads")
     for row in result["rows"]:
         table.add_row(str(row["requests"]), str(row["tokens"]), f"{row['tokens_per_s']:.1f}",
                       f"{row['ttft_ms_p50']:.0f}", f"{row['ttft_ms_p95']:.0f}", f"{row['token_ms_p50']:.1f}",
