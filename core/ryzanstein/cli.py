@@ -531,6 +531,11 @@ def bench_batch(
     except ValueError:
         fail(InvalidRequest(f"levels={levels!r} is invalid: give positive integers such as 1,2,4,8."))
     from ryzanstein import compute
+    from ryzanstein.engine.kvquant import KV_FORMATS
+
+    if kv_cache not in KV_FORMATS:  # before minutes of loading
+        fail(InvalidRequest(f"kv_cache={kv_cache!r} is invalid: use one of {', '.join(KV_FORMATS)}.",
+                            param="kv_cache"))
 
     if synthetic:
         from ryzanstein.models.synthetic import synthetic_model, synthetic_tokenizer
@@ -547,11 +552,6 @@ def bench_batch(
         from ryzanstein.quant.methods import apply_method
 
         compute.call(lambda: apply_method(lm.model, method))
-    from ryzanstein.engine.kvquant import KV_FORMATS
-
-    if kv_cache not in KV_FORMATS:
-        fail(InvalidRequest(f"kv_cache={kv_cache!r} is invalid: use one of {', '.join(KV_FORMATS)}.",
-                            param="kv_cache"))
     lm.model.ryzanstein_kv_cache = kv_cache
     result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1,
                  synthetic=bool(synthetic))
