@@ -119,3 +119,16 @@ def test_bench_batch_runs_a_synthetic_model_through_the_engine():
     assert result["decode"] == "native" and "random weights" in result["model"]
     assert result["sequential_8_plain_loop"] is None and result["sequential_8_engine"]["tokens"] == 64
     assert result["speedup_8_vs_sequential"] is None  # no level of 8 asked
+
+
+@pytest.mark.parametrize("args, said", [(["--kv-cache", "fp8"], "kv_cache='fp8' is invalid"),
+                                        (["--levels", "0,8"], "levels='0,8' is invalid"),
+                                        (["--synthetic", "llama-99b"], "Unknown synthetic shape")])
+def test_bench_batch_refuses_bad_options_clearly(tmp_path: Path, args: list[str], said: str):
+    from typer.testing import CliRunner
+
+    from ryzanstein.cli import app
+
+    shown = CliRunner().invoke(app, ["bench", "batch", *args], env={"RYZANSTEIN_HOME": str(tmp_path)})
+    assert shown.exit_code != 0 and said in shown.output
+    assert not list(tmp_path.rglob("batch-*.json"))  # nothing written
