@@ -97,7 +97,7 @@ def test_load_dialog_explains_predicts_kv_memory_and_loads_long_context(qtbot, w
         assert held_tokens(context, kind, policy, window_, sinks, 64) == core
     Path("docs/screenshots").mkdir(parents=True, exist_ok=True)
     assert dialog.grab().save("docs/screenshots/load-options.png")
-    assert dialog.options() == {"kv_cache": "fp32", "context_tokens": 32768, "rope_scaling": "auto",
+    assert dialog.options() == {"kv_cache": "fp16", "context_tokens": 32768, "rope_scaling": "auto",
                                 "attention": "block_sparse", "window": 256, "sinks": 4, "kv_policy": "keep",
                                 "block": 64, "top_k": 16, "decode_path": "reference"}
     dialog.accept()

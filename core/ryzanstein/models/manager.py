@@ -54,7 +54,7 @@ class LoadedEntry:
     pin_node: int | None = None
     pin_cpus: list[int] | None = None
     weights: str = "fp32"  # fp32 | int8 (weight-only, our kernel)
-    kv_cache: str = "fp32"  # fp32 | fp16 | int8 | int4 | lowrank (the batching engine's cache)
+    kv_cache: str = "fp16"  # fp16 | fp32 | int8 | int4 | lowrank (the batching engine's cache)
     active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_unload: Callable[[], None] | None = None  # a split model closes its links to the workers
@@ -221,7 +221,9 @@ class ModelManager:
                 if pin_node is not None:
                     existing.pin_node, existing.pin_cpus = pin_node, cpus
                 return existing
-            weights, kv_cache, decode_path = weights or "fp32", kv_cache or "fp32", decode_path or "auto"
+            # fp16 keys/values by default (as llama.cpp): half the memory of fp32, KL 3.5e-7 nats on the default
+            # model's held-out text, and the native step reads half the bytes
+            weights, kv_cache, decode_path = weights or "fp32", kv_cache or "fp16", decode_path or "auto"
             long_context = long_context or LongContext()
             estimate = estimate_memory(Path(info.path), held_kv_tokens(long_context, self.context_tokens))
             self._make_room(name, estimate)
