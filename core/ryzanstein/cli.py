@@ -514,8 +514,8 @@ def bench_batch(
     synthetic: str = typer.Option("", help="A random int4 model of this shape instead (llama-1b, llama-3b, "
                                   "llama-7b, llama3-8b): speed only; random prompts."),
     group: int = typer.Option(64, help="With --synthetic: the int4 group size (64 = Q4_0's bytes per weight)."),
-    kv_cache: str = typer.Option("fp32", help="The engine's KV cache: fp32 or fp16 (both run natively), int8, "
-                                 "int4."),
+    kv_cache: str = typer.Option("fp16", help="The engine's KV cache, fp16 as loads default to: fp16 or fp32 "
+                                 "(both run natively), int8, int4."),
 ) -> None:
     """Continuous batching: aggregate tokens/s and latency percentiles at each concurrency, against the same
     8 requests run one after another."""
