@@ -583,3 +583,19 @@ def test_a_bad_decode_path_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(InvalidRequest, match="decode_path='fast' is invalid: use one of auto, native, reference"):
         manager.load("anything", decode_path="fast")
     assert manager.loaded_names() == []
+
+
+@pytest.mark.parametrize("given, expected", [(None, "10000"), ("250", "250")])
+def test_openmp_workers_stop_spinning_soon_unless_the_user_says_otherwise(given, expected):
+    """torch's spinning OpenMP workers took the native pool's cores between steps (8 concurrent requests at
+    ~0.7x); importing ryzanstein shortens the spin before torch loads, and keeps a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    shown = subprocess.run([sys.executable, "-c", "import ryzanstein, os, sys; print(os.environ['GOMP_SPINCOUNT']);"
+                            "print('torch' in sys.modules)"], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == [expected, "False"]  # set, and torch not yet loaded by then
