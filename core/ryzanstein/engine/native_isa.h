@@ -119,10 +119,10 @@ inline __m128 sum4(vec a, vec b, vec c, vec d) {
 }
 
 // Attention of H query heads that share one KV head (GQA), over `length` cached positions (fp32, or fp16 bits
-// widened as they load), for heads of V vectors: q and the outputs stay in registers, each key and value row is loaded once for the H heads, scores
-// are formed four keys at a time (the last few keys through a zero-padded copy, so every key takes the same
-// path). s: H × length scratch. Per head the arithmetic is the same whichever heads share the call and
-// whatever the batch.
+// widened as they load), for heads of V vectors: q and the outputs stay in registers, each key and value row
+// is loaded once for the H heads, scores are formed four keys at a time (the last few keys through a
+// zero-padded copy, so every key takes the same path). s: H × length scratch. Per head the arithmetic is the
+// same whichever heads share the call and whatever the batch.
 template <int V, int H, typename T>
 void attend_group(const float* q, const T* keys, const T* values, int64_t length, int64_t stride,
                   float scale, float* s, float* out) {
@@ -177,8 +177,8 @@ void attend_heads(const float* q, int64_t heads, const T* keys, const T* values,
   constexpr int registers = kLanes == 16 ? 32 : 16;  // zmm / ymm
   constexpr int most = std::max(1, std::min(3, registers / 2 / V));
   const auto group = [&](auto size, int64_t h) {
-    attend_group<V, decltype(size)::value, T>(q + h * dim, keys, values, length, stride, scale, scores + h * length,
-                                           out + h * dim);
+    attend_group<V, decltype(size)::value, T>(q + h * dim, keys, values, length, stride, scale,
+                                              scores + h * length, out + h * dim);
   };
   int64_t h = 0;
   for (; h + most <= heads; h += most) group(std::integral_constant<int, most>(), h);
