@@ -599,3 +599,11 @@ def test_openmp_workers_stop_spinning_soon_unless_the_user_says_otherwise(given,
     shown = subprocess.run([sys.executable, "-c", "import ryzanstein, os, sys; print(os.environ['GOMP_SPINCOUNT']);"
                             "print('torch' in sys.modules)"], env=env, capture_output=True, text=True, check=True)
     assert shown.stdout.split() == [expected, "False"]  # set, and torch not yet loaded by then
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_pool_runs_every_chunk_once_within_its_job(threads):
+    """Back-to-back jobs of 1-13 chunks: each chunk runs exactly once and never after its job returned (a late
+    thread once compared the previous job's last index with the next job's count, ran a chunk of an ended job
+    and let a call return while chunks still ran: the service crashed in a linear's chunk)."""
+    assert native.library().pool_selftest(threads, 50_000) == 0

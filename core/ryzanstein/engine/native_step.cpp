@@ -161,9 +161,9 @@ class Pool {
       return;
     }
     work_ = &work;
-    chunks_ = chunks;
     done_.store(0, std::memory_order_relaxed);
     const uint64_t job = (next_.load(std::memory_order_relaxed) >> 32) + 1;
+    limit_.store(job << 32 | static_cast<uint64_t>(chunks), std::memory_order_release);
     next_.store(job << 32, std::memory_order_release);
     epoch_.fetch_add(1, std::memory_order_release);
     if (sleepers_.load(std::memory_order_acquire) > 0) futex(&epoch_, FUTEX_WAKE_PRIVATE, INT32_MAX);
@@ -185,7 +185,12 @@ class Pool {
   int64_t take(uint64_t job) {
     uint64_t current = next_.load(std::memory_order_acquire);
     while (true) {
-      if ((current >> 32) != job || static_cast<int64_t>(current & 0xFFFFFFFFu) >= chunks_) return -1;
+      // The chunk count is read with its job: a late thread still on the previous job must not compare that
+      // job's last index with the next job's count (it then took a chunk of a job that had ended, ran the next
+      // job's work with it and counted it as done, so a call could return while chunks still ran: a crash).
+      const uint64_t limit = limit_.load(std::memory_order_acquire);
+      if ((current >> 32) != job || (limit >> 32) != job || (current & 0xFFFFFFFFu) >= (limit & 0xFFFFFFFFu))
+        return -1;
       if (next_.compare_exchange_weak(current, current + 1, std::memory_order_acq_rel)) {
         return static_cast<int64_t>(current & 0xFFFFFFFFu);
       }
@@ -226,7 +231,7 @@ class Pool {
   std::atomic<uint64_t> next_{0};
   std::atomic<int64_t> done_{0};
   const std::function<void(int64_t)>* work_ = nullptr;
-  int64_t chunks_ = 0;
+  std::atomic<uint64_t> limit_{0};  // the current job << 32 | its chunk count
   int spin_;
 };
 
@@ -855,11 +860,34 @@ class NativeModel {
   const Kernels* k_ = nullptr;
 };
 
+// Many back-to-back jobs of varying sizes, each chunk counted in memory that lives only for its job: returns
+// how many chunks ran other than exactly once, or after their job had returned (tests: the pool's hand-over).
+int64_t pool_selftest(int threads, int64_t jobs) {
+  Pool pool(threads, 2000);
+  std::atomic<int64_t> wrong{0};
+  for (int64_t j = 0; j < jobs; ++j) {
+    const int64_t chunks = 1 + (j * 7) % 13;
+    auto hits = std::make_unique<std::atomic<int>[]>(chunks);
+    for (int64_t c = 0; c < chunks; ++c) hits[c] = 0;
+    std::atomic<bool> open{true};
+    const std::function<void(int64_t)> work = [&](int64_t c) {
+      if (!open.load() || c < 0 || c >= chunks) ++wrong;
+      else hits[c].fetch_add(1);
+    };
+    pool.run(chunks, work);
+    open.store(false);
+    for (int64_t c = 0; c < chunks; ++c) wrong += hits[c].load() != 1;
+  }
+  return wrong.load();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "highest instruction-set level this CPU runs: 1 avx2, 2 avxvnni, 3 avx512vnni");
   m.def("isa_supported", &isa_supported, "whether this CPU runs a level");
+  m.def("pool_selftest", &pool_selftest, py::call_guard<py::gil_scoped_release>(),
+        "back-to-back jobs on a fresh pool; the number of chunks run other than once within their job");
   m.def("tile_int4", &tile_int4, "an int4 linear as tiles of 16 outputs (the native layout)");
   m.def("tile_int8", &tile_int8, "an int8 linear as tiles of 16 outputs (the native layout)");
   m.def("untile_int4", &untile_int4, "int4 tiles back to the store's packed layout");
