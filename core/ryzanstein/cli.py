@@ -545,13 +545,13 @@ def bench_batch(
         except InvalidRequest as exc:
             fail(exc)
         lm.tokenizer = synthetic_tokenizer(lm.model.config.vocab_size)
-        model, method = lm.name, f"int4-g{group}"
+        model, method = lm.name, f"int4-g{group}"  # built in that format
     else:
         lm = open_model(model)
-    if method and not synthetic:
-        from ryzanstein.quant.methods import apply_method
+        if method:
+            from ryzanstein.quant.methods import apply_method
 
-        compute.call(lambda: apply_method(lm.model, method))
+            compute.call(lambda: apply_method(lm.model, method))
     lm.model.ryzanstein_kv_cache = kv_cache
     result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1,
                  synthetic=bool(synthetic))
