@@ -28,8 +28,7 @@ POLICY_HELP = {
     "evict": "Window and pooled only: drop keys and values that left the window (pooled keeps their averages), "
              "so memory stays flat or grows slowly.",
 }
-KV_HELP = {"fp16": "Half the memory of fp32; rounding far below the model's own noise (KL 3.5e-7 nats on the "
-                   "default model). The default, as in llama.cpp; the native decode path runs it faster.",
+KV_HELP = {"fp16": "Half of fp32's memory, near-exact (KL 3.5e-7). The default, as in llama.cpp.",
            "fp32": "Exact.",
            "int8": "A quarter of the memory; near-exact.", "int4": "A seventh of the memory; small drift.",
            "lowrank": "Keys and values in a basis fitted at load; the rank is the smallest that keeps answers within "
