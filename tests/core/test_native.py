@@ -535,6 +535,38 @@ def test_thread_policy_follows_measured_step_times():
     assert native.ThreadPolicy([1]).next_threads() == 1
 
 
+def test_thread_policy_probes_less_after_clear_decisions_and_at_once_on_drift():
+    """Trying the losing count costs steps: after clear decisions rounds back off (up to 8x the period); a
+    change in the kept count's step time (the machine got busy) starts a round at once, whatever the wait."""
+    policy = native.ThreadPolicy([1, 2], period=10, probe=3)
+    cost = {1: 0.013, 2: 0.008}  # eight rows: two threads clearly win
+    tried: list[int] = []
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            threads = policy.next_threads(8)
+            tried.append(threads)
+            policy.observe(threads, 8, cost[threads])
+
+    run(400)
+    rounds = policy.classes[2].rounds
+    assert policy.decision(8) == 2 and policy.classes[2].backoff == 8
+    assert 4 <= rounds <= 9  # a fixed period of 10 would have run ~25 rounds
+    assert tried.count(1) == 3 * rounds
+    cost = {1: 0.013, 2: 0.040}  # two threads now wait for a descheduled peer
+    tried.clear()
+    run(12)
+    assert policy.decision(8) == 1
+    assert policy.classes[2].backoff == 2  # the wait started over from the period (then this clear decision)
+    assert tried[:2] == [2, 2] and tried[2:5] == [1, 1, 1]  # seen once slow steps are the median of the last 3
+
+    close = native.ThreadPolicy([1, 2], period=10, probe=3)  # close costs: every period, as before
+    for _ in range(200):
+        threads = close.next_threads(8)
+        close.observe(threads, 8, {1: 0.0100, 2: 0.0095}[threads])
+    assert close.classes[2].backoff == 1 and close.classes[2].rounds >= 12
+
+
 def test_thread_policy_decides_one_row_and_many_row_steps_apart():
     """One decode row reads weights (one thread may do), eight rows multiply them (two threads win): a choice
     made on one-row steps must not run eight-row steps, and prompt chunks follow the many-row choice."""

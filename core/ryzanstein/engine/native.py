@@ -283,8 +283,15 @@ def usable_cores() -> int:
 
 
 class _Rounds:
-    """One row-count class's measurements: every `period` steps each other choice is tried for `probe` steps and
-    the fastest median is kept."""
+    """One row-count class's measurements: each choice is tried for `probe` steps and the fastest median kept.
+
+    Trying a losing choice costs its steps (one thread on an eight-row step runs ~1.9x as long), so rounds come
+    every `period` steps only while the choices are close; after a clear decision (the runner-up ≥ `clear` x the
+    winner) the wait doubles, up to `max_backoff` x `period`. The machine changing is caught without waiting:
+    when the kept choice's recent median leaves [1/`drift`, `drift`] x its median at the decision (other
+    programs took or left the cores), a new round starts at once and the wait is back to `period`."""
+
+    clear, drift, max_backoff = 1.25, 1.5, 8
 
     def __init__(self, choices: list[int], period: int, probe: int):
         self.choices, self.period, self.probe = choices, period, probe
@@ -292,6 +299,9 @@ class _Rounds:
         self.samples: dict[int, list[float]] = {c: [] for c in choices}
         self.queue: list[int] = list(choices)  # choices still to probe in this round: a first round at once
         self.since_round = 0
+        self.backoff = 1  # rounds come every period * backoff steps
+        self.decided = 0.0  # the kept choice's median when it was decided
+        self.rounds = 0
 
     def next_threads(self) -> int:
         return self.queue[0] if self.queue else self.current
@@ -307,17 +317,34 @@ class _Rounds:
                     self._decide()
             return
         self.since_round += 1
-        if self.since_round >= self.period:
-            self.since_round = 0
-            self.queue = [c for c in self.choices if c != self.current] + [self.current]  # all, fresh
-            for c in self.queue:
-                self.samples[c].clear()
+        if self.since_round >= self.period * self.backoff:
+            self._start_round()
+        elif threads == self.current and len(samples) >= self.probe and self._drifted(samples):
+            self.backoff = 1
+            self._start_round()
+
+    def _drifted(self, samples: list[float]) -> bool:
+        import statistics
+
+        ratio = statistics.median(samples) / self.decided if self.decided > 0 else 1.0
+        return not 1 / self.drift <= ratio <= self.drift
+
+    def _start_round(self) -> None:
+        self.since_round = 0
+        self.queue = [c for c in self.choices if c != self.current] + [self.current]  # all, fresh
+        for c in self.queue:
+            self.samples[c].clear()
 
     def _decide(self) -> None:
         import statistics
 
         medians = {c: statistics.median(s) for c, s in self.samples.items() if s}
         self.current = min(medians, key=lambda c: medians[c])
+        self.decided = medians[self.current]
+        self.rounds += 1
+        others = [m for c, m in medians.items() if c != self.current]
+        clear = bool(others) and min(others) >= self.clear * self.decided
+        self.backoff = min(self.backoff * 2, self.max_backoff) if clear else 1
 
 
 class ThreadPolicy:
@@ -326,7 +353,8 @@ class ThreadPolicy:
     than one (each step waits for a descheduled peer). It also depends on the step: one decode row reads weights
     (memory-bound), eight rows multiply them (compute-bound), so steps of 1, 2–3 and 4–8 rows are measured and
     decided apart (a choice made on one-row steps once ran eight-row steps on one thread at 0.6x). Each class
-    re-probes every `period` of its steps for `probe` steps. Prompt chunks (more rows) use the largest class's
+    re-probes for `probe` steps per choice, every `period` of its steps or less often after clear decisions, and
+    at once when its step times drift (see _Rounds). Prompt chunks (more rows) use the largest class's
     choice and are not counted. Results are bit-identical for any thread count (the pool only splits outputs),
     so switching never changes an answer."""
 
