@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from ryzanstein.engine.chat import chat_prompt_ids
 from ryzanstein.engine.generate import stream_tokens
@@ -50,7 +53,30 @@ def test_estimate_counts_weights_and_kv_cache(tiny_store):
     assert estimate.parameters == parameters and estimate.weights_bytes == parameters * 4
     config = lm.model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    assert estimate.kv_cache_bytes == 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 1024 * 4
+    # the manager loads an fp16 cache by default: 2 bytes per element
+    assert estimate.kv_cache_bytes == 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 1024 * 2
+
+
+@pytest.mark.parametrize("kv_format", ["fp32", "fp16", "int8", "int4"])
+def test_kv_estimate_is_what_a_cache_of_that_format_holds(tiny_store, kv_format):
+    """The budget reserves a full-context cache by this estimate: it must be the bytes a real cache of the
+    loaded format holds (an fp16 cache counted at fp32's 4 bytes refused loads that fit)."""
+    from ryzanstein.engine.kvcache import SequenceKV
+    from ryzanstein.engine.kvquant import bits_of
+    from ryzanstein.models.estimate import kv_cache_bytes
+
+    config = json.loads((Path(tiny_store.get("tiny-a").path) / "config.json").read_text())
+    layers, kv_heads = config["num_hidden_layers"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    tokens = 48
+    kv = SequenceKV(layers, bits_of(kv_format))
+    kv.reserve(tokens)
+    for layer in range(layers):
+        kv.write(layer, 0, torch.randn(tokens, kv_heads, head_dim), torch.randn(tokens, kv_heads, head_dim))
+    assert kv_cache_bytes(config, tokens, kv_format) == kv.nbytes
+    manager = ModelManager(tiny_store, context_tokens=tokens)
+    manager.load("tiny-a", kv_cache=kv_format)
+    assert manager._loaded["tiny-a"].estimate.kv_cache_bytes == kv.nbytes
 
 
 def test_load_over_budget_is_refused_with_numbers_when_eviction_is_off(tiny_store):

@@ -95,8 +95,13 @@ def count_parameters(folder: Path) -> tuple[int, str]:
     return elements, dtype
 
 
-def kv_cache_bytes(config: dict, context_tokens: int, bytes_per_element: int = 4) -> int:
-    """2 (K and V) x layers x KV heads x head dim x tokens, from config.json's usual names."""
+KV_ELEMENT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+KV_VECTOR_BYTES = {"int8": 8, "int4": 8}  # quantized caches keep an fp32 scale and minimum per head vector
+
+
+def kv_cache_bytes(config: dict, context_tokens: int, kv_format: str = "fp32") -> int:
+    """2 (K and V) x layers x KV heads x head dim x tokens at the cache format's bytes per element (plus a
+    quantized cache's per-vector scales), from config.json's usual names."""
     config = config.get("text_config", config)
 
     def first(*keys: str, default: int = 0) -> int:
@@ -112,7 +117,8 @@ def kv_cache_bytes(config: dict, context_tokens: int, bytes_per_element: int = 4
         kv_heads = 1
     hidden = first("hidden_size", "n_embd", "d_model")
     head_dim = first("head_dim", default=hidden // heads if heads else 0)
-    return 2 * layers * kv_heads * head_dim * context_tokens * bytes_per_element
+    vectors = 2 * layers * kv_heads * context_tokens
+    return int(vectors * (head_dim * KV_ELEMENT_BYTES[kv_format] + KV_VECTOR_BYTES.get(kv_format, 0)))
 
 
 def native_tile_bytes(folder: Path) -> int:
@@ -132,7 +138,8 @@ def native_tile_bytes(folder: Path) -> int:
     return total
 
 
-def estimate_memory(folder: Path, context_tokens: int) -> MemoryEstimate:
+def estimate_memory(folder: Path, context_tokens: int, kv_format: str = "fp16") -> MemoryEstimate:
+    """kv_format: the KV cache's (the manager loads fp16 unless told otherwise)."""
     config = json.loads((folder / "config.json").read_text())
     parameters, dtype = count_parameters(folder)
     quantized = (folder / "quantization.json").is_file()
@@ -144,7 +151,7 @@ def estimate_memory(folder: Path, context_tokens: int) -> MemoryEstimate:
         stored_dtype=dtype.lower(),
         weights_bytes=weights,
         overhead_bytes=int(weights * OVERHEAD_FRACTION) + OVERHEAD_FIXED_BYTES,
-        kv_cache_bytes=kv_cache_bytes(config, context_tokens),
+        kv_cache_bytes=kv_cache_bytes(config, context_tokens, kv_format),
         context_tokens=context_tokens,
         native_bytes=native_tile_bytes(folder) if quantized else 0,
     )

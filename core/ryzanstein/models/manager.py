@@ -225,7 +225,7 @@ class ModelManager:
             # model's held-out text, and the native step reads half the bytes
             weights, kv_cache, decode_path = weights or "fp32", kv_cache or "fp16", decode_path or "auto"
             long_context = long_context or LongContext()
-            estimate = estimate_memory(Path(info.path), held_kv_tokens(long_context, self.context_tokens))
+            estimate = estimate_memory(Path(info.path), held_kv_tokens(long_context, self.context_tokens), kv_cache)
             self._make_room(name, estimate)
             self.publish("model", {"name": name, "state": "loading", "estimate_bytes": estimate.total_bytes})
             import_runtime()  # one-time library imports are the process's cost, not this model's
