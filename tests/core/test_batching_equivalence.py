@@ -123,7 +123,10 @@ def run_engine(lm, config: EngineConfig, reqs: list[Req], tmp: Path, drafter=Non
             if not engine.step(runner) and not pending:
                 break
             step += 1
-        assert engine.scheduler.free_blocks == engine.scheduler.config.kv_blocks
+        # what finished is released, or kept by the prompt cache (native path only) inside the budget
+        scheduler, cache = engine.scheduler, engine.prompt_cache
+        assert scheduler.free_blocks + scheduler.retained_blocks == scheduler.config.kv_blocks
+        assert scheduler.retained_blocks == cache.blocks and (runner.exact_prefixes or not cache.entries)
         assert not runner.caches and not list(tmp.glob("*.safetensors"))
         return outcomes
     finally:
@@ -177,8 +180,11 @@ requests = st.builds(
           derandomize=True)
 @given(reqs=st.lists(requests, min_size=1, max_size=6), chunk=st.sampled_from([4, 8, 16]),
        kv_tokens=st.sampled_from([64, 128, 4096]), max_running=st.sampled_from([2, 3, 8]),
-       speculation=st.sampled_from(["off", "always"]))
-def test_batched_output_equals_alone(tiny_lm, tmp_path_factory, reqs, chunk, kv_tokens, max_running, speculation):
+       speculation=st.sampled_from(["off", "always"]), shared=st.lists(SMALL_VOCAB, max_size=24))
+def test_batched_output_equals_alone(tiny_lm, tmp_path_factory, reqs, chunk, kv_tokens, max_running, speculation,
+                                     shared):
+    """`shared` starts every prompt (a system prompt): later requests take its rows from the prompt cache."""
+    reqs = [Req(shared + r.prompt, r.max_tokens, r.arrival, r.cancel_at, r.seed, r.extras) for r in reqs]
     if speculation == "always":  # drafting changes how sampling consumes random numbers: greedy only
         reqs = [Req(r.prompt, r.max_tokens, r.arrival, r.cancel_at, None, r.extras) for r in reqs]
     tmp = tmp_path_factory.mktemp("swap")
@@ -260,7 +266,8 @@ def test_a_failing_request_fails_alone_and_the_batch_goes_on(tiny_lm, tmp_path):
         assert "sampler exploded" in str(outcomes[1].error) and outcomes[1].finish is None
         assert outcomes[1].tokens == ref.tokens[:len(outcomes[1].tokens)]
         assert engine.failed_requests == 1 and not runner.caches
-        assert engine.scheduler.free_blocks == engine.scheduler.config.kv_blocks
+        s = engine.scheduler  # the two that finished may be kept by the prompt cache; the failed one is not
+        assert s.free_blocks + s.retained_blocks == s.config.kv_blocks and len(engine.prompt_cache.entries) <= 1
     finally:
         runner.close()
 
@@ -367,3 +374,15 @@ def test_a_grammar_cuts_speculative_drafts_to_what_it_allows(tiny_lm, tmp_path):
         runner.close()
     assert (out.tokens, out.logprobs) == (ref.tokens, ref.logprobs)
     assert seen and all(n <= 4 for n in seen)  # never the proposal's invalid tail (it would make 5-7)
+
+
+@pytest.mark.parametrize("kv_format", ["fp16", "int8"])
+def test_the_default_model_is_batched_with_a_rounding_kv_cache(default_model_dir, kv_format):
+    """The service checks once that the engine's flat batch fits the architecture (verify_engine). It compares
+    with fp32 keys: with the load's fp16 cache the default model's logits moved 2.4e-2, over the tolerance, and
+    the service ran it one request at a time (no batching) after fp16 became the default."""
+    from ryzanstein.engine.runner import verify_engine
+
+    lm = load_model_folder("smollm2", default_model_dir)
+    lm.model.ryzanstein_kv_cache = kv_format
+    verify_engine(lm.model)  # raises UnsupportedModel if it does not fit

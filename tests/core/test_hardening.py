@@ -204,7 +204,8 @@ def test_a_request_waiting_past_the_deadline_fails_with_retry_after(tiny_llama_d
         assert isinstance(second.error, QueueTimeout) and second.tokens == []
         assert second.error.status_code == 503 and second.error.retry_after >= 1
         assert "queue deadline 0.2 s" in second.error.message
-        assert engine.expired_requests == 1 and engine.scheduler.free_blocks == engine.scheduler.config.kv_blocks
+        s = engine.scheduler  # the finished request's rows may stay in the prompt cache (inside the budget)
+        assert engine.expired_requests == 1 and s.free_blocks + s.retained_blocks == s.config.kv_blocks
     finally:
         runner.close()
 

@@ -66,3 +66,18 @@ def test_completions_route_respects_max_tokens(client):
 def test_unknown_model_raises_not_found(client):
     with pytest.raises(openai.NotFoundError, match="not in the store"):
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+
+
+def test_a_second_turn_reports_its_cached_prompt_tokens_and_reads_as_without(client, default_model_dir):
+    """The next turn repeats the conversation: its rows come from the prompt cache (usage says how many, as
+    OpenAI's prompt_tokens_details.cached_tokens), and the answer is the in-process greedy one."""
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    turn2 = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "And one more?"}]
+    second = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=12, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    lm = load_model_folder(MODEL, default_model_dir)
+    text, _, _ = generate_text(lm.model, lm.tokenizer, chat_prompt_ids(lm.tokenizer, turn2),
+                               GenerationParams(max_tokens=12))
+    assert second.choices[0].message.content == text

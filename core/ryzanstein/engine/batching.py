@@ -27,6 +27,7 @@ from ryzanstein.engine.detokenizer import IncrementalDetokenizer
 from ryzanstein.engine.generate import GenerationStats, StreamChunk, eos_token_ids
 from ryzanstein.engine.invariant import RowRegimes
 from ryzanstein.engine.params import GenerationParams
+from ryzanstein.engine.prompt_cache import PromptCache
 from ryzanstein.engine.runner import BatchRunner, build_rows
 from ryzanstein.engine.sampler import Sampler
 from ryzanstein.engine.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
@@ -50,6 +51,7 @@ class EngineConfig:
     draft_tokens: int = 6
     speculate_max_batch: int = 2  # bigger batches are compute-bound: drafting would only cost
     queue_deadline_s: float = 0.0  # a request not started after this long fails with 503 + Retry-After; 0 = off
+    prompt_cache_tokens: int = 8192  # rows of finished requests kept for prompts that start the same; 0 = off
 
     def scheduler_config(self) -> SchedulerConfig:
         blocks = max(1, self.kv_cache_tokens // self.block_tokens)
@@ -68,6 +70,7 @@ class EngineRequest:
     sampler: Sampler
     detok: IncrementalDetokenizer
     speculation_class: str
+    seq: Sequence | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
@@ -129,6 +132,10 @@ class BatchEngine:
         self._closed = False
         self._tokenizer: Any = None
         self._eos: set[int] | None = None
+        self.prompt_cache = PromptCache(self.config.prompt_cache_tokens)  # replaced by the model's (make_runner)
+        self._model: Any = None
+        self._hits: dict[str, tuple[Any, int]] = {}  # request id → (source cache, rows) to copy before its prefill
+        self._retain: dict[str, tuple[list[int], Sequence]] = {}  # finished requests whose rows may be kept
         self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
         if autostart:  # tests drive `step()` by hand instead, for reproducible interleavings
             self._thread.start()
@@ -148,8 +155,8 @@ class BatchEngine:
                 raise GenerationFailed(f"The engine of {self.name!r} is shut down.")
             self._tokenizer, self._eos = tokenizer, eos
             try:
-                self.scheduler.add(request_id, len(prompt_ids), params.max_tokens, lookahead=lookahead,
-                                   stop_token_ids=frozenset(eos))
+                request.seq = self.scheduler.add(request_id, len(prompt_ids), params.max_tokens,
+                                                 lookahead=lookahead, stop_token_ids=frozenset(eos))
             except QueueFull as exc:
                 exc.retry_after = self.retry_after_s()
                 raise
@@ -172,6 +179,8 @@ class BatchEngine:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._lock:
+            self.scheduler.give_back(self.prompt_cache.clear())
 
     def retry_after_s(self) -> int:
         """When a refused client should come back: the queue ahead of it, drained max_running at a time."""
@@ -238,6 +247,7 @@ class BatchEngine:
             self.regimes = None
         runner = BatchRunner(model, self.swap_dir, self.regimes, self.config.prefill_chunk)
         self.regimes, self._probed_model = runner.regimes, id(model)
+        self._attach_prompt_cache(model, runner)
         # an evicting cache holds at most this many rows, however long the sequence: admit by that
         # (a pooled cache also grows by one entry per segment: admitted at its full length, conservatively)
         evicting = runner.pattern.kv_policy == "evict" and runner.pattern.kind == "window"
@@ -246,6 +256,45 @@ class BatchEngine:
             self.scheduler.config.held_tokens_cap = held
         self._ready_at = time.perf_counter()
         return runner
+
+    def _attach_prompt_cache(self, model: Any, runner: BatchRunner) -> None:
+        """The prompt cache lives on the model object (an unloaded model takes its rows with it); a model this
+        engine has not run before starts an empty one."""
+        enabled = runner.exact_prefixes and self.config.prompt_cache_tokens > 0
+        cache = getattr(model, "ryzanstein_prompt_cache", None)
+        with self._lock:
+            if cache is not self.prompt_cache:
+                self.scheduler.give_back(self.scheduler.retained_blocks)
+                cache = PromptCache(self.config.prompt_cache_tokens)
+                model.ryzanstein_prompt_cache = self.prompt_cache = cache
+            if not enabled:
+                self.scheduler.give_back(cache.clear())
+            self._model = model
+            self.scheduler.prefix_hit = self._prefix_hit if enabled else None
+            self.scheduler.reclaim = cache.reclaim
+
+    def _check_weights(self) -> None:
+        """Drops the prompt cache's rows if the model's adapter changed since they were computed."""
+        self.scheduler.give_back(self.prompt_cache.retag(getattr(self._model, "ryzanstein_adapter", None)))
+
+    def _prefix_hit(self, seq: Sequence) -> int:
+        request = self.requests.get(seq.request_id)
+        if request is None:
+            return 0
+        self._check_weights()
+        entry, rows = self.prompt_cache.longest(request.prompt_ids)
+        if entry is None:
+            return 0
+        self._hits[seq.request_id] = (entry.kv, rows)  # the reference keeps the rows even if the entry goes
+        request.stats.cached_tokens = rows
+        return rows
+
+    def _adopt_prefixes(self, runner: BatchRunner, plan: StepPlan) -> None:
+        for chunk in plan.prefill:
+            hit = self._hits.pop(chunk.seq.request_id, None)
+            if hit is not None and chunk.start == hit[1] == chunk.seq.cached:
+                runner.adopt_prefix(chunk.seq.request_id, hit[0], hit[1],
+                                    chunk.seq.blocks * self.scheduler.config.block_tokens)
 
     def step(self, runner: BatchRunner) -> bool:
         """One scheduler step; False when there is no work left."""
@@ -258,6 +307,7 @@ class BatchEngine:
             drafts = self._drafts(plan)
         started = time.perf_counter()
         self._swap(runner, plan)
+        self._adopt_prefixes(runner, plan)
         new_tokens = self._execute(runner, plan, drafts)
         elapsed = time.perf_counter() - started
         with self._lock:
@@ -266,9 +316,25 @@ class BatchEngine:
 
     def _release(self, runner: BatchRunner) -> None:
         for request_id in self._released:
-            runner.release(request_id)
+            self._hits.pop(request_id, None)
+            kept = self._retain.pop(request_id, None)
+            if kept is None or self.scheduler.prefix_hit is None:
+                runner.release(request_id)
+            else:
+                self._check_weights()
+                self._keep_rows(runner, request_id, *kept)
             self.drafter.release(request_id)
         self._released.clear()
+
+    def _keep_rows(self, runner: BatchRunner, request_id: str, prompt_ids: list[int], seq: Sequence) -> None:
+        """A finished request's rows go to the prompt cache if the budget has room for them."""
+        kv = runner.retain(request_id)
+        tokens = (prompt_ids + seq.generated)[:seq.computed]  # the rows computed (a last token is not yet)
+        if kv is None or not tokens or kv.rows_allocated < len(tokens):
+            return
+        blocks = math.ceil(kv.rows_allocated / self.scheduler.config.block_tokens)
+        if self.scheduler.hold(blocks):
+            self.scheduler.give_back(self.prompt_cache.add(tokens, kv, blocks))
 
     def _swap(self, runner: BatchRunner, plan: StepPlan) -> None:
         for seq in plan.swap_out:
@@ -434,6 +500,8 @@ class BatchEngine:
         self._released.append(request_id)
         if request is None:
             return
+        if request.seq is not None:  # its rows are read when released, on the engine thread, between steps
+            self._retain[request_id] = (request.prompt_ids, request.seq)
         if reason in ("stop", "length"):
             self.on_outcome(None)
         if request.first_token is not None and request.last_token is not None:

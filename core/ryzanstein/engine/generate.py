@@ -30,6 +30,7 @@ class StreamChunk:
 class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prompt cache
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 

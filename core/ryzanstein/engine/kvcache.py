@@ -98,6 +98,10 @@ class SequenceKV:
         self._bytes = (holders, rows + extra)
         return rows + extra
 
+    @property
+    def rows_allocated(self) -> int:
+        return max((next(iter(f.values())).shape[0] for f in self.layers if f), default=0)
+
     def reserve(self, capacity: int) -> None:
         if self.max_rows is not None:
             capacity = min(capacity, self.max_rows)
@@ -166,6 +170,16 @@ class SequenceKV:
         self._plain = (min(k.shape[0] for k, _ in pairs), list(self.layers), [k for k, _ in pairs],
                        [v for _, v in pairs])
         return self._plain[2], self._plain[3]
+
+    def copy_prefix(self, source: SequenceKV, rows: int) -> None:
+        """This cache's first `rows` positions become `source`'s (same format; neither evicts)."""
+        assert self.keep_last is None and source.keep_last is None and self.bits == source.bits
+        for layer, fields in enumerate(source.layers):
+            assert fields is not None and next(iter(fields.values())).shape[0] >= rows
+            head = {key: t[:rows] for key, t in fields.items()}
+            for key, tensor in self._ensure(layer, rows, head).items():
+                tensor[:rows] = head[key]
+        self.length = max(self.length, rows)
 
     def write(self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values: [rows, kv_heads, head_dim] for positions position .. position+rows-1."""

@@ -127,7 +127,9 @@ def verify_engine(model: Any, tolerance: float = 1e-3) -> None:
     ids = list(range(5, 17))
     with torch.inference_mode():
         reference = model(input_ids=torch.tensor([ids])).logits[0, 9:12].float()
-    runner = BatchRunner(model, Path(tempfile.gettempdir()), native=False)  # the native path checks itself
+    # the native path checks itself; an fp32 cache, so a rounding cache (fp16 by default) is not mistaken for
+    # an architecture the flat batch does not fit (fp16 keys moved the default model's logits 2.4e-2)
+    runner = BatchRunner(model, Path(tempfile.gettempdir()), native=False, kv_format="fp32")
     try:
         kv = runner.cache("verify")
         kv.reserve(16)
@@ -147,7 +149,7 @@ class BatchRunner:
     """Runs scheduler steps for one model. Not thread-safe: one engine thread owns it."""
 
     def __init__(self, model: Any, swap_dir: Path, regimes: RowRegimes | None = None, prefill_chunk: int = 256,
-                 native: bool = True):
+                 native: bool = True, kv_format: str | None = None):
         check_engine_support(model)
         self.model = model
         self.layers = model.config.get_text_config().num_hidden_layers
@@ -162,7 +164,7 @@ class BatchRunner:
         model.set_attn_implementation(ATTENTION_NAME)
         self.caches: dict[str, SequenceKV] = {}
         # KV-cache format chosen when the model was loaded (manager: kv_cache="int8"/"int4")
-        kv_format = getattr(model, "ryzanstein_kv_cache", "fp32")
+        kv_format = kv_format or getattr(model, "ryzanstein_kv_cache", "fp32")
         self.kv_lowrank = getattr(model, "ryzanstein_kv_lowrank", None) if kv_format == "lowrank" else None
         self.kv_bits = 32 if self.kv_lowrank is not None else bits_of(kv_format)
         # attention pattern chosen at load (manager: attention=…); dense unless asked
@@ -204,6 +206,27 @@ class BatchRunner:
             kv.discard_swap()
         if self.split is not None:
             self.split.release(request_id)
+
+    @property
+    def exact_prefixes(self) -> bool:
+        """A row's keys and values do not depend on how its prompt was cut into chunks: the native step (fixed
+        per-row sums, plain dense cache). The transformers path's BLAS picks kernels by shape, so there a
+        prompt-cache hit could change low bits; no prompt cache there."""
+        return self.native is not None
+
+    def retain(self, request_id: str) -> SequenceKV | None:
+        """A finished request's cache, handed over whole (None if it is swapped out: not worth reading back)."""
+        kv = self.caches.get(request_id)
+        if kv is None or kv.swap_path is not None:
+            self.release(request_id)
+            return None
+        del self.caches[request_id]
+        return kv
+
+    def adopt_prefix(self, request_id: str, source: SequenceKV, rows: int, capacity: int) -> None:
+        kv = self.cache(request_id)
+        kv.reserve(capacity)
+        kv.copy_prefix(source, rows)
 
     def swap_out(self, request_id: str) -> None:
         self.cache(request_id).swap_out(self.swap_dir, request_id)

@@ -11,7 +11,9 @@ Every step:
    while its token budget lasts; waiting requests are admitted in arrival order, never overtaking one another.
 
 Chunk boundaries depend only on the prompt, never on what else runs: the runner computes the same numbers for a
-request alone and in any batch.
+request alone and in any batch. A prompt-cache hit (`prefix_hit`, prompt_cache.py) starts the first chunk after
+the rows copied from an earlier request; it is only offered where a row's numbers do not depend on its chunk.
+Blocks held by prompt-cache entries (`hold`) are given back (`reclaim`) before anything running is preempted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -61,6 +64,7 @@ class Sequence:
     lookahead: int = 0  # speculative draft tokens the runner may add to a decode row
     computed: int = 0  # tokens whose keys and values are in the cache
     generated: list[int] = field(default_factory=list)
+    cached: int = 0  # prompt tokens whose rows came from the prompt cache
     blocks: int = 0  # KV blocks held (reserved capacity)
     state: SeqState = SeqState.WAITING
     finish_reason: str | None = None
@@ -116,6 +120,9 @@ class Scheduler:
         self._by_id: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.preemptions = 0
+        self.retained_blocks = 0  # held by prompt-cache entries (inside kv_blocks, outside any sequence)
+        self.reclaim: Callable[[int], int] | None = None  # gives back at least n retained blocks if it can
+        self.prefix_hit: Callable[[Sequence], int] | None = None  # prompt tokens a new sequence can skip
 
     # -- admission -------------------------------------------------------------------------------------
     def blocks_for(self, tokens: int) -> int:
@@ -161,6 +168,23 @@ class Scheduler:
     def used_blocks(self) -> int:
         return self.config.kv_blocks - self.free_blocks
 
+    def hold(self, blocks: int) -> bool:
+        """Keep `blocks` free blocks for a prompt-cache entry, if they are free."""
+        if blocks > self.free_blocks:
+            return False
+        self.free_blocks -= blocks
+        self.retained_blocks += blocks
+        return True
+
+    def give_back(self, blocks: int) -> None:
+        self.free_blocks += blocks
+        self.retained_blocks -= blocks
+
+    def _reclaim_for(self, blocks: int) -> None:
+        short = blocks - self.free_blocks
+        if short > 0 and self.retained_blocks and self.reclaim is not None:
+            self.give_back(min(self.retained_blocks, self.reclaim(short)))
+
     # -- one step ------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -177,6 +201,7 @@ class Scheduler:
         if needed <= seq.blocks:
             return True
         extra = needed - seq.blocks
+        self._reclaim_for(extra)
         if extra > self.free_blocks:
             return False
         ceiling = self.blocks_for(seq.max_len + seq.lookahead)
@@ -234,7 +259,10 @@ class Scheduler:
                 return
         while self.waiting and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
+            if self.prefix_hit is not None and seq.computed == 0:
+                seq.computed = seq.cached = self.prefix_hit(seq)
             if not self._add_chunk(seq, plan):
+                seq.computed = seq.cached = 0  # looked up again when it fits
                 return
             self.waiting.popleft()
             seq.state = SeqState.RUNNING
@@ -303,4 +331,5 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting), "swapped": len(self.swapped),
                 "kv_blocks_used": self.used_blocks, "kv_blocks_total": self.config.kv_blocks,
+                "kv_blocks_retained": self.retained_blocks,
                 "preemptions": self.preemptions}
