@@ -164,7 +164,7 @@ class BatchRunner:
         model.set_attn_implementation(ATTENTION_NAME)
         self.caches: dict[str, SequenceKV] = {}
         # KV-cache format chosen when the model was loaded (manager: kv_cache="int8"/"int4")
-        kv_format = kv_format or getattr(model, "ryzanstein_kv_cache", "fp32")
+        kv_format = kv_format or str(getattr(model, "ryzanstein_kv_cache", "fp32"))
         self.kv_lowrank = getattr(model, "ryzanstein_kv_lowrank", None) if kv_format == "lowrank" else None
         self.kv_bits = 32 if self.kv_lowrank is not None else bits_of(kv_format)
         # attention pattern chosen at load (manager: attention=…); dense unless asked
