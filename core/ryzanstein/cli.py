@@ -516,6 +516,8 @@ def bench_batch(
     group: int = typer.Option(64, help="With --synthetic: the int4 group size (64 = Q4_0's bytes per weight)."),
     kv_cache: str = typer.Option("fp16", help="The engine's KV cache, fp16 as loads default to: fp16 or fp32 "
                                  "(both run natively), int8, int4."),
+    prompt_cache: bool = typer.Option(True, help="Keep finished requests' rows for prompts that start the same "
+                                      "(as the service does): the chat prompts share their system prompt."),
 ) -> None:
     """Continuous batching: aggregate tokens/s and latency percentiles at each concurrency, against the same
     8 requests run one after another."""
@@ -554,11 +556,12 @@ def bench_batch(
             compute.call(lambda: apply_method(lm.model, method))
     lm.model.ryzanstein_kv_cache = kv_cache
     result = run(lm, levels=counts, tokens=tokens, threads=threads or psutil.cpu_count(logical=False) or 1,
-                 synthetic=bool(synthetic))
+                 synthetic=bool(synthetic), prompt_cache=prompt_cache)
     result["weights"], result["kv_cache"] = method or "as stored", kv_cache
     table = Table("concurrent", "tokens", "aggregate tok/s", "TTFT p50 ms", "TTFT p95 ms", "per-token p50 ms",
                   "per-token p95 ms", title=f"bench batch: {model} ({result['weights']}, {kv_cache} KV cache, "
-                                            f"{result['decode']}), {tokens} tokens per request, "
+                                            f"{result['decode']}, prompt cache "
+                                            f"{'on' if prompt_cache else 'off'}), {tokens} tokens per request, "
                                             f"{result['threads']} threads")
     for row in result["rows"]:
         table.add_row(str(row["requests"]), str(row["tokens"]), f"{row['tokens_per_s']:.1f}",

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(32768, ge=64, description="KV-cache budget of a model's batching engine, in "
                                  "tokens over all its running requests; beyond it requests are swapped out.")
     max_batch: int = Field(16, ge=1, le=64, description="Requests decoded together in one step per model.")
+    prompt_cache_tokens: int = Field(8192, ge=0, description="Rows of finished requests kept per model, so a "
+                                     "prompt that starts the same (a chat's next turn, a shared system prompt) "
+                                     "skips them; inside the KV-cache budget; 0 = off.")
     max_queued: int = Field(256, ge=1, description="Requests waiting per model; more are refused with HTTP 429.")
     queue_deadline_s: float = Field(60.0, ge=0, description="A request that has not started after this many "
                                     "seconds gets HTTP 503 with Retry-After; 0 = wait without limit.")

