@@ -412,6 +412,8 @@ class NativeDecoder:
         args = describe(model)
         self.kv_heads, self.head_dim = args[0]["kv_heads"], args[0]["head_dim"]
         self.isa = chosen_isa()
+        if -1 in self._watched():  # a head or embedding left on the meta device (a failed load): nothing to read
+            raise NativeUnsupported("the model's embedding or head holds no data (meta tensor)")
         self.impl = library().NativeModel(*args)
         release_store_layout(model)
         self.watched = self._watched()  # the C++ side holds pointers: a replaced tensor must not go unseen
