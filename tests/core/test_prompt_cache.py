@@ -76,7 +76,6 @@ def run(lm, tmp: Path, prompts: list[list[int]], prompt_cache_tokens: int = 8192
             engine.submit(prompt, GenerationParams(max_tokens=10), out, lm.tokenizer, model_eos(lm), stats=stats)
             while engine.step(runner):
                 pass
-            engine._release(runner)
             assert out.error is None
             results.append((out.tokens, stats.cached_tokens))
         return results, engine
