@@ -64,3 +64,15 @@ def test_numa_used_memory_excludes_cache_like_system_used(tmp_path):
     (node,) = numa_nodes(tmp_path)
     # total - free - (file pages + reclaimable slab - shared memory, which cannot be dropped)
     assert node.memory_used_bytes == (1000 - 300 - 300) * 1024
+
+
+def test_prompt_cache_size_from_the_environment_and_bad_values_refused(monkeypatch):
+    import pydantic
+    import pytest
+
+    monkeypatch.setenv("RYZANSTEIN_PROMPT_CACHE_TOKENS", "0")
+    assert config.Settings().prompt_cache_tokens == 0  # off
+    for bad in ("-1", "lots"):
+        monkeypatch.setenv("RYZANSTEIN_PROMPT_CACHE_TOKENS", bad)
+        with pytest.raises(pydantic.ValidationError, match="prompt_cache_tokens"):
+            config.Settings()
