@@ -135,3 +135,19 @@ def test_only_an_untouched_greedy_choice_is_taken_by_the_batch_argmax(scores, ch
     assert sampler.plain_greedy == (not change)
     if sampler.plain_greedy:
         assert sampler(scores, torch.tensor([[0]])) == int(scores.argmax(dim=-1)[0])
+
+
+def test_argmax_rows_matches_torch_on_ties_nans_and_slices():
+    """The engine's greedy choice (NumPy's scan) must pick what torch.argmax picks: the first of equal
+    maxima, a NaN over any number, rows of a strided view."""
+    from ryzanstein.engine.sampler import argmax_rows
+
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
+    logits[1, 10] = logits[1, 700] = 50.0  # a tie: the first wins
+    logits[2, 300] = float("nan")
+    logits[2, 5] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 999] = float("inf")
+    for view in (logits, logits[:, ::2], logits[2], logits.double()):
+        assert argmax_rows(view) == view.reshape(-1, view.shape[-1]).argmax(dim=-1).tolist()
+    assert argmax_rows(logits)[1] == 10 and argmax_rows(logits)[2] == 5 and argmax_rows(logits)[3] == 0

