@@ -341,17 +341,24 @@ struct Quantized {
   std::vector<float> s, d;  // per block: sum of the quantized values, scale
   int64_t depth = 0;
   void fill(const float* x, int64_t rows, int64_t width, const float* input_scale, Pool& pool) {
+    prepare(rows, width);
+    const std::function<void(int64_t)> each = [&](int64_t n) { row(x + n * width, n, input_scale); };
+    pool.run(rows, each);
+  }
+  // Room for `rows` rows, then each row on its own (a fused per-row job quantizes the row it has just made).
+  void prepare(int64_t rows, int64_t width) {
     depth = width;
-    const int64_t blocks = width / 32;
     q.resize(rows * width);
-    s.resize(rows * blocks);
-    d.resize(rows * blocks);
-    const std::function<void(int64_t)> row = [&](int64_t n) {
-      for (int64_t b = 0; b < blocks; ++b)
-        quantize_block(x + n * width + b * 32, input_scale ? input_scale + b * 32 : nullptr,
-                       q.data() + n * width + b * 32, &d[n * blocks + b], &s[n * blocks + b]);
-    };
-    pool.run(rows, row);
+    s.resize(rows * width / 32);
+    d.resize(rows * width / 32);
+    unsigned_codes.clear();
+    by_group.clear();
+  }
+  void row(const float* x, int64_t n, const float* input_scale) {
+    const int64_t blocks = depth / 32;
+    for (int64_t b = 0; b < blocks; ++b)
+      quantize_block(x + b * 32, input_scale ? input_scale + b * 32 : nullptr, q.data() + n * depth + b * 32,
+                     &d[n * blocks + b], &s[n * blocks + b]);
   }
   // the codes + 128 as unsigned bytes, for int8 weights (VNNI multiplies unsigned by signed bytes)
   const uint8_t* offset() {
@@ -626,12 +633,25 @@ class NativeModel {
         sinv[n * half + i] = std::sin(angle) * rope_factor_;
       }
 
+    // Element-wise work runs in per-row pool jobs, each ending with the quantization its next linear needs
+    // (the same operations per row as one at a time: rows never mix). `out` holds a down projection not yet
+    // added to h until the next layer's first job (or the end) adds it.
+    Quantized for_qkv, for_gate_up, for_down;
+    bool pending = false;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
-      rms_norm(h.data(), layer.input_norm, x.data(), rows, hidden_);
-      project(layer.qkv, x.data(), rows, qkv.data(), qkv_width);
+      Quantized* qa = prequantized(layer.qkv, for_qkv, rows, hidden_);
+      const std::function<void(int64_t)> before_attention = [&](int64_t n) {
+        float* hn = h.data() + n * hidden_;
+        float* xn = x.data() + n * hidden_;
+        if (pending) residual(hn, out.data() + n * hidden_, hidden_);
+        rms_norm_row(hn, layer.input_norm, xn, hidden_, eps_);
+        if (qa) qa->row(xn, n, nullptr);
+      };
+      pool_->run(rows, before_attention);
+      project(layer.qkv, x.data(), rows, qkv.data(), qkv_width, qa);
       // per-head norms, RoPE, then the cache write of every row before any row attends
-      for (int64_t n = 0; n < rows; ++n) {
+      const std::function<void(int64_t)> place = [&](int64_t n) {
         float* row = qkv.data() + n * qkv_width;
         for (int64_t hd = 0; hd < heads_ + kv_heads_; ++hd) {
           float* v = row + hd * head_dim_;
@@ -647,20 +667,32 @@ class NativeModel {
           std::memcpy(static_cast<float*>(kp[s][l]) + p * kv_width, row + q_width, kv_width * sizeof(float));
           std::memcpy(static_cast<float*>(vp[s][l]) + p * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
         }
-      }
+      };
+      pool_->run(rows, place);
       attention(qkv.data(), qkv_width, att.data(), rows, pos, seq, kp, vp, half_kv, l);
       project({layer.o}, att.data(), rows, out.data(), hidden_);
-      residual(h.data(), out.data(), rows * hidden_);
-      rms_norm(h.data(), layer.post_norm, x.data(), rows, hidden_);
-      project(layer.gate_up, x.data(), rows, mlp.data(), 2 * intermediate_);
+      Quantized* qg = prequantized(layer.gate_up, for_gate_up, rows, hidden_);
+      const std::function<void(int64_t)> before_mlp = [&](int64_t n) {
+        float* hn = h.data() + n * hidden_;
+        float* xn = x.data() + n * hidden_;
+        residual(hn, out.data() + n * hidden_, hidden_);
+        rms_norm_row(hn, layer.post_norm, xn, hidden_, eps_);
+        if (qg) qg->row(xn, n, nullptr);
+      };
+      pool_->run(rows, before_mlp);
+      project(layer.gate_up, x.data(), rows, mlp.data(), 2 * intermediate_, qg);
+      Quantized* qd = prequantized({layer.down}, for_down, rows, intermediate_);
       const std::function<void(int64_t)> gated = [&](int64_t n) {
         const float* g = mlp.data() + n * 2 * intermediate_;
-        silu_mul(g, g + intermediate_, act.data() + n * intermediate_, intermediate_);
+        float* a = act.data() + n * intermediate_;
+        silu_mul(g, g + intermediate_, a, intermediate_);
+        if (qd) qd->row(a, n, nullptr);
       };
       pool_->run(rows, gated);
-      project({layer.down}, act.data(), rows, out.data(), hidden_);
-      residual(h.data(), out.data(), rows * hidden_);
+      project({layer.down}, act.data(), rows, out.data(), hidden_, qd);
+      pending = true;
     }
+    if (pending) residual(h.data(), out.data(), rows * hidden_);
 
     const int64_t kept = keep.numel();
     const int64_t* kr = keep.data_ptr<int64_t>();
@@ -740,14 +772,29 @@ class NativeModel {
     for (int64_t i = 0; i < n; ++i) h[i] += out[i] * residual_multiplier_;
   }
 
+  // `into`, ready for rows × width, when every part of a linear reads integer codes of the plain input (no
+  // fp32 part, no per-input scale): the job that makes the input then quantizes each row it has made.
+  static Quantized* prequantized(const std::vector<Linear>& parts, Quantized& into, int64_t rows, int64_t width) {
+    for (const auto& l : parts)
+      if (l.kind == kF32 || l.input_scale != nullptr) return nullptr;
+    into.prepare(rows, width);
+    return &into;
+  }
+
   // y[n, offset(l) + o] for the linears side by side (fused QKV / gate-up), one pool job over all outputs.
-  void project(const std::vector<Linear>& parts, const float* x, int64_t rows, float* y, int64_t y_width) {
+  // given: x already quantized (prequantized) for the parts without their own input scale.
+  void project(const std::vector<Linear>& parts, const float* x, int64_t rows, float* y, int64_t y_width,
+               Quantized* given = nullptr) {
     const int64_t inputs = parts[0].inputs;
     // parts without their own input scale share one quantization of x
     std::vector<Quantized> quantized(parts.size());
     std::vector<Quantized*> qx(parts.size(), nullptr);
     for (size_t i = 0; i < parts.size(); ++i) {
       if (parts[i].kind == kF32) continue;
+      if (given != nullptr && parts[i].input_scale == nullptr) {
+        qx[i] = given;
+        continue;
+      }
       for (size_t j = 0; j < i && qx[i] == nullptr; ++j)
         if (qx[j] != nullptr && parts[j].input_scale == nullptr && parts[i].input_scale == nullptr) qx[i] = qx[j];
       if (qx[i] == nullptr) {
