@@ -636,7 +636,7 @@ class NativeModel {
     // Element-wise work runs in per-row pool jobs, each ending with the quantization its next linear needs
     // (the same operations per row as one at a time: rows never mix). `out` holds a down projection not yet
     // added to h until the next layer's first job (or the end) adds it.
-    Quantized for_qkv, for_gate_up, for_down;
+    Quantized for_qkv, for_o, for_gate_up, for_down;
     bool pending = false;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
@@ -669,8 +669,9 @@ class NativeModel {
         }
       };
       pool_->run(rows, place);
-      attention(qkv.data(), qkv_width, att.data(), rows, pos, seq, kp, vp, half_kv, l);
-      project({layer.o}, att.data(), rows, out.data(), hidden_);
+      Quantized* qo = prequantized({layer.o}, for_o, rows, q_width);
+      const bool quantized = attention(qkv.data(), qkv_width, att.data(), rows, pos, seq, kp, vp, half_kv, l, qo);
+      project({layer.o}, att.data(), rows, out.data(), hidden_, quantized ? qo : nullptr);
       Quantized* qg = prequantized(layer.gate_up, for_gate_up, rows, hidden_);
       const std::function<void(int64_t)> before_mlp = [&](int64_t n) {
         float* hn = h.data() + n * hidden_;
@@ -870,30 +871,40 @@ class NativeModel {
     pool_->run(chunks, work);
   }
 
-  void attention(const float* qkv, int64_t qkv_width, float* out, int64_t rows, const int64_t* pos,
+  // Returns whether it also quantized each row's output into `qo` (when a chunk is a whole row).
+  bool attention(const float* qkv, int64_t qkv_width, float* out, int64_t rows, const int64_t* pos,
                  const int64_t* seq, const std::vector<std::vector<void*>>& kp,
-                 const std::vector<std::vector<void*>>& vp, bool half, size_t layer) {
+                 const std::vector<std::vector<void*>>& vp, bool half, size_t layer, Quantized* qo) {
     const int64_t group = heads_ / kv_heads_, kv_width = kv_heads_ * head_dim_;
-    // A chunk is one row's query heads sharing a KV head (its keys read once), or a single query head when
-    // that would leave threads idle (decode of one sequence); each head's numbers are the same either way.
-    const int64_t per_chunk = rows * kv_heads_ >= 2 * pool_->threads() ? group : 1, per_row = heads_ / per_chunk;
+    // A chunk is a whole row when there are rows enough to share out (its cache rows are read front to back,
+    // and the job quantizes the row it has finished), else one row's query heads sharing a KV head (its keys
+    // read once), else a single query head (decode of one sequence). Each head's numbers are the same either way.
+    const bool whole_rows = rows >= 2 * pool_->threads();
+    const int64_t per_chunk = whole_rows ? heads_ : rows * kv_heads_ >= 2 * pool_->threads() ? group : 1;
+    const int64_t per_row = heads_ / per_chunk;
     const std::function<void(int64_t)> work = [&](int64_t c) {
-      const int64_t n = c / per_row, hd = (c % per_row) * per_chunk, g = hd / group;
+      const int64_t n = c / per_row, first = (c % per_row) * per_chunk;
       const int64_t length = pos[n] + 1;
       thread_local std::vector<float> scores;
-      scores.resize(per_chunk * length);
-      const float* q = qkv + n * qkv_width + hd * head_dim_;
-      float* o = out + n * heads_ * head_dim_ + hd * head_dim_;
-      if (half)
-        k_->attend_half(q, per_chunk, static_cast<const uint16_t*>(kp[seq[n]][layer]) + g * head_dim_,
-                        static_cast<const uint16_t*>(vp[seq[n]][layer]) + g * head_dim_, length, kv_width, head_dim_,
-                        attention_scale_, scores.data(), o);
-      else
-        k_->attend(q, per_chunk, static_cast<const float*>(kp[seq[n]][layer]) + g * head_dim_,
-                   static_cast<const float*>(vp[seq[n]][layer]) + g * head_dim_, length, kv_width, head_dim_,
-                   attention_scale_, scores.data(), o);
+      scores.resize(std::min(per_chunk, group) * length);
+      for (int64_t hd = first; hd < first + per_chunk;) {  // heads sharing one KV head per call
+        const int64_t g = hd / group, count = std::min(first + per_chunk, (g + 1) * group) - hd;
+        const float* q = qkv + n * qkv_width + hd * head_dim_;
+        float* o = out + n * heads_ * head_dim_ + hd * head_dim_;
+        if (half)
+          k_->attend_half(q, count, static_cast<const uint16_t*>(kp[seq[n]][layer]) + g * head_dim_,
+                          static_cast<const uint16_t*>(vp[seq[n]][layer]) + g * head_dim_, length, kv_width, head_dim_,
+                          attention_scale_, scores.data(), o);
+        else
+          k_->attend(q, count, static_cast<const float*>(kp[seq[n]][layer]) + g * head_dim_,
+                     static_cast<const float*>(vp[seq[n]][layer]) + g * head_dim_, length, kv_width, head_dim_,
+                     attention_scale_, scores.data(), o);
+        hd += count;
+      }
+      if (whole_rows && qo) qo->row(out + n * heads_ * head_dim_, n, nullptr);
     };
     pool_->run(rows * per_row, work);
+    return whole_rows && qo;
   }
 
   torch::Tensor embed_, final_norm_, inv_freq_;
