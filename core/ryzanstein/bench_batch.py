@@ -23,9 +23,18 @@ TOPICS = ["a robot who learns to paint", "the history of the bicycle", "how brea
           "a garden in winter", "a detective who loves tea", "the moon landing", "a tiny village library"]
 
 
-def prompts(lm: Any, count: int) -> list[list[int]]:
-    return [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": f"Write a long essay about "
-                                            f"{TOPICS[i % len(TOPICS)]}."}]) for i in range(count)]
+INSTRUCTIONS = ["Write a long essay about {}.", "Tell a long story about {}.", "Explain {} in great detail.",
+                "Describe {} to a curious child."]
+
+
+def request_text(i: int) -> str:
+    """The i-th distinct request (64 before they repeat): each topic with each instruction in turn."""
+    return INSTRUCTIONS[i // len(TOPICS) % len(INSTRUCTIONS)].format(TOPICS[i % len(TOPICS)])
+
+
+def prompts(lm: Any, count: int, first: int = 0) -> list[list[int]]:
+    return [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": request_text(first + i)}])
+            for i in range(count)]
 
 
 def random_prompts(vocab_size: int, count: int, length: int = 42, seed: int = 0) -> list[list[int]]:
@@ -93,13 +102,19 @@ def bench_batch(lm: Any, levels: tuple[int, ...] = (1, 2, 4, 8, 16), tokens: int
     no plain-loop baseline (the transformers path at that size would take many minutes; the engine's own
     one-after-another run is the fast single stream either way).
     prompt_cache: as the service (on by default): the chat prompts share their system prompt, so after the
-    warm-up every request, in every run and baseline alike, takes those rows from the cache."""
+    warm-up every request, in every run and baseline alike, takes those rows from the cache. Each run's requests
+    are new (no run re-sends another's prompts), so no run takes a whole prompt from the cache: the baseline
+    once re-ran the 8 concurrent prompts and skipped their prefill."""
     import torch
 
+    sent = 0
+
     def make_prompts(count: int) -> list[list[int]]:
+        nonlocal sent
+        first, sent = sent, sent + count
         if synthetic:
-            return random_prompts(lm.model.config.vocab_size, count)
-        return prompts(lm, count)
+            return random_prompts(lm.model.config.vocab_size, count, seed=first)
+        return prompts(lm, count, first)
 
     if threads:
         compute.set_threads(threads)

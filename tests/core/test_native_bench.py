@@ -119,6 +119,16 @@ def test_bench_batch_runs_a_synthetic_model_through_the_engine():
     assert result["decode"] == "native" and "random weights" in result["model"]
     assert result["sequential_8_plain_loop"] is None and result["sequential_8_engine"]["tokens"] == 64
     assert result["speedup_8_vs_sequential"] is None  # no level of 8 asked
+    # every run's prompts are new to the prompt cache (random prompts share no prefix): no run skips the
+    # prefill another run did (the baseline once re-sent the concurrent runs' prompts)
+    assert result["prompt_cache_tokens"] > 0 and result["prompt_cache_hit_tokens"] == 0
+
+
+def test_bench_batch_requests_are_distinct_before_they_repeat():
+    from ryzanstein.bench_batch import INSTRUCTIONS, TOPICS, request_text
+
+    texts = [request_text(i) for i in range(len(TOPICS) * len(INSTRUCTIONS))]
+    assert len(set(texts)) == len(texts) and request_text(0) == "Write a long essay about a robot who learns to paint."
 
 
 @pytest.mark.parametrize("args, said", [(["--kv-cache", "fp8"], "kv_cache='fp8' is invalid"),
