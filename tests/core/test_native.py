@@ -552,7 +552,7 @@ def test_thread_policy_probes_less_after_clear_decisions_and_at_once_on_drift():
     rounds = policy.classes[2].rounds
     assert policy.decision(8) == 2 and policy.classes[2].backoff == 8
     assert 4 <= rounds <= 9  # a fixed period of 10 would have run ~25 rounds
-    assert tried.count(1) == 3 * rounds
+    assert tried.count(1) == 2 * rounds  # a clear loser gives up after two steps (of 3)
     cost = {1: 0.013, 2: 0.040}  # two threads now wait for a descheduled peer
     tried.clear()
     run(12)
@@ -565,6 +565,34 @@ def test_thread_policy_probes_less_after_clear_decisions_and_at_once_on_drift():
         threads = close.next_threads(8)
         close.observe(threads, 8, {1: 0.0100, 2: 0.0095}[threads])
     assert close.classes[2].backoff == 1 and close.classes[2].rounds >= 12
+
+
+def test_thread_policy_gives_up_a_clearly_slower_probe_after_two_steps():
+    """A probe ≥ 1.5x the kept count's recent steps stops after two steps, from the first round on (the kept
+    count is measured first); a close one, or one faster than the kept count now runs, gets all its steps."""
+    policy = native.ThreadPolicy([1, 2], period=10, probe=4)
+    tried: list[int] = []
+
+    def run(steps: int, cost: dict[int, float]) -> None:
+        for _ in range(steps):
+            threads = policy.next_threads(8)
+            tried.append(threads)
+            policy.observe(threads, 8, cost[threads])
+
+    run(6, {1: 0.016, 2: 0.008})  # first round: two threads measured first, one thread given up after two
+    assert tried == [2, 2, 2, 2, 1, 1] and policy.decision(8) == 2 and policy.classes[2].rounds == 1
+    tried.clear()
+    run(2, {1: 0.016, 2: 0.030})  # the kept count slows down (drift): one thread is now the faster one
+    run(8, {1: 0.016, 2: 0.030})
+    assert tried[2:6] == [1, 1, 1, 1]  # measured in full against the kept count as it runs now
+    assert policy.decision(8) == 1
+    close = native.ThreadPolicy([1, 2], period=10, probe=4)
+    steps = []
+    for _ in range(8):
+        threads = close.next_threads(8)
+        steps.append(threads)
+        close.observe(threads, 8, {1: 0.0110, 2: 0.0100}[threads])
+    assert steps == [2, 2, 2, 2, 1, 1, 1, 1]  # within 1.5x: every step of the probe
 
 
 def test_thread_policy_decides_one_row_and_many_row_steps_apart():

@@ -289,15 +289,20 @@ class _Rounds:
     every `period` steps only while the choices are close; after a clear decision (the runner-up ≥ `clear` x the
     winner) the wait doubles, up to `max_backoff` x `period`. The machine changing is caught without waiting:
     when the kept choice's recent median leaves [1/`drift`, `drift`] x its median at the decision (other
-    programs took or left the cores), a new round starts at once and the wait is back to `period`."""
+    programs took or left the cores), a new round starts at once and the wait is back to `period`. A round
+    measures the kept choice first (the first round too), and a tried choice whose first `quick` steps take
+    ≥ `give_up` x the kept choice's recent median ends its probe there: a clear loser shows it in two steps.
+    """
 
-    clear, drift, max_backoff = 1.25, 1.5, 8
+    clear, drift, max_backoff, give_up, quick = 1.25, 1.5, 8, 1.5, 2
 
     def __init__(self, choices: list[int], period: int, probe: int):
         self.choices, self.period, self.probe = choices, period, probe
         self.current = choices[-1]  # decided after the first round
         self.samples: dict[int, list[float]] = {c: [] for c in choices}
-        self.queue: list[int] = list(choices)  # choices still to probe in this round: a first round at once
+        # choices still to probe in this round: a first round at once, the kept choice first
+        self.queue: list[int] = [self.current] + [c for c in choices if c != self.current]
+        self.reference = 0.0  # the kept choice's recent median, against which a tried choice can give up
         self.since_round = 0
         self.backoff = 1  # rounds come every period * backoff steps
         self.decided = 0.0  # the kept choice's median when it was decided
@@ -311,7 +316,9 @@ class _Rounds:
         samples.append(seconds)
         del samples[:-self.probe]
         if self.queue:
-            if threads == self.queue[0] and len(samples) >= self.probe:
+            if threads == self.queue[0] and (len(samples) >= self.probe or self._gave_up(threads, samples)):
+                if threads == self.current and self.reference == 0.0:  # the first round's kept choice
+                    self.reference = self._median(samples)
                 self.queue.pop(0)
                 if not self.queue:
                     self._decide()
@@ -323,13 +330,23 @@ class _Rounds:
             self.backoff = 1
             self._start_round()
 
-    def _drifted(self, samples: list[float]) -> bool:
+    @staticmethod
+    def _median(samples: list[float]) -> float:
         import statistics
 
-        ratio = statistics.median(samples) / self.decided if self.decided > 0 else 1.0
+        return statistics.median(samples)
+
+    def _gave_up(self, threads: int, samples: list[float]) -> bool:
+        return (threads != self.current and self.reference > 0 and len(samples) >= self.quick
+                and self._median(samples) >= self.give_up * self.reference)
+
+    def _drifted(self, samples: list[float]) -> bool:
+        ratio = self._median(samples) / self.decided if self.decided > 0 else 1.0
         return not 1 / self.drift <= ratio <= self.drift
 
     def _start_round(self) -> None:
+        kept = self.samples[self.current]
+        self.reference = self._median(kept) if kept else self.decided  # as the kept choice runs now
         self.since_round = 0
         self.queue = [c for c in self.choices if c != self.current] + [self.current]  # all, fresh
         for c in self.queue:
@@ -353,10 +370,10 @@ class ThreadPolicy:
     than one (each step waits for a descheduled peer). It also depends on the step: one decode row reads weights
     (memory-bound), eight rows multiply them (compute-bound), so steps of 1, 2–3 and 4–8 rows are measured and
     decided apart (a choice made on one-row steps once ran eight-row steps on one thread at 0.6x). Each class
-    re-probes for `probe` steps per choice, every `period` of its steps or less often after clear decisions, and
-    at once when its step times drift (see _Rounds). Prompt chunks (more rows) use the largest class's
-    choice and are not counted. Results are bit-identical for any thread count (the pool only splits outputs),
-    so switching never changes an answer."""
+    re-probes for up to `probe` steps per choice (two for a clear loser), every `period` of its steps or less
+    often after clear decisions, and at once when its step times drift (see _Rounds). Prompt chunks (more rows)
+    use the largest class's choice and are not counted. Results are bit-identical for any thread count (the
+    pool only splits outputs), so switching never changes an answer."""
 
     def __init__(self, choices: list[int], period: int = 96, probe: int = 6, small_step_rows: int = 8):
         self.choices, self.small = choices, small_step_rows
