@@ -302,3 +302,42 @@ def test_cli_help_lists_every_method():
     from ryzanstein.cli import METHOD_NAMES
 
     assert METHOD_NAMES.split(", ") == known_methods()
+
+
+def test_sensitivity_replay_starts_at_the_changed_block_with_the_same_logits(tiny_llama_dir, data, monkeypatch):
+    """The mixed-precision ranking re-runs the model ~200 times; each run starts at the block of the linear it
+    changed, the earlier blocks giving back their recorded outputs. Its logits must be a full pass's, bit for
+    bit, from every block, with a linear changed, and the ranking the same as with full passes."""
+    from ryzanstein.quant import methods
+
+    lm = load_model_folder("replay", tiny_llama_dir)
+    chunk = data[1][0][:, :64]
+    with torch.inference_mode():
+        replay = methods._BlockReplay(lm.model, chunk)
+        assert replay.usable and len(replay.blocks) == lm.model.config.num_hidden_layers
+        for start in range(len(replay.blocks) + 1):
+            assert torch.equal(replay.logits_from(start), replay.reference)
+        name = next(n for n in methods.linears(lm.model) if ".layers.1." in n and "down_proj" in n)
+        module = dict(lm.model.named_modules())[name]
+        original = module.weight.data
+        module.weight.data = original * 0.5
+        try:
+            assert replay.block_of(name) == 1
+            full = lm.model(input_ids=chunk).logits[0].float()
+            assert torch.equal(replay.logits_from(1), full) and not torch.equal(full, replay.reference)
+        finally:
+            module.weight.data = original
+        assert all("forward" not in vars(b) for b in replay.blocks)  # every block's own forward is back
+
+    def progress(*_args):
+        return None
+
+    kept = methods.sensitive_layers(lm.model, [chunk], 32, progress, None)
+    full_passes = methods._BlockReplay.__init__
+
+    def without_replay(self, model, chunk):
+        full_passes(self, model, chunk)
+        self.usable = False
+
+    monkeypatch.setattr(methods._BlockReplay, "__init__", without_replay)
+    assert methods.sensitive_layers(lm.model, [chunk], 32, progress, None) == kept

@@ -197,6 +197,66 @@ def awq_scale(weight: torch.Tensor, hessian: torch.Tensor, mean_abs: torch.Tenso
 
 
 # -- mixed precision -------------------------------------------------------------------------------------
+class _BlockReplay:
+    """Logits of the calibration chunk after one linear changed, computed from the decoder block holding it:
+    the blocks before it return what they returned in the reference pass (same inputs, same weights: the same
+    outputs), so the ~200 passes of a sensitivity ranking skip about half of their blocks. Used only where a
+    replay with nothing changed gives the reference logits bit for bit; otherwise every pass runs in full."""
+
+    def __init__(self, model: Any, chunk: torch.Tensor):
+        self.model, self.chunk = model, chunk
+        self.prefix, self.blocks = _decoder_blocks(model)
+        self.outputs: list[Any] = []
+        hooks = [b.register_forward_hook(lambda _m, _a, out: self.outputs.append(out)) for b in self.blocks]
+        try:
+            self.reference = self._logits()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # (a block whose forward is already wrapped on the instance, as accelerate's hooks do, is left alone)
+        self.usable = len(self.outputs) == len(self.blocks) > 1 and not any("forward" in vars(b) for b in self.blocks)
+        if self.usable:
+            try:
+                self.usable = torch.equal(self.logits_from(len(self.blocks) // 2), self.reference)
+            except Exception:  # an architecture whose blocks need each other's state (a shared cache…)
+                self.usable = False
+
+    def _logits(self) -> torch.Tensor:
+        return self.model(input_ids=self.chunk, use_cache=False).logits[0].float()
+
+    def block_of(self, name: str) -> int:
+        if not self.usable or not self.prefix or not name.startswith(self.prefix):
+            return 0
+        index = name[len(self.prefix):].split(".")[0]
+        return int(index) if index.isdigit() else 0
+
+    def logits_from(self, start: int) -> torch.Tensor:
+        for block, out in zip(self.blocks[:start], self.outputs, strict=False):
+            block.forward = lambda *_a, _out=out, **_k: _fresh(_out)
+        try:
+            return self._logits()
+        finally:
+            for block in self.blocks[:start]:
+                del block.forward
+
+
+def _fresh(output: Any) -> Any:
+    """A recorded block output as new tensors (a later block may change its input in place)."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(_fresh(item) for item in output)
+    return output
+
+
+def _decoder_blocks(model: Any) -> tuple[str, list[torch.nn.Module]]:
+    """The model's list of decoder blocks ("model.layers" and the like) and its name + ".", or ("", [])."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks") and len(module):
+            return name + ".", list(module)
+    return "", []
+
+
 def sensitive_layers(model: Any, calibration: list[torch.Tensor] | None, group: int | None, progress: Progress,
                      cancel: threading.Event | None, keep_fraction: float = 0.25) -> set[str]:
     """Layers to keep at int8: the most sensitive quarter (KL caused by quantizing each one alone to int4 on a
@@ -207,7 +267,8 @@ def sensitive_layers(model: Any, calibration: list[torch.Tensor] | None, group: 
     chunk = calibration[0][:, :64]  # a short chunk ranks the layers; each of ~200 passes is cheap
     layers = {n: m for n, m in linears(model).items() if n != head_name(model)}
     with torch.inference_mode():
-        reference = torch.log_softmax(model(input_ids=chunk).logits[0].float(), dim=-1)
+        replay = _BlockReplay(model, chunk)
+        reference = torch.log_softmax(replay.reference, dim=-1)
         scores: dict[str, float] = {}
         for i, (name, module) in enumerate(layers.items()):
             _check(cancel)
@@ -216,8 +277,10 @@ def sensitive_layers(model: Any, calibration: list[torch.Tensor] | None, group: 
             packed, scale, low = quantize_weight_int4(original, group)
             codes = unpack_int4(packed).float().reshape(original.shape[0], -1, group)
             module.weight.data = (codes * scale[..., None] + low[..., None]).reshape(original.shape)
-            log_probs = torch.log_softmax(model(input_ids=chunk).logits[0].float(), dim=-1)
-            module.weight.data = original
+            try:
+                log_probs = torch.log_softmax(replay.logits_from(replay.block_of(name)), dim=-1)
+            finally:
+                module.weight.data = original
             scores[name] = float((reference.exp() * (reference - log_probs)).sum(-1).mean())
     ranked = sorted(scores, key=scores.get, reverse=True)
     keep = set(ranked[:max(1, int(len(ranked) * keep_fraction))])
