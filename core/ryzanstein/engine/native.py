@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import statistics
 import threading
 import time
 from functools import cache
@@ -318,7 +319,7 @@ class _Rounds:
         if self.queue:
             if threads == self.queue[0] and (len(samples) >= self.probe or self._gave_up(threads, samples)):
                 if threads == self.current and self.reference == 0.0:  # the first round's kept choice
-                    self.reference = self._median(samples)
+                    self.reference = statistics.median(samples)
                 self.queue.pop(0)
                 if not self.queue:
                     self._decide()
@@ -330,31 +331,23 @@ class _Rounds:
             self.backoff = 1
             self._start_round()
 
-    @staticmethod
-    def _median(samples: list[float]) -> float:
-        import statistics
-
-        return statistics.median(samples)
-
     def _gave_up(self, threads: int, samples: list[float]) -> bool:
         return (threads != self.current and self.reference > 0 and len(samples) >= self.quick
-                and self._median(samples) >= self.give_up * self.reference)
+                and statistics.median(samples) >= self.give_up * self.reference)
 
     def _drifted(self, samples: list[float]) -> bool:
-        ratio = self._median(samples) / self.decided if self.decided > 0 else 1.0
+        ratio = statistics.median(samples) / self.decided if self.decided > 0 else 1.0
         return not 1 / self.drift <= ratio <= self.drift
 
     def _start_round(self) -> None:
         kept = self.samples[self.current]
-        self.reference = self._median(kept) if kept else self.decided  # as the kept choice runs now
+        self.reference = statistics.median(kept) if kept else self.decided  # as the kept choice runs now
         self.since_round = 0
         self.queue = [c for c in self.choices if c != self.current] + [self.current]  # all, fresh
         for c in self.queue:
             self.samples[c].clear()
 
     def _decide(self) -> None:
-        import statistics
-
         medians = {c: statistics.median(s) for c, s in self.samples.items() if s}
         self.current = min(medians, key=lambda c: medians[c])
         self.decided = medians[self.current]

@@ -642,11 +642,7 @@ class NativeModel {
       const Layer& layer = layers_[l];
       Quantized* qa = prequantized(layer.qkv, for_qkv, rows, hidden_);
       const std::function<void(int64_t)> before_attention = [&](int64_t n) {
-        float* hn = h.data() + n * hidden_;
-        float* xn = x.data() + n * hidden_;
-        if (pending) residual(hn, out.data() + n * hidden_, hidden_);
-        rms_norm_row(hn, layer.input_norm, xn, hidden_, eps_);
-        if (qa) qa->row(xn, n, nullptr);
+        add_and_norm(n, pending, layer.input_norm, h.data(), out.data(), x.data(), qa);
       };
       pool_->run(rows, before_attention);
       project(layer.qkv, x.data(), rows, qkv.data(), qkv_width, qa);
@@ -674,11 +670,7 @@ class NativeModel {
       project({layer.o}, att.data(), rows, out.data(), hidden_, quantized ? qo : nullptr);
       Quantized* qg = prequantized(layer.gate_up, for_gate_up, rows, hidden_);
       const std::function<void(int64_t)> before_mlp = [&](int64_t n) {
-        float* hn = h.data() + n * hidden_;
-        float* xn = x.data() + n * hidden_;
-        residual(hn, out.data() + n * hidden_, hidden_);
-        rms_norm_row(hn, layer.post_norm, xn, hidden_, eps_);
-        if (qg) qg->row(xn, n, nullptr);
+        add_and_norm(n, true, layer.post_norm, h.data(), out.data(), x.data(), qg);
       };
       pool_->run(rows, before_mlp);
       project(layer.gate_up, x.data(), rows, mlp.data(), 2 * intermediate_, qg);
@@ -771,6 +763,15 @@ class NativeModel {
 
   void residual(float* h, const float* out, int64_t n) const {
     for (int64_t i = 0; i < n; ++i) h[i] += out[i] * residual_multiplier_;
+  }
+
+  // Row n of a pool job: h += out (when `add`), x = RMSNorm(h) and, when q is given, x's int8 blocks.
+  void add_and_norm(int64_t n, bool add, const float* norm, float* h, const float* out, float* x, Quantized* q) const {
+    float* hn = h + n * hidden_;
+    float* xn = x + n * hidden_;
+    if (add) residual(hn, out + n * hidden_, hidden_);
+    rms_norm_row(hn, norm, xn, hidden_, eps_);
+    if (q) q->row(xn, n, nullptr);
   }
 
   // `into`, ready for rows × width, when every part of a linear reads integer codes of the plain input (no
