@@ -77,7 +77,8 @@ def test_a_load_that_leaves_weights_on_the_meta_device_is_refused(tied_llama_dir
         load_model_folder("tied", tied_llama_dir)
 
 
-def test_health_reports_a_loaded_model_that_cannot_generate(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize(("asked", "path"), [("auto", "native"), ("reference", "reference")])
+def test_health_reports_a_loaded_model_that_cannot_generate(tmp_path, tiny_llama_dir, asked, path):
     from ryzanstein.service.api_routes import health
 
     store = ModelStore(tmp_path / "store")
@@ -85,6 +86,7 @@ def test_health_reports_a_loaded_model_that_cannot_generate(tmp_path, tiny_llama
     manager = ModelManager(store, budget_bytes=2**34)
     engines = Engines(manager, EngineConfig(speculation="off"), tmp_path / "swap")
     lm = manager.get("tiny")
+    lm.model.ryzanstein_decode_path = asked
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
         manager=manager, settings=SimpleNamespace(default_model="tiny"))))
     import asyncio
@@ -93,6 +95,9 @@ def test_health_reports_a_loaded_model_that_cannot_generate(tmp_path, tiny_llama
         collect(engines.for_model(lm), [5, 6, 7], GenerationParams(max_tokens=3), lm.tokenizer, model_eos(lm))
 
     ask()
+    # each path must notice: torch multiplies by a meta weight silently, and an engine that went idle in between
+    # starts its next busy period on the reference path (the native one refuses a meta head at attach)
+    assert lm.model.ryzanstein_decode["path"] == path
     assert asyncio.run(health(request))["status"] == "ok"
     good = lm.model.lm_head.weight
     lm.model.lm_head.weight = torch.nn.Parameter(torch.empty_like(good, device="meta"))  # what the race left
@@ -105,6 +110,30 @@ def test_health_reports_a_loaded_model_that_cannot_generate(tmp_path, tiny_llama
     ask()  # a generation that works clears it
     assert asyncio.run(health(request))["failing_models"] == {}
     engines.close()
+
+
+def test_the_reference_path_refuses_a_meta_head_instead_of_reading_garbage(tmp_path):
+    """torch multiplies by a meta weight without an error and returns uninitialised memory; once a step of the
+    same shape has run (its row regimes probed), nothing else would stop it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ryzanstein.engine.runner import BatchRunner, build_rows
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    runner = BatchRunner(model, tmp_path, native=False, kv_format="fp32")
+
+    def step(name: str) -> torch.Tensor:
+        kv = runner.cache(name)
+        kv.reserve(8)
+        return runner.forward(build_rows([(kv, [5, 6, 7], 0, False, "last")]), "prefill")
+
+    assert torch.isfinite(step("before")).all()
+    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="meta"))
+    with pytest.raises(RuntimeError, match="head holds no data .meta device"):
+        step("after")
+    runner.close()
 
 
 # -- 3. names that leave their root --------------------------------------------------------------------------------

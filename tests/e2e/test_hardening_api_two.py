@@ -68,7 +68,7 @@ def test_without_a_token_the_body_is_never_read(live):
     assert bad_json.status_code == 401  # not 400: the body was not parsed
     assert httpx.get(live.url + "/api/nowhere").status_code == 401  # even an unknown path
 
-    def body():  # 64 MiB, chunked; the server answers after reading (and dropping) at most 8 MiB of it
+    def body():  # 64 MiB, chunked; the server reads (and drops) all of it, then answers: no reset
         for _ in range(64):
             yield b"[" * 2**20
 

@@ -274,6 +274,11 @@ class BatchRunner:
     def _forward(self, rows: Rows, mode: str) -> torch.Tensor:
         if self.native is not None:
             return self.native.forward(rows)
+        unloaded = weights_on_meta(self.model)
+        if unloaded:  # torch multiplies by a meta weight without a word and returns uninitialised memory
+            verb = "hold" if len(unloaded) > 1 else "holds"
+            raise RuntimeError(f"the model's {' and '.join(unloaded)} {verb} no data (meta device: not loaded); "
+                               "reload the model")
         ids = torch.tensor([rows.tokens], dtype=torch.long)
         positions = torch.tensor([rows.positions], dtype=torch.long)
         keep = torch.tensor(rows.keep, dtype=torch.long)
@@ -285,6 +290,16 @@ class BatchRunner:
         finally:
             _step.segments, _step.pattern = None, None
         return out.logits[0].float()
+
+
+def weights_on_meta(model: Any) -> list[str]:
+    """Which of the embedding and the head are left on the meta device (a failed or raced load)."""
+    found = []
+    for name, module in (("embedding", model.get_input_embeddings()), ("head", model.get_output_embeddings())):
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.device.type == "meta":
+            found.append(name)
+    return found
 
 
 def split_rows(rows: Rows) -> tuple[Rows, Rows]:

@@ -5,8 +5,8 @@
    site that rebinds its DNS name to 127.0.0.1 sends its own name as Host and is refused (421), so it cannot
    read what the service answers.
 2. **Token**: every path but the health check needs the bearer token; without it the answer is 401 at once,
-   whatever the body (a 200 MB body without a token is never parsed or kept: at most DRAIN_LIMIT of it is read
-   and thrown away so that the client can read the answer).
+   whatever the body (a body without a token is never parsed or kept: up to DRAIN_LIMIT of it is read and
+   thrown away so that the client can read the answer).
 3. **Body size**: a cap per route (Content-Length checked up front; a chunked body is read only up to the cap),
    413 beyond it.
 """
@@ -26,10 +26,13 @@ MIB = 2**20
 DEFAULT_BODY_LIMIT = 1 * MIB
 # Routes whose bodies carry text: long chat histories and prompts, calibration text.
 BODY_LIMITS = {"/v1/chat/completions": 16 * MIB, "/v1/completions": 16 * MIB, "/api/quantize": 16 * MIB}
-# A refused request's body is read and thrown away up to this much before the answer, so the client, still
-# sending, is not cut off by a connection reset before it can read the answer; a larger body is cut off.
-DRAIN_LIMIT = 8 * MIB
-DRAIN_SECONDS = 1.0
+# A refused request's body is read and thrown away up to this much (and this long) before the answer, so the
+# client, still sending, is not cut off by a connection reset before it can read the answer: a server that
+# closes with unread bytes sends a reset, which can discard the answer already in the client's buffer (a 64 MiB
+# body drained only to 8 MiB lost its 401 that way, now and then). Memory stays flat: nothing is kept. A larger
+# or slower body is cut off.
+DRAIN_LIMIT = 256 * MIB
+DRAIN_SECONDS = 5.0
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
