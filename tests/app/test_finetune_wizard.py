@@ -98,7 +98,7 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_job(qtbot, window, se
     wizard.next()
     wizard.preset_page.buttons["fast"].setChecked(True)
     wizard.preset_page.epochs.setValue(50.0)  # long enough to still be running when Cancel is pressed
-    wizard.preset_page.max_steps.setValue(120)
+    wizard.preset_page.max_steps.setValue(60)
     wizard.next()
     train = wizard.train_page
     qtbot.waitUntil(lambda: len(train.train_points) >= 2, timeout=120_000)
@@ -120,7 +120,7 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_job(qtbot, window, se
     qtbot.waitUntil(lambda: wizard.job["state"] == "succeeded", timeout=240_000)
     steps = [p[0] for p in train.train_points]
     resumed = steps[steps.index(stopped_at) + 1:]  # the curve goes on where it stopped
-    assert resumed[0] == stopped_at + 1 and resumed[-1] == 120
+    assert resumed[0] == stopped_at + 1 and resumed[-1] == 60
     wizard.next()
     assert "gui-cancelled" in result.summary.text() and result.merge_button.isEnabled()
     assert view.training_label.text() == ""

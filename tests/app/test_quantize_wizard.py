@@ -21,6 +21,8 @@ def test_wizard_runs_a_quantization_and_shows_the_results(qtbot, window, tmp_pat
     wizard.model_page.name.setText("gui-quantized")
     wizard.next()  # → goal
     wizard.goal_page.max_loss.setValue(1000.0)
+    assert wizard.body()["eval_tokens"] is None  # the whole held-out text unless asked
+    wizard.goal_page.measure.setCurrentIndex(wizard.goal_page.measure.count() - 1)  # the quickest look
     wizard.next()  # → methods
     qtbot.waitUntil(lambda: "int8" in wizard.methods_page.boxes, timeout=10_000)
     page = wizard.methods_page
@@ -43,7 +45,7 @@ def test_wizard_runs_a_quantization_and_shows_the_results(qtbot, window, tmp_pat
     results = wizard.results_page
     assert results.table.rowCount() == 3
     assert [results.table.item(r, 0).text() for r in range(3)] == ["none", "int8", "int4-g32"]
-    assert "gui-quantized" in results.summary.text()
+    assert "gui-quantized" in results.summary.text() and "Measured on 255 held-out tokens" in results.summary.text()
     if os.environ.get("RYZANSTEIN_SCREENSHOT_DIR"):
         assert wizard.grab().save(str(Path(os.environ["RYZANSTEIN_SCREENSHOT_DIR"]) / "quantize-wizard.png"))
     wizard.done(QWizard.DialogCode.Accepted)

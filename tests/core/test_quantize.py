@@ -195,6 +195,9 @@ def test_bad_requests_leave_the_store_as_it_was(qstore, tmp_path, monkeypatch):
         run_quantization(qstore, request(calibration="   "))
     with pytest.raises(InvalidRequest, match="at least 256"):
         run_quantization(qstore, request(methods=["gptq-g32"], calibration="far too short"))
+    with pytest.raises(InvalidRequest, match="at least 256 held-out tokens") as few:
+        run_quantization(qstore, request(eval_tokens=100))
+    assert few.value.param == "eval_tokens"
     with pytest.raises(InvalidRequest, match="already in the store"):
         run_quantization(qstore, request(name="tiny"))
     with pytest.raises(InvalidRequest, match="not a multiple of 128"):

@@ -185,7 +185,7 @@ def test_version_help_and_listing_read_cleanly(service, session_home):
     assert version.returncode == 0 and version.stdout.strip() == f"ryzanstein {__version__}"
     helps = run_cli("quantize", "--help", home=session_home).stdout + \
         run_cli("models", "delete", "--help", home=session_home).stdout
-    assert "<bool>" not in helps and "--dry-run" in helps and "--yes" in helps
+    assert "<bool>" not in helps and "--dry-run" in helps and "--yes" in helps and "--eval-tokens" in helps
     assert "gptq-g64" in helps and "bitnet" in helps  # the method names a user can pass
     env = dict(os.environ, RYZANSTEIN_HOME=str(session_home), COLUMNS="60")
     narrow = subprocess.run([sys.executable, "-m", "ryzanstein", "models", "list"], capture_output=True, text=True,

@@ -34,6 +34,10 @@ from PySide6.QtWidgets import (
 from ryzanstein_desktop.bridge import Bridge
 from ryzanstein_desktop.views.job_wizard import JobWizard
 
+# How much held-out text each candidate is measured on: the whole text is the most exact; fewer tokens give a
+# quicker, rougher look (worth it on large models, where each pass over the text takes minutes).
+MEASURES = [("the whole held-out text (~4,100 tokens)", None), ("a quick look (1,024 tokens)", 1024),
+            ("the quickest look (256 tokens)", 256)]
 RESULT_COLUMNS = ["method", "bits/weight", "memory", "perplexity", "Δ ppl", "mean KL", "top-1", "prefill tok/s",
                   "decode tok/s"]
 
@@ -72,11 +76,18 @@ class GoalPage(QWizardPage):
         self.max_gb.setRange(0.01, 4096.0)
         self.max_gb.setValue(1.0)
         self.max_gb.setSuffix(" GB")
+        self.measure = QComboBox()
+        for label, tokens in MEASURES:
+            self.measure.addItem(label, tokens)
         layout = QFormLayout(self)
         for button in (self.accuracy, self.fastest, self.fits):
             layout.addRow(button)
         layout.addRow("Largest accuracy loss", self.max_loss)
         layout.addRow("Memory limit (for 'fits')", self.max_gb)
+        layout.addRow("Measure each candidate on", self.measure)
+
+    def eval_tokens(self) -> int | None:
+        return self.measure.currentData()
 
     def goal(self) -> str:
         return "fits" if self.fits.isChecked() else "fastest" if self.fastest.isChecked() else "accuracy"
@@ -201,7 +212,8 @@ class ResultsPage(QWizardPage):
         if job["state"] == "succeeded":
             saved = report.get("saved_as")
             self.summary.setText(f"Selected <b>{report.get('selected')}</b> ({report.get('reason')})"
-                                 + (f"; saved as <b>{saved}</b> in the store." if saved else "."))
+                                 + (f"; saved as <b>{saved}</b> in the store." if saved else ".")
+                                 + f" Measured on {report.get('eval_tokens', 0):,} held-out tokens.")
         else:
             self.summary.setText(f"<b>{job['state']}</b>: {job.get('error') or ''}")
         self.table.setRowCount(len(rows))
@@ -253,7 +265,8 @@ class QuantizeWizard(JobWizard):
         return {"model": self.model_page.combo.currentText(), "methods": self.methods_page.chosen(),
                 "goal": self.goal_page.goal(), "max_loss_pct": self.goal_page.max_loss.value(),
                 "max_gb": self.goal_page.max_gb.value() if self.goal_page.goal() == "fits" else None,
-                "name": name, "calibration": self.methods_page.calibration_text()}
+                "name": name, "calibration": self.methods_page.calibration_text(),
+                "eval_tokens": self.goal_page.eval_tokens()}
 
     def start_job(self) -> None:
         body = self.body()

@@ -87,6 +87,9 @@ class QuantizeRequest:
             if self.max_gb < smallest:
                 raise InvalidRequest(f"max_gb={self.max_gb:g} cannot be met: no method makes {self.model} smaller "
                                      f"than about {smallest:.3g} GB (4 bits per weight).", param="max_gb")
+        if self.eval_tokens is not None and self.eval_tokens < MIN_EVAL_TOKENS:
+            raise InvalidRequest(f"eval_tokens={self.eval_tokens} is too few: measure on at least {MIN_EVAL_TOKENS} "
+                                 "held-out tokens (or leave it out for the whole text).", param="eval_tokens")
         if self.calibration is not None and not self.calibration.strip():
             raise InvalidRequest("The calibration text is empty.", param="calibration")
         if self.calibration is not None:

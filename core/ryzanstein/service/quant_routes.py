@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from ryzanstein.models.job_memory import quantize_peak_bytes
 from ryzanstein.models.manager import ModelManager
+from ryzanstein.quant.evaluate import MIN_EVAL_TOKENS
 from ryzanstein.quant.methods import known_methods
 from ryzanstein.quant.run import AUTO_METHODS, GOALS, QuantizeRequest, run_quantization
 from ryzanstein.service.jobs import MODEL_JOBS
@@ -26,6 +27,9 @@ class QuantizeBody(BaseModel):
     max_gb: float | None = Field(None, gt=0, description="With goal 'fits': memory the model must fit in.")
     name: str | None = Field(None, description="Name of the saved model; default <model>-<method>.")
     calibration: str | None = Field(None, description="Calibration text (256+ tokens); default: ours.")
+    eval_tokens: int | None = Field(None, ge=MIN_EVAL_TOKENS, le=1_000_000,
+                                    description="Held-out tokens each candidate is measured on: fewer is quicker "
+                                                "and rougher; default: the whole held-out text (~4,100 tokens).")
     save: bool = True
 
 
@@ -40,7 +44,7 @@ async def quantize(body: QuantizeBody, request: Request) -> dict:
     auto = body.methods == "auto"
     req = QuantizeRequest(model=body.model, methods=list(AUTO_METHODS) if auto else list(body.methods),
                           goal=body.goal, max_loss_pct=body.max_loss_pct, max_gb=body.max_gb, name=body.name,
-                          calibration=body.calibration, save=body.save, auto=auto)
+                          calibration=body.calibration, eval_tokens=body.eval_tokens, save=body.save, auto=auto)
     await asyncio.to_thread(req.validate, manager.store)  # bad model, method, goal or name: 4xx now, no job
 
     def run(progress, cancel) -> dict:
