@@ -27,6 +27,11 @@ def test_any_gguf_transformers_reads_imports_with_identical_logits(tmp_path, enc
     assert len(tensor_stages) >= 3 and tensor_stages[-1][0].split("(")[1].split(" ")[0].split("/")[0] == \
         tensor_stages[-1][0].split("/")[1].split(" ")[0]
     assert all(0.15 <= f <= 0.65 for _, f in tensor_stages)
+    import gguf
+
+    # the import parses the file once (gguf_parsed_once) and gives gguf its own reader and name map back
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
     ours = load_model_folder(info.name, tmp_path / "store" / info.name)
     assert ours.model.config.num_hidden_layers == 4
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name, dtype=torch.float32)
