@@ -45,6 +45,11 @@ def on_compute_thread() -> bool:
     return threading.current_thread() is _thread
 
 
+def others_waiting() -> bool:
+    """Whether a call is queued for the compute thread (a loop running on it yields between its steps)."""
+    return not _queue.empty()
+
+
 def call(fn: Callable[[], T]) -> T:
     """Run `fn` on the compute thread and return its result (inline when already on it)."""
     if on_compute_thread():

@@ -229,7 +229,7 @@ class BatchEngine:
         # The torch work runs on the process's compute thread (see compute.py); this thread only waits.
         runner = compute.call(lambda: self.make_runner(model))
         try:
-            while compute.call(lambda: self.step(runner)):
+            while compute.call(lambda: self._steps(runner)):
                 pass
         finally:
             with self._lock:
@@ -295,6 +295,14 @@ class BatchEngine:
             if hit is not None and chunk.start == hit[1] == chunk.seq.cached:
                 runner.adopt_prefix(chunk.seq.request_id, hit[0], hit[1],
                                     chunk.seq.blocks * self.scheduler.config.block_tokens)
+
+    def _steps(self, runner: BatchRunner) -> bool:
+        """Steps on the compute thread until the work runs out (False) or another caller waits for the thread
+        (True: this engine queues again behind it). A hand-over per step cost ~0.13 ms of each ~4 ms token."""
+        while self.step(runner):
+            if compute.others_waiting():
+                return True
+        return False
 
     def step(self, runner: BatchRunner) -> bool:
         """One scheduler step; False when there is no work left."""
