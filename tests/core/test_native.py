@@ -85,6 +85,41 @@ def test_native_step_equals_transformers_for_each_architecture(model_type, isa):
         runner.close()
 
 
+@pytest.mark.parametrize("model_type", ["llama", "granite"])  # granite: logits divided in the head's jobs
+def test_the_steps_greedy_choices_are_torch_argmax_of_its_logits(model_type):
+    model = tiny(model_type)
+    runner = BatchRunner(model, Path(tempfile.gettempdir()))
+    try:
+        items = []
+        for i in range(5):
+            kv = runner.cache(f"s{i}")
+            kv.reserve(16)
+            items.append((kv, IDS[i:i + 6], 0, False, "all"))
+        logits = runner.forward(build_rows(items), "prefill")
+        assert runner.native is not None and logits.shape[0] == 30
+        assert runner.greedy_choices(logits) == logits.argmax(dim=-1).tolist()
+        assert runner.native.choices_for(logits.clone()) is None  # only the step's own logits have them
+    finally:
+        runner.close()
+
+
+def test_head_choices_pick_what_torch_argmax_picks_whatever_the_chunks():
+    """Ties (the first wins, across chunk borders too), NaN (counts as the largest; the first one), infinities."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 50)
+    x[1] = 0.5  # all equal
+    x[2, 7] = x[2, 31] = 9.0  # a tie across chunks
+    x[3, 40] = float("nan")
+    x[4, 3] = x[4, 44] = float("nan")
+    x[4, 0] = 100.0
+    x[5] = float("-inf")
+    x[6, 20] = float("inf")
+    x[7, 49] = 50.0  # the tail past the last full vector of 8
+    x[8, 48] = float("nan")
+    for chunk in (1, 3, 8, 17, 49, 1000):
+        assert native.library().head_choices(x, chunk).tolist() == x.argmax(dim=-1).tolist(), chunk
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 96, 128])
 def test_attention_equals_transformers_for_each_head_size(head_dim, isa):

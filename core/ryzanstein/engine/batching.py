@@ -29,7 +29,7 @@ from ryzanstein.engine.invariant import RowRegimes
 from ryzanstein.engine.params import GenerationParams
 from ryzanstein.engine.prompt_cache import PromptCache
 from ryzanstein.engine.runner import BatchRunner, build_rows
-from ryzanstein.engine.sampler import Sampler, argmax_rows
+from ryzanstein.engine.sampler import Sampler
 from ryzanstein.engine.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from ryzanstein.engine.speculative import PromptLookupDrafter, SpeculationGovernor
 from ryzanstein.errors import GenerationFailed, QueueFull, QueueTimeout, RyzansteinError
@@ -399,7 +399,7 @@ class BatchEngine:
             for seq, (_, tokens, *_rest) in zip(plan.decode, items, strict=True):
                 if len(tokens) == 1 and getattr(self.requests[seq.request_id].sampler, "plain_greedy", False):
                     if choices is None:
-                        choices = argmax_rows(logits)
+                        choices = runner.greedy_choices(logits)
                     results[seq.request_id] = [choices[row]]
                 else:
                     results[seq.request_id] = self._guarded(seq, lambda s=seq, r=row, n=len(tokens), t=tokens:

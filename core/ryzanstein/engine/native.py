@@ -425,6 +425,8 @@ class NativeDecoder:
         if -1 in self._watched():  # a head or embedding left on the meta device (a failed load): nothing to read
             raise NativeUnsupported("the model's embedding or head holds no data (meta tensor)")
         self.impl = library().NativeModel(*args)
+        # the last step's logits and each kept row's greedy choice, found in the jobs that made the logits
+        self.last_choices: tuple[torch.Tensor, list[int]] | None = None
         release_store_layout(model)
         self.watched = self._watched()  # the C++ side holds pointers: a replaced tensor must not go unseen
         self.impl.set_isa(ISA_LEVELS[self.isa])
@@ -476,11 +478,19 @@ class NativeDecoder:
         if self.policy is not None and self.policy.next_threads(len(rows.tokens)) != self.threads:
             self.set_threads(self.policy.next_threads(len(rows.tokens)))
         started = time.perf_counter()
-        logits = self.impl.step(torch.tensor(rows.tokens), torch.tensor(rows.positions), torch.tensor(cache_of_row),
-                                keys, values, torch.tensor(rows.keep, dtype=torch.long))
+        logits, choices = self.impl.step(torch.tensor(rows.tokens), torch.tensor(rows.positions),
+                                         torch.tensor(cache_of_row), keys, values,
+                                         torch.tensor(rows.keep, dtype=torch.long))
+        self.last_choices = (logits, choices.tolist())
         if self.policy is not None:
             self.policy.observe(self.threads, len(rows.tokens), time.perf_counter() - started)
         return logits
+
+    def choices_for(self, logits: torch.Tensor) -> list[int] | None:
+        """Each row's first largest logit, when `logits` is what the last step returned (else None)."""
+        if self.last_choices is not None and self.last_choices[0] is logits:
+            return self.last_choices[1]
+        return None
 
 
 def prepare(model: Any) -> None:

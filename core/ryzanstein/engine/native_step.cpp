@@ -54,6 +54,81 @@ __attribute__((target("avx2,f16c"))) inline void store_half(const float* src, ui
   for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+// The first largest of v[0, n) as torch.argmax picks it (a NaN counts as the largest; the first one wins):
+// its index, and its value in *value. One vector pass for the maximum (and whether a NaN is there), then a
+// scan for its first position.
+__attribute__((target("avx2"))) inline int64_t first_largest(const float* v, int64_t n, float* value) {
+  __m256 top = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    top = _mm256_max_ps(top, x);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  float best = -INFINITY;
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (int k = 0; k < 8; ++k) best = std::max(best, lanes[k]);
+  for (int64_t k = i; k < n; ++k) {
+    if (std::isnan(v[k])) has_nan = true;
+    else best = std::max(best, v[k]);
+  }
+  for (int64_t k = 0; k < n; ++k)
+    if (has_nan ? std::isnan(v[k]) : v[k] == best) {
+      *value = v[k];
+      return k;
+    }
+  *value = v[0];  // n > 0 and every value -inf: the first
+  return 0;
+}
+
+// The head's extra work, done in the job that made each chunk of logits (its thread's cache holds them): divide
+// by the model's logits divisor, then each row's first largest logit per chunk; `choose` merges the chunks in
+// order, as one scan of the whole row would.
+struct HeadScan {
+  float divisor = 1.0f;
+  int64_t rows = 0;
+  std::vector<float> value;  // [chunk][row]
+  std::vector<int64_t> index;
+  void prepare(int64_t chunks, int64_t n) {
+    rows = n;
+    value.assign(chunks * n, 0.0f);
+    index.assign(chunks * n, -1);
+  }
+  void scan(int64_t chunk, float* y, int64_t y_width, int64_t begin, int64_t end) {
+    for (int64_t n = 0; n < rows; ++n) {
+      float* row = y + n * y_width;
+      if (divisor != 1.0f)
+        for (int64_t o = begin; o < end; ++o) row[o] /= divisor;
+      float v = 0.0f;
+      const int64_t at = first_largest(row + begin, end - begin, &v);
+      value[chunk * rows + n] = v;
+      index[chunk * rows + n] = begin + at;
+    }
+  }
+  torch::Tensor choose() const {
+    auto out = torch::empty({rows}, torch::kInt64);
+    int64_t* best = out.data_ptr<int64_t>();
+    const int64_t chunks = rows ? static_cast<int64_t>(index.size()) / rows : 0;
+    for (int64_t n = 0; n < rows; ++n) {
+      int64_t pick = -1;
+      float top = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t at = index[c * rows + n];
+        if (at < 0) continue;
+        const float v = value[c * rows + n];
+        if (pick < 0 || (!std::isnan(top) && (std::isnan(v) || v > top))) {
+          pick = at;
+          top = v;
+        }
+      }
+      best[n] = pick;
+    }
+    return out;
+  }
+};
+
 // e^x for x in [-87.3, 88.3] (clamped), 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5
 // polynomial, 2^n through the exponent bits), within ~2 ulp of std::exp. Every row gets the same function.
 __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
@@ -577,7 +652,9 @@ class NativeModel {
 
   // tokens/positions/cache_of_row: [T]; keys/values: per sequence, per layer [capacity, kv_heads, head_dim];
   // keep: rows whose logits are returned. Writes each row's keys/values at its position.
-  torch::Tensor step(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache_of_row,
+  // The kept rows' logits and each one's greedy choice (its first largest logit).
+  std::tuple<torch::Tensor, torch::Tensor> step(torch::Tensor tokens, torch::Tensor positions,
+                                                 torch::Tensor cache_of_row,
                      std::vector<std::vector<torch::Tensor>> keys, std::vector<std::vector<torch::Tensor>> values,
                      torch::Tensor keep) {
     tokens = tokens.contiguous().to(torch::kInt64);
@@ -695,9 +772,10 @@ class NativeModel {
       rms_norm(h.data() + kr[i] * hidden_, final_norm_.data_ptr<float>(), last.data() + i * hidden_, 1, hidden_);
     }
     auto logits = torch::empty({kept, head_.outputs}, torch::kFloat32);
-    project({head_}, last.data(), kept, logits.data_ptr<float>(), head_.outputs);
-    if (logits_divisor_ != 1.0f) logits.div_(logits_divisor_);
-    return logits;
+    HeadScan scan;
+    scan.divisor = logits_divisor_;
+    project({head_}, last.data(), kept, logits.data_ptr<float>(), head_.outputs, nullptr, &scan);
+    return {logits, scan.choose()};
   }
 
   // One linear on its own (tests compare it with the dequantized weight).
@@ -785,8 +863,9 @@ class NativeModel {
 
   // y[n, offset(l) + o] for the linears side by side (fused QKV / gate-up), one pool job over all outputs.
   // given: x already quantized (prequantized) for the parts without their own input scale.
+  // scan: the head's division and first-largest search, per chunk in the job that made it (HeadScan).
   void project(const std::vector<Linear>& parts, const float* x, int64_t rows, float* y, int64_t y_width,
-               Quantized* given = nullptr) {
+               Quantized* given = nullptr, HeadScan* scan = nullptr) {
     const int64_t inputs = parts[0].inputs;
     // parts without their own input scale share one quantization of x
     std::vector<Quantized> quantized(parts.size());
@@ -861,11 +940,13 @@ class NativeModel {
         ++o;
       }
     };
+    if (scan) scan->prepare(chunks, rows);
     const std::function<void(int64_t)> work = [&](int64_t c) {
       const int64_t o_last = std::min(offsets.back(), (c + 1) * chunk);
       for (int64_t o_begin = c * chunk; o_begin < o_last; o_begin += span)
         for (int64_t n0 = 0; n0 < rows; n0 += kTileRows)
           tile(o_begin, std::min(o_last, o_begin + span), n0, static_cast<int>(std::min<int64_t>(kTileRows, rows - n0)));
+      if (scan && c * chunk < o_last) scan->scan(c, y, y_width, c * chunk, o_last);
     };
     for (const auto& l : parts)
       TORCH_CHECK(l.kind != kF32 || l.input_scale == nullptr, "fp32 weights with an input scale");
@@ -919,6 +1000,18 @@ class NativeModel {
   const Kernels* k_ = nullptr;
 };
 
+// HeadScan over given logits [rows, n] cut into chunks of `chunk` outputs (tests: the same choice as torch.argmax,
+// ties, NaN and infinities included, whatever the cut). The logits are left as they are (divisor 1).
+torch::Tensor head_choices(torch::Tensor logits, int64_t chunk) {
+  logits = logits.contiguous().clone();
+  TORCH_CHECK(logits.dtype() == torch::kFloat32 && logits.dim() == 2 && chunk > 0, "[rows, n] float32 logits");
+  const int64_t rows = logits.size(0), n = logits.size(1), chunks = (n + chunk - 1) / chunk;
+  HeadScan scan;
+  scan.prepare(chunks, rows);
+  for (int64_t c = 0; c < chunks; ++c) scan.scan(c, logits.data_ptr<float>(), n, c * chunk, std::min(n, (c + 1) * chunk));
+  return scan.choose();
+}
+
 // Many back-to-back jobs of varying sizes, each chunk counted in memory that lives only for its job: returns
 // how many chunks ran other than exactly once, or after their job had returned (tests: the pool's hand-over).
 int64_t pool_selftest(int threads, int64_t jobs) {
@@ -945,6 +1038,7 @@ int64_t pool_selftest(int threads, int64_t jobs) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "highest instruction-set level this CPU runs: 1 avx2, 2 avxvnni, 3 avx512vnni");
   m.def("isa_supported", &isa_supported, "whether this CPU runs a level");
+  m.def("head_choices", &head_choices, "each row's first largest logit found chunk by chunk, as the step does");
   m.def("pool_selftest", &pool_selftest, py::call_guard<py::gil_scoped_release>(),
         "back-to-back jobs on a fresh pool; the number of chunks run other than once within their job");
   m.def("tile_int4", &tile_int4, "an int4 linear as tiles of 16 outputs (the native layout)");
