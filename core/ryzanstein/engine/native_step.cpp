@@ -655,8 +655,9 @@ class NativeModel {
   // The kept rows' logits and each one's greedy choice (its first largest logit).
   std::tuple<torch::Tensor, torch::Tensor> step(torch::Tensor tokens, torch::Tensor positions,
                                                  torch::Tensor cache_of_row,
-                     std::vector<std::vector<torch::Tensor>> keys, std::vector<std::vector<torch::Tensor>> values,
-                     torch::Tensor keep) {
+                                                 std::vector<std::vector<torch::Tensor>> keys,
+                                                 std::vector<std::vector<torch::Tensor>> values,
+                                                 torch::Tensor keep) {
     tokens = tokens.contiguous().to(torch::kInt64);
     positions = positions.contiguous().to(torch::kInt64);
     cache_of_row = cache_of_row.contiguous().to(torch::kInt64);
